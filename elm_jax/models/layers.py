@@ -1,0 +1,196 @@
+"""T5 building blocks: RMS layer norm, relative-position bias, attention with a KV cache, MLP.
+
+Every parameter carries logical axis names (`embed`, `joined_kv`, `mlp`, `heads`,
+`relpos_buckets`, `vocab`) and key activations are constrained to (`batch`, `length`, ...), so
+a partitioner can place them on any mesh through one table of rules.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+NEG_INF = -1e10
+
+default_kernel_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+
+
+def param_with_axes(module: nn.Module, name: str, init: Callable, shape: Sequence[int],
+                    axes: tuple[str, ...]) -> Array:
+  """Declares a float32 parameter whose boxed value records its logical axes."""
+  return module.param(name, nn.with_logical_partitioning(init, axes), tuple(shape), jnp.float32)
+
+
+def constrain(x: Array, axes: tuple[str, ...]) -> Array:
+  return nn.with_logical_constraint(x, axes)
+
+
+class RMSNorm(nn.Module):
+  """T5 layer norm: x / sqrt(mean(x^2) + eps) * scale, computed in float32. [..., embed]."""
+  epsilon: float = 1e-6
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    x32 = x.astype(jnp.float32)
+    variance = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+    scale = param_with_axes(self, "scale", nn.initializers.ones, (x.shape[-1],), ("embed",))
+    y = x32 * jax.lax.rsqrt(variance + self.epsilon)
+    return (y * scale).astype(self.dtype)
+
+
+def relative_position_buckets(query_length: int, key_length: int, *, bidirectional: bool,
+                              num_buckets: int, max_distance: int) -> np.ndarray:
+  """T5's bucketing of key_pos - query_pos, as an int32 table [query_length, key_length].
+
+  Computed on the host with float32 arithmetic exactly as the reference implementation does
+  (positions are static, so the table is a compile-time constant).
+  """
+  context = np.arange(query_length, dtype=np.int64)[:, None]
+  memory = np.arange(key_length, dtype=np.int64)[None, :]
+  relative = memory - context
+  buckets = np.zeros_like(relative)
+  if bidirectional:
+    num_buckets //= 2
+    buckets += (relative > 0).astype(np.int64) * num_buckets
+    distance = np.abs(relative)
+  else:
+    distance = -np.minimum(relative, 0)
+  max_exact = num_buckets // 2
+  is_small = distance < max_exact
+  with np.errstate(divide="ignore"):
+    log_ratio = np.log(distance.astype(np.float32) / np.float32(max_exact))
+  scaled = (log_ratio / np.float32(np.log(max_distance / max_exact))
+            * np.float32(num_buckets - max_exact))
+  large = max_exact + np.where(is_small, 0, scaled).astype(np.int64)
+  large = np.minimum(large, num_buckets - 1)
+  buckets += np.where(is_small, distance, large)
+  return buckets.astype(np.int32)
+
+
+class RelativePositionBias(nn.Module):
+  """Learned per-head bias indexed by relative-position bucket: returns [1, heads, q, k]."""
+  num_heads: int
+  num_buckets: int
+  max_distance: int
+  bidirectional: bool
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, query_length: int, key_length: int) -> Array:
+    table = param_with_axes(self, "rel_embedding", nn.initializers.normal(1.0),
+                            (self.num_heads, self.num_buckets), ("heads", "relpos_buckets"))
+    buckets = relative_position_buckets(
+        query_length, key_length, bidirectional=self.bidirectional,
+        num_buckets=self.num_buckets, max_distance=self.max_distance)
+    bias = jnp.take(table, jnp.asarray(buckets), axis=1)  # [heads, q, k]
+    return bias[None].astype(self.dtype)
+
+
+class MultiHeadAttention(nn.Module):
+  """Multi-head dot-product attention without logit scaling (T5 folds it into the query).
+
+  Inputs `[batch, q_len, embed]` and `[batch, kv_len, embed]`, `bias` broadcastable to
+  `[batch, heads, q_len, kv_len]` (additive: masks and position bias). With `decode=True` the
+  keys and values are appended to a cache (`cached_key`, `cached_value`: [batch, max_len, heads,
+  head_dim]) at `cache_index`, and a full-length self-attention `bias` ([1, heads, max_len,
+  max_len]) is sliced to the current query rows.
+  """
+  num_heads: int
+  head_dim: int
+  dtype: jnp.dtype = jnp.float32
+  dropout_rate: float = 0.0
+
+  @nn.compact
+  def __call__(self, inputs_q: Array, inputs_kv: Array, bias: Optional[Array], *,
+               decode: bool = False, deterministic: bool = True) -> Array:
+    emb = inputs_q.shape[-1]
+    joined = self.num_heads * self.head_dim
+
+    def project(name, x):
+      kernel = _SubParam(name=name, shape=(emb, joined), axes=("embed", "joined_kv"))()
+      y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+      y = y.reshape(*x.shape[:-1], self.num_heads, self.head_dim)
+      return constrain(y, ("batch", "length", "heads", "kv"))
+
+    query = project("query", inputs_q)
+    key = project("key", inputs_kv)
+    value = project("value", inputs_kv)
+
+    if decode:
+      is_initialized = self.has_variable("cache", "cached_key")
+      cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
+      cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
+      cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+      if is_initialized:
+        index = cache_index.value
+        key = jax.lax.dynamic_update_slice_in_dim(cached_key.value, key.astype(cached_key.value.dtype), index, axis=1)
+        value = jax.lax.dynamic_update_slice_in_dim(cached_value.value, value.astype(cached_value.value.dtype), index, axis=1)
+        cached_key.value, cached_value.value = key, value
+        cache_index.value = index + inputs_q.shape[1]
+        # Only keys at positions <= the current one are visible.
+        visible = jnp.arange(key.shape[1]) < index + inputs_q.shape[1]
+        step_bias = jnp.where(visible, 0.0, NEG_INF)[None, None, None, :]
+        if bias is not None:
+          bias = jax.lax.dynamic_slice_in_dim(bias, index, inputs_q.shape[1], axis=-2)
+        bias = step_bias if bias is None else bias + step_bias
+
+    logits = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32)
+    if bias is not None:
+      logits = logits + bias.astype(jnp.float32)
+    weights = jax.nn.softmax(logits, axis=-1)
+    if not deterministic and self.dropout_rate > 0:
+      keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.dropout_rate, weights.shape)
+      weights = weights * keep / (1.0 - self.dropout_rate)
+    attended = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(self.dtype), value.astype(self.dtype))
+    attended = attended.reshape(*attended.shape[:2], joined)
+    out_kernel = _SubParam(name="out", shape=(joined, emb), axes=("joined_kv", "embed"))()
+    out = jnp.dot(attended, out_kernel.astype(self.dtype))
+    return constrain(out, ("batch", "length", "embed"))
+
+
+class _SubParam(nn.Module):
+  """A named sub-module holding one `kernel`, so the tree reads `attention/query/kernel`."""
+  shape: tuple[int, ...]
+  axes: tuple[str, ...]
+  init: Callable = default_kernel_init
+
+  @nn.compact
+  def __call__(self) -> Array:
+    return param_with_axes(self, "kernel", self.init, self.shape, self.axes)
+
+
+def _activation(name: str) -> Callable[[Array], Array]:
+  if name == "relu":
+    return jax.nn.relu
+  if name == "gelu":
+    return functools.partial(jax.nn.gelu, approximate=True)
+  return lambda x: x
+
+
+class MlpBlock(nn.Module):
+  """T5 feed-forward: gated (`wi_0`, `wi_1`) or plain (`wi`), then `wo`. [batch, len, embed]."""
+  mlp_dim: int
+  activations: tuple[str, ...]
+  dtype: jnp.dtype = jnp.float32
+  dropout_rate: float = 0.0
+
+  @nn.compact
+  def __call__(self, x: Array, deterministic: bool = True) -> Array:
+    emb = x.shape[-1]
+    names = ["wi"] if len(self.activations) == 1 else [f"wi_{i}" for i in range(len(self.activations))]
+    hidden = None
+    for name, act in zip(names, self.activations):
+      kernel = _SubParam(name=name, shape=(emb, self.mlp_dim), axes=("embed", "mlp"))()
+      h = _activation(act)(jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype)))
+      hidden = h if hidden is None else hidden * h
+    hidden = constrain(hidden, ("batch", "length", "mlp"))
+    hidden = nn.Dropout(self.dropout_rate)(hidden, deterministic=deterministic)
+    wo = _SubParam(name="wo", shape=(self.mlp_dim, emb), axes=("mlp", "embed"))()
+    return constrain(jnp.dot(hidden, wo.astype(self.dtype)), ("batch", "length", "embed"))

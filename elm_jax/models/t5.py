@@ -1,0 +1,187 @@
+"""Encoder-decoder T5 in the T5X parameter layout (T5 v1.1 / LM-adapted, original T5, mT5).
+
+`Transformer.encode` maps tokens `[batch, enc_len]` to `[batch, enc_len, embed]`;
+`Transformer.decode` maps decoder tokens `[batch, dec_len]` to float32 logits
+`[batch, dec_len, vocab]`, with an optional KV cache for incremental decoding.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from elm_jax.models import layers
+from elm_jax.models.t5_config import T5Config
+
+Array = jax.Array
+
+
+class Embed(nn.Module):
+  """Token embedding `[vocab, embed]`; `attend` gives `x @ embedding.T` for tied logits."""
+  vocab_size: int
+  features: int
+  dtype: jnp.dtype = jnp.float32
+
+  def setup(self):
+    self.embedding = layers.param_with_axes(
+        self, "embedding", nn.initializers.normal(1.0), (self.vocab_size, self.features),
+        ("vocab", "embed"))
+
+  def __call__(self, tokens: Array) -> Array:
+    return jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
+
+  def attend(self, x: Array) -> Array:
+    return jnp.dot(x.astype(self.dtype), self.embedding.T.astype(self.dtype))
+
+
+def _key_mask_bias(mask: Array) -> Array:
+  """[batch, k] bool -> additive bias [batch, 1, 1, k]."""
+  return jnp.where(mask[:, None, None, :], 0.0, layers.NEG_INF).astype(jnp.float32)
+
+
+class EncoderLayer(nn.Module):
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, x: Array, bias: Array, deterministic: bool = True) -> Array:
+    cfg = self.config
+    dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
+    h = layers.RMSNorm(cfg.layer_norm_epsilon, cfg.jnp_dtype, name="pre_attention_layer_norm")(x)
+    h = layers.MultiHeadAttention(cfg.num_heads, cfg.head_dim, cfg.jnp_dtype, cfg.dropout_rate,
+                                  name="attention")(h, h, bias, deterministic=deterministic)
+    x = x + dropout(h, deterministic=deterministic)
+    h = layers.RMSNorm(cfg.layer_norm_epsilon, cfg.jnp_dtype, name="pre_mlp_layer_norm")(x)
+    h = layers.MlpBlock(cfg.mlp_dim, cfg.mlp_activations, cfg.jnp_dtype, cfg.dropout_rate,
+                        name="mlp")(h, deterministic=deterministic)
+    x = x + dropout(h, deterministic=deterministic)
+    return layers.constrain(x, ("batch", "length", "embed"))
+
+
+class DecoderLayer(nn.Module):
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, x: Array, encoded: Array, self_bias: Array, cross_bias: Array,
+               deterministic: bool = True, decode: bool = False) -> Array:
+    cfg = self.config
+    dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
+    attention = lambda name: layers.MultiHeadAttention(
+        cfg.num_heads, cfg.head_dim, cfg.jnp_dtype, cfg.dropout_rate, name=name)
+    norm = lambda name: layers.RMSNorm(cfg.layer_norm_epsilon, cfg.jnp_dtype, name=name)
+    h = norm("pre_self_attention_layer_norm")(x)
+    h = attention("self_attention")(h, h, self_bias, decode=decode, deterministic=deterministic)
+    x = x + dropout(h, deterministic=deterministic)
+    h = norm("pre_cross_attention_layer_norm")(x)
+    h = attention("encoder_decoder_attention")(h, encoded, cross_bias, deterministic=deterministic)
+    x = x + dropout(h, deterministic=deterministic)
+    h = norm("pre_mlp_layer_norm")(x)
+    h = layers.MlpBlock(cfg.mlp_dim, cfg.mlp_activations, cfg.jnp_dtype, cfg.dropout_rate,
+                        name="mlp")(h, deterministic=deterministic)
+    x = x + dropout(h, deterministic=deterministic)
+    return layers.constrain(x, ("batch", "length", "embed"))
+
+
+class Encoder(nn.Module):
+  config: T5Config
+  shared_embedding: nn.Module
+
+  @nn.compact
+  def __call__(self, tokens: Array, mask: Array, deterministic: bool = True) -> Array:
+    cfg = self.config
+    length = tokens.shape[1]
+    x = self.shared_embedding(tokens)
+    x = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=deterministic)
+    x = layers.constrain(x, ("batch", "length", "embed"))
+    position_bias = layers.RelativePositionBias(
+        cfg.num_heads, cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance,
+        bidirectional=True, name="relpos_bias")(length, length)
+    bias = position_bias + _key_mask_bias(mask)
+    for i in range(cfg.num_encoder_layers):
+      x = EncoderLayer(cfg, name=f"layers_{i}")(x, bias, deterministic)
+    x = layers.RMSNorm(cfg.layer_norm_epsilon, cfg.jnp_dtype, name="encoder_norm")(x)
+    return nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=deterministic)
+
+
+class Decoder(nn.Module):
+  config: T5Config
+  shared_embedding: nn.Module
+
+  @nn.compact
+  def __call__(self, encoded: Array, encoder_mask: Array, tokens: Array, *,
+               deterministic: bool = True, decode: bool = False,
+               max_decode_length: Optional[int] = None) -> Array:
+    cfg = self.config
+    length = max_decode_length if decode else tokens.shape[1]
+    x = self.shared_embedding(tokens)
+    x = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=deterministic)
+    x = layers.constrain(x, ("batch", "length", "embed"))
+    self_bias = layers.RelativePositionBias(
+        cfg.num_heads, cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance,
+        bidirectional=False, name="relpos_bias")(length, length)
+    if not decode:
+      causal = jnp.tril(jnp.ones((length, length), jnp.bool_))
+      self_bias = self_bias + jnp.where(causal, 0.0, layers.NEG_INF)[None, None]
+    cross_bias = _key_mask_bias(encoder_mask)
+    for i in range(cfg.num_decoder_layers):
+      x = DecoderLayer(cfg, name=f"layers_{i}")(x, encoded, self_bias, cross_bias,
+                                                 deterministic, decode)
+    x = layers.RMSNorm(cfg.layer_norm_epsilon, cfg.jnp_dtype, name="decoder_norm")(x)
+    x = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=deterministic)
+    if cfg.logits_via_embedding:
+      logits = self.shared_embedding.attend(x * (cfg.emb_dim ** -0.5))
+    else:
+      kernel = layers._SubParam(name="logits_dense", shape=(cfg.emb_dim, cfg.vocab_size),
+                                axes=("embed", "vocab"))()
+      logits = jnp.dot(x, kernel.astype(cfg.jnp_dtype))
+    return layers.constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+
+
+class Transformer(nn.Module):
+  """T5 encoder-decoder. Parameters: `token_embedder`, `encoder`, `decoder` (T5X names)."""
+  config: T5Config
+
+  def setup(self):
+    cfg = self.config
+    self.token_embedder = Embed(cfg.vocab_size, cfg.emb_dim, cfg.jnp_dtype)
+    self.encoder = Encoder(cfg, self.token_embedder)
+    self.decoder = Decoder(cfg, self.token_embedder)
+
+  def encode(self, encoder_input_tokens: Array, encoder_mask: Optional[Array] = None,
+             deterministic: bool = True) -> Array:
+    """[batch, enc_len] int -> [batch, enc_len, embed]. Padding (id 0) is masked by default."""
+    if encoder_mask is None:
+      encoder_mask = encoder_input_tokens != self.config.pad_id
+    return self.encoder(encoder_input_tokens, encoder_mask, deterministic)
+
+  def decode(self, encoded: Array, encoder_mask: Array, decoder_input_tokens: Array, *,
+             deterministic: bool = True, decode: bool = False,
+             max_decode_length: Optional[int] = None) -> Array:
+    """Teacher-forced (or, with `decode=True`, one cached step of) decoding -> float32 logits."""
+    return self.decoder(encoded, encoder_mask, decoder_input_tokens, deterministic=deterministic,
+                        decode=decode, max_decode_length=max_decode_length)
+
+  def __call__(self, encoder_input_tokens: Array, decoder_input_tokens: Array,
+               encoder_mask: Optional[Array] = None, deterministic: bool = True) -> Array:
+    """[batch, enc_len], [batch, dec_len] -> logits [batch, dec_len, vocab] (float32)."""
+    if encoder_mask is None:
+      encoder_mask = encoder_input_tokens != self.config.pad_id
+    encoded = self.encode(encoder_input_tokens, encoder_mask, deterministic)
+    return self.decode(encoded, encoder_mask, decoder_input_tokens, deterministic=deterministic)
+
+
+def init_params(config: T5Config, rng: jax.Array, encoder_length: int = 8,
+                decoder_length: int = 8):
+  """Randomly initialised parameters (boxed with logical axes) for `config`."""
+  model = Transformer(config)
+  tokens = jnp.ones((1, encoder_length), jnp.int32)
+  dec = jnp.ones((1, decoder_length), jnp.int32)
+  return model.init(rng, tokens, dec)["params"]
+
+
+def logical_axes(config: T5Config):
+  """The logical axis names of every parameter, as a tree of `PartitionSpec`s."""
+  shapes = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
+  return nn.get_partition_spec(shapes)

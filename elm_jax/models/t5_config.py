@@ -1,0 +1,193 @@
+"""T5 configuration, its Hugging Face form, and the parameter layout it implies.
+
+The parameter tree follows the T5X checkpoint layout (``token_embedder/embedding``,
+``encoder/layers_N/attention/query/kernel``, ``decoder/logits_dense/kernel`` ...), so that
+T5X and Hugging Face checkpoints map onto it by a table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+
+
+class ConfigError(ValueError):
+  """A configuration the model cannot represent."""
+
+
+_HF_ACTIVATIONS = {
+    "relu": ("relu",),
+    "gated-gelu": ("gelu", "linear"),
+    "gated-relu": ("relu", "linear"),
+    "gelu": ("gelu",),
+}
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class T5Config:
+  """Hyper-parameters of an encoder-decoder T5.
+
+  `mlp_activations` of length 2 means a gated feed-forward (`wi_0`, `wi_1`) as in T5 v1.1 and
+  mT5; length 1 means the original T5's single `wi`. `logits_via_embedding` ties the output
+  projection to the token embedding and scales the decoder output by 1/sqrt(emb_dim).
+  """
+
+  vocab_size: int = 32128
+  emb_dim: int = 512
+  num_heads: int = 6
+  head_dim: int = 64
+  mlp_dim: int = 1024
+  num_encoder_layers: int = 8
+  num_decoder_layers: int = 8
+  mlp_activations: tuple[str, ...] = ("gelu", "linear")
+  logits_via_embedding: bool = False
+  relative_attention_num_buckets: int = 32
+  relative_attention_max_distance: int = 128
+  layer_norm_epsilon: float = 1e-6
+  dropout_rate: float = 0.0
+  dtype: str = "float32"
+  pad_id: int = 0
+  eos_id: int = 1
+  decoder_start_id: int = 0
+
+  def __post_init__(self):
+    for name in ("vocab_size", "emb_dim", "num_heads", "head_dim", "mlp_dim",
+                 "num_encoder_layers", "num_decoder_layers",
+                 "relative_attention_num_buckets", "relative_attention_max_distance"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"T5Config.{name}: expected a positive integer, got {value!r}")
+    if self.dtype not in _DTYPES:
+      raise ConfigError(f"T5Config.dtype: expected one of {sorted(_DTYPES)}, got {self.dtype!r}")
+    acts = tuple(self.mlp_activations)
+    if not 1 <= len(acts) <= 2 or any(a not in ("relu", "gelu", "linear") for a in acts):
+      raise ConfigError(
+          "T5Config.mlp_activations: expected ('relu',), ('gelu',), ('gelu', 'linear') or "
+          f"('relu', 'linear'), got {self.mlp_activations!r}")
+    object.__setattr__(self, "mlp_activations", acts)
+    if not 0.0 <= self.dropout_rate < 1.0:
+      raise ConfigError(f"T5Config.dropout_rate: expected a value in [0, 1), got {self.dropout_rate}")
+
+  @property
+  def jnp_dtype(self):
+    return _DTYPES[self.dtype]
+
+  @property
+  def is_gated(self) -> bool:
+    return len(self.mlp_activations) == 2
+
+  def replace(self, **changes) -> "T5Config":
+    return dataclasses.replace(self, **changes)
+
+  # ---------------------------------------------------------------- Hugging Face form
+  @classmethod
+  def from_hf_config(cls, hf: Mapping[str, Any], source: str = "config.json", **overrides) -> "T5Config":
+    """Builds a config from a Hugging Face T5/mT5 `config.json` dictionary."""
+    def field(name, default=None):
+      if name in hf:
+        return hf[name]
+      if default is None:
+        raise ConfigError(f"{source}: missing field {name!r} needed for a T5 model")
+      return default
+
+    model_type = hf.get("model_type", "t5")
+    if model_type not in ("t5", "mt5"):
+      raise ConfigError(f"{source}: field 'model_type' is {model_type!r}; expected 't5' or 'mt5'")
+    proj = field("feed_forward_proj", "relu")
+    if proj not in _HF_ACTIVATIONS:
+      raise ConfigError(
+          f"{source}: field 'feed_forward_proj' is {proj!r}; expected one of {sorted(_HF_ACTIVATIONS)}")
+    if hf.get("is_gated_act") is not None and hf["is_gated_act"] != proj.startswith("gated-"):
+      raise ConfigError(f"{source}: field 'is_gated_act' disagrees with 'feed_forward_proj' {proj!r}")
+    if hf.get("dense_act_fn") not in (None, "relu", "gelu_new", "gelu_pytorch_tanh"):
+      raise ConfigError(
+          f"{source}: field 'dense_act_fn' is {hf['dense_act_fn']!r}; this model implements "
+          "'relu' and the tanh-approximate GELU ('gelu_new')")
+    num_layers = field("num_layers")
+    kwargs = dict(
+        vocab_size=field("vocab_size"),
+        emb_dim=field("d_model"),
+        num_heads=field("num_heads"),
+        head_dim=field("d_kv"),
+        mlp_dim=field("d_ff"),
+        num_encoder_layers=num_layers,
+        num_decoder_layers=hf.get("num_decoder_layers") or num_layers,
+        mlp_activations=_HF_ACTIVATIONS[proj],
+        logits_via_embedding=bool(hf.get("tie_word_embeddings", True)),
+        relative_attention_num_buckets=field("relative_attention_num_buckets", 32),
+        relative_attention_max_distance=field("relative_attention_max_distance", 128),
+        layer_norm_epsilon=float(field("layer_norm_epsilon", 1e-6)),
+        pad_id=field("pad_token_id", 0),
+        eos_id=field("eos_token_id", 1),
+        decoder_start_id=field("decoder_start_token_id", 0),
+    )
+    kwargs.update(overrides)
+    return cls(**kwargs)
+
+  def to_hf_config(self, model_type: str = "t5") -> dict[str, Any]:
+    """The Hugging Face `config.json` dictionary for this config."""
+    acts = self.mlp_activations
+    proj = ("gated-" if self.is_gated else "") + acts[0]
+    return {
+        "architectures": ["T5ForConditionalGeneration" if model_type == "t5" else "MT5ForConditionalGeneration"],
+        "model_type": model_type,
+        "vocab_size": self.vocab_size,
+        "d_model": self.emb_dim,
+        "d_kv": self.head_dim,
+        "d_ff": self.mlp_dim,
+        "num_heads": self.num_heads,
+        "num_layers": self.num_encoder_layers,
+        "num_decoder_layers": self.num_decoder_layers,
+        "feed_forward_proj": proj,
+        "dense_act_fn": "gelu_new" if acts[0] == "gelu" else "relu",
+        "is_gated_act": self.is_gated,
+        "tie_word_embeddings": self.logits_via_embedding,
+        "relative_attention_num_buckets": self.relative_attention_num_buckets,
+        "relative_attention_max_distance": self.relative_attention_max_distance,
+        "layer_norm_epsilon": self.layer_norm_epsilon,
+        "dropout_rate": self.dropout_rate,
+        "pad_token_id": self.pad_id,
+        "eos_token_id": self.eos_id,
+        "decoder_start_token_id": self.decoder_start_id,
+        "is_encoder_decoder": True,
+        "initializer_factor": 1.0,
+    }
+
+
+def _mlp_shapes(config: T5Config) -> dict[str, Any]:
+  e, m = config.emb_dim, config.mlp_dim
+  if config.is_gated:
+    return {"wi_0": {"kernel": (e, m)}, "wi_1": {"kernel": (e, m)}, "wo": {"kernel": (m, e)}}
+  return {"wi": {"kernel": (e, m)}, "wo": {"kernel": (m, e)}}
+
+
+def _attention_shapes(config: T5Config) -> dict[str, Any]:
+  e, hk = config.emb_dim, config.num_heads * config.head_dim
+  return {"query": {"kernel": (e, hk)}, "key": {"kernel": (e, hk)},
+          "value": {"kernel": (e, hk)}, "out": {"kernel": (hk, e)}}
+
+
+def param_shapes(config: T5Config) -> dict[str, Any]:
+  """The nested dict of parameter shapes in the T5X layout, the contract every loader checks."""
+  e = config.emb_dim
+  scale = {"scale": (e,)}
+  relpos = {"rel_embedding": (config.num_heads, config.relative_attention_num_buckets)}
+  encoder = {"relpos_bias": relpos, "encoder_norm": scale}
+  for i in range(config.num_encoder_layers):
+    encoder[f"layers_{i}"] = {
+        "pre_attention_layer_norm": scale, "attention": _attention_shapes(config),
+        "pre_mlp_layer_norm": scale, "mlp": _mlp_shapes(config)}
+  decoder = {"relpos_bias": relpos, "decoder_norm": scale}
+  for i in range(config.num_decoder_layers):
+    decoder[f"layers_{i}"] = {
+        "pre_self_attention_layer_norm": scale, "self_attention": _attention_shapes(config),
+        "pre_cross_attention_layer_norm": scale,
+        "encoder_decoder_attention": _attention_shapes(config),
+        "pre_mlp_layer_norm": scale, "mlp": _mlp_shapes(config)}
+  if not config.logits_via_embedding:
+    decoder["logits_dense"] = {"kernel": (e, config.vocab_size)}
+  return {"token_embedder": {"embedding": (config.vocab_size, e)},
+          "encoder": encoder, "decoder": decoder}

@@ -1,0 +1,156 @@
+"""Mesh construction and logical-axis partitioning (the modern form of t5x's pjit partitioner).
+
+The model names every parameter and key activation with logical axes (`batch`, `embed`, `mlp`,
+`heads`, `kv`, `joined_kv`, `vocab`, `relpos_buckets`, `expert`, ...). One table of rules maps
+them to the mesh axes (`data`, `expert`, `model`); `Partitioner.partition` jits a function with
+the resulting `NamedSharding`s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from typing import Any, Callable, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "expert", "model")
+
+# Logical axis -> mesh axis (None: replicated). Data parallel over `data`, experts over `expert`,
+# 1-D model parallelism over `model` as in t5x's standard rules.
+DEFAULT_RULES: tuple[tuple[str, Optional[str]], ...] = (
+    ("batch", "data"),
+    ("expert", "expert"),
+    ("vocab", "model"),
+    ("mlp", "model"),
+    ("heads", "model"),
+    ("joined_kv", "model"),
+    ("kv", None),
+    ("embed", None),
+    ("length", None),
+    ("relpos_buckets", None),
+    ("bottleneck", None),
+    ("choices", None),
+)
+
+
+class PartitioningError(ValueError):
+  """A mesh or rule the devices or the arrays cannot satisfy."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Mesh shape. One axis may be -1: it takes whatever devices the others leave."""
+  data: int = -1
+  expert: int = 1
+  model: int = 1
+
+  def resolve(self, num_devices: int) -> tuple[int, int, int]:
+    sizes = [self.data, self.expert, self.model]
+    unknown = [i for i, s in enumerate(sizes) if s == -1]
+    if len(unknown) > 1:
+      raise PartitioningError(f"MeshConfig {self}: at most one axis may be -1")
+    for name, size in zip(MESH_AXES, sizes):
+      if size != -1 and size < 1:
+        raise PartitioningError(f"MeshConfig.{name}: expected a positive size or -1, got {size}")
+    known = math.prod(s for s in sizes if s != -1)
+    if unknown:
+      if num_devices % known:
+        raise PartitioningError(
+            f"MeshConfig {self}: {num_devices} devices are not divisible by the fixed axes ({known})")
+      sizes[unknown[0]] = num_devices // known
+    if math.prod(sizes) != num_devices:
+      raise PartitioningError(
+          f"MeshConfig {self}: the mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} "
+          f"devices, but {num_devices} are available")
+    return tuple(sizes)
+
+
+def initialize_distributed(coordinator_address: Optional[str] = None,
+                           num_processes: Optional[int] = None,
+                           process_id: Optional[int] = None) -> None:
+  """Starts JAX's multi-host runtime when running on more than one host (no-op otherwise)."""
+  if num_processes is None or num_processes <= 1:
+    return
+  jax.distributed.initialize(coordinator_address=coordinator_address,
+                             num_processes=num_processes, process_id=process_id)
+
+
+class Partitioner:
+  """Builds the (`data`, `expert`, `model`) mesh and places arrays by logical axis names."""
+
+  def __init__(self, mesh_config: MeshConfig = MeshConfig(),
+               logical_axis_rules: Sequence[tuple[str, Optional[str]]] = DEFAULT_RULES,
+               devices: Optional[Sequence[jax.Device]] = None):
+    devices = list(devices) if devices is not None else jax.devices()
+    shape = mesh_config.resolve(len(devices))
+    self.mesh = Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+    self.rules = tuple(logical_axis_rules)
+    for logical, mesh_axis in self.rules:
+      if mesh_axis is not None and mesh_axis not in MESH_AXES:
+        raise PartitioningError(
+            f"logical_axis_rules: rule ({logical!r}, {mesh_axis!r}) names an unknown mesh axis; "
+            f"expected one of {MESH_AXES} or None")
+
+  @property
+  def data_parallel_size(self) -> int:
+    return self.mesh.shape["data"]
+
+  def mesh_spec(self, logical_spec: PartitionSpec) -> PartitionSpec:
+    """Logical PartitionSpec -> mesh PartitionSpec through the rules table."""
+    return nn.logical_to_mesh_axes(tuple(logical_spec), self.rules)
+
+  def sharding(self, logical_spec: Optional[PartitionSpec]) -> NamedSharding:
+    if logical_spec is None:
+      return NamedSharding(self.mesh, PartitionSpec())
+    return NamedSharding(self.mesh, self.mesh_spec(logical_spec))
+
+  def shardings(self, logical_specs: Any) -> Any:
+    """A tree of logical PartitionSpecs -> the same tree of NamedShardings."""
+    return jax.tree_util.tree_map(
+        self.sharding, logical_specs, is_leaf=lambda x: isinstance(x, PartitionSpec) or x is None)
+
+  @contextlib.contextmanager
+  def context(self):
+    """Mesh and axis rules for `nn.with_logical_constraint` inside traced functions."""
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      yield
+
+  def place(self, tree: Any, logical_specs: Any) -> Any:
+    """Puts a tree of arrays on the mesh as its logical specs say, checking divisibility."""
+    shardings = self.shardings(logical_specs)
+
+    def put(path, x, sharding):
+      for dim, axis in zip(x.shape, sharding.spec):
+        axes = axis if isinstance(axis, tuple) else (axis,)
+        size = math.prod(self.mesh.shape[a] for a in axes if a is not None)
+        if dim % size:
+          raise PartitioningError(
+              f"parameter {jax.tree_util.keystr(path)} of shape {x.shape} cannot be split as "
+              f"{sharding.spec} over mesh {dict(self.mesh.shape)}: {dim} is not divisible by {size}")
+      return jax.device_put(x, sharding)
+
+    return jax.tree_util.tree_map_with_path(put, tree, shardings)
+
+  def partition(self, fn: Callable, in_axis_resources: Any, out_axis_resources: Any,
+                static_argnums: Sequence[int] = (), donate_argnums: Sequence[int] = ()) -> Callable:
+    """jit `fn` with inputs/outputs placed by logical specs; traced under the mesh and rules."""
+    jitted = jax.jit(fn, in_shardings=self.shardings(in_axis_resources),
+                     out_shardings=self.shardings(out_axis_resources),
+                     static_argnums=tuple(static_argnums), donate_argnums=tuple(donate_argnums))
+
+    def call(*args, **kwargs):
+      with self.context():
+        return jitted(*args, **kwargs)
+
+    call.lower = lambda *a, **k: _lower_in(self, jitted, *a, **k)
+    return call
+
+
+def _lower_in(partitioner: Partitioner, jitted, *args, **kwargs):
+  with partitioner.context():
+    return jitted.lower(*args, **kwargs)
