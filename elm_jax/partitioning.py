@@ -18,6 +18,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from elm_jax.errors import UserInputError
+
 MESH_AXES = ("data", "expert", "model")
 
 # Logical axis -> mesh axis (None: replicated). Data parallel over `data`, experts over `expert`,
@@ -38,7 +40,7 @@ DEFAULT_RULES: tuple[tuple[str, Optional[str]], ...] = (
 )
 
 
-class PartitioningError(ValueError):
+class PartitioningError(UserInputError):
   """A mesh or rule the devices or the arrays cannot satisfy."""
 
 

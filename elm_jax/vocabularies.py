@@ -7,8 +7,10 @@ from typing import Sequence
 
 import sentencepiece as spm
 
+from elm_jax.errors import UserInputError
 
-class VocabularyError(ValueError):
+
+class VocabularyError(UserInputError):
   """A vocabulary file that is missing or unreadable."""
 
 

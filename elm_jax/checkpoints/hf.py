@@ -19,10 +19,11 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from elm_jax.errors import UserInputError
 from elm_jax.models.t5_config import ConfigError, T5Config, param_shapes
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserInputError):
   """A checkpoint that is missing, malformed, or does not fit the model."""
 
 

@@ -76,7 +76,8 @@ class TruncationReport:
   inputs: int = 0
   choices: int = 0
 
-  def report(self, max_input_length: int, max_target_length: int, stream=sys.stderr) -> None:
+  def report(self, max_input_length: int, max_target_length: int, stream=None) -> None:
+    stream = stream or sys.stderr
     if self.inputs:
       print(f"note: {self.inputs} input(s) longer than {max_input_length} tokens (EOS included) "
             "were truncated", file=stream)

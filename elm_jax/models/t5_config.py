@@ -12,8 +12,10 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
+from elm_jax.errors import UserInputError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserInputError):
   """A configuration the model cannot represent."""
 
 

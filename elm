@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# elm_jax launcher: installs the project into ./.venv when needed, then runs a command.
+#   ./elm <subcommand> [args]   runs `elm-jax <subcommand> [args]`
+#   ./elm test [pytest args]    runs the test suite on 8 fake CPU devices
+set -euo pipefail
+cd "$(dirname "$0")"
+VENV=.venv
+PY=${PYTHON:-python3}
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "elm: creating $VENV" >&2
+  "$PY" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --upgrade pip >&2
+fi
+stamp="$VENV/.elm-install-stamp"
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  echo "elm: installing elm-jax and its pinned dependencies into $VENV (first run takes a few minutes)" >&2
+  if ! "$VENV/bin/python" -m pip install -q -e '.[test]' >&2; then
+    echo "elm: pip install failed; see the messages above" >&2
+    exit 1
+  fi
+  echo "$want" > "$stamp"
+fi
+if [ "${1:-}" = "test" ]; then
+  shift
+  export XLA_FLAGS="${XLA_FLAGS:---xla_force_host_platform_device_count=8}" JAX_PLATFORMS=cpu
+  exec "$VENV/bin/python" -m pytest -q tests "$@"
+fi
+exec "$VENV/bin/elm-jax" "$@"

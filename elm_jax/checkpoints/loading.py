@@ -1,0 +1,58 @@
+"""One entry point from a checkpoint directory to a ready model: config, parameters, vocabulary.
+
+Hugging Face directories carry their own config; T5X checkpoints (legacy and Orbax) take the
+model config from gin (`--gin_file=gin_configs/models/t5_1_1_xl.gin`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Optional
+
+from elm_jax.checkpoints import hf, t5x
+from elm_jax.models.t5 import Transformer
+from elm_jax.models.t5_config import T5Config
+
+
+@dataclasses.dataclass
+class LoadedModel:
+  config: T5Config
+  model: Transformer
+  params: Any
+  vocab_path: Optional[str]
+  source: str
+
+
+def load_model_checkpoint(path: str, config: Optional[T5Config] = None,
+                          dtype: Optional[str] = None) -> LoadedModel:
+  """Loads any supported checkpoint; `dtype` sets the activation dtype (params stay float32)."""
+  if not os.path.exists(path):
+    raise hf.CheckpointError(f"{path}: checkpoint directory not found")
+  kind = t5x.detect_checkpoint_format(path)
+  if kind == "hf":
+    loaded = hf.load_hf_checkpoint(path)
+    config, params, vocab_path = loaded.config, loaded.params, loaded.vocab_path
+  else:
+    if config is None:
+      config = _config_from_gin(path)
+    params = t5x.load_t5x_checkpoint(path, config)
+    vocab_path = None
+    for candidate in (os.path.join(path, "spiece.model"),
+                      os.path.join(os.path.dirname(os.path.abspath(path)), "spiece.model")):
+      if os.path.isfile(candidate):
+        vocab_path = candidate
+        break
+  if dtype is not None:
+    config = config.replace(dtype=dtype)
+  return LoadedModel(config, Transformer(config), params, vocab_path, path)
+
+
+def _config_from_gin(path: str) -> T5Config:
+  from elm_jax import gin_utils
+  try:
+    return gin_utils.model_config_from_gin()
+  except ValueError as e:
+    raise hf.CheckpointError(
+        f"{path}: a T5X checkpoint has no config.json; pass a model gin file, e.g. "
+        f"--gin_file=gin_configs/models/t5_1_1_xl.gin ({e})") from None

@@ -1,0 +1,95 @@
+"""`elm-jax`: the command line. Subcommands live in their own modules, imported on use.
+
+Each subcommand module exposes `add_arguments(parser)` and `main(args) -> int`. Gin flags in
+the t5x form (`--gin_file=...`, `--gin.NAME=VALUE`, `--gin_search_paths=...`) may appear
+anywhere and are parsed before the subcommand runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Optional, Sequence
+
+from elm_jax.errors import UserInputError
+
+SUBCOMMANDS = {
+    "score": ("elm_jax.evaluation.score_command",
+              "rank-classify JSONL examples with a T5 checkpoint"),
+    "version": ("elm_jax.cli", "print the versions of elm_jax and its numerical stack"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  """`version` takes no arguments."""
+
+
+def main_version(args: argparse.Namespace) -> int:
+  import flax
+  import jax
+  import elm_jax
+  print(f"elm_jax {elm_jax.__version__}  jax {jax.__version__}  flax {flax.__version__}  "
+        f"devices {jax.device_count()} x {jax.devices()[0].platform}")
+  return 0
+
+
+def hide_tensorflow_accelerators() -> None:
+  """TensorFlow feeds input pipelines only: keep it off GPUs and TPUs if it is imported."""
+  if "tensorflow" in sys.modules:
+    tf = sys.modules["tensorflow"]
+    for kind in ("GPU", "TPU"):
+      try:
+        tf.config.set_visible_devices([], kind)
+      except RuntimeError:  # devices already initialised
+        pass
+
+
+def _build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog="elm-jax", description="Expert Language Models in JAX.",
+      epilog="Gin flags: --gin_file=PATH (repeatable), --gin.NAME=VALUE (repeatable), "
+             "--gin_search_paths=DIR,DIR")
+  sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+  for name, (module, help_text) in SUBCOMMANDS.items():
+    p = sub.add_parser(name, help=help_text)
+    p.set_defaults(_module=module)
+  return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  from elm_jax import gin_utils
+
+  argv = list(sys.argv[1:] if argv is None else argv)
+  parser = _build_parser()
+  try:
+    argv, gin_flags = gin_utils.split_gin_flags(argv)
+  except gin_utils.GinFlagError as e:
+    parser.error(str(e))
+  command = next((a for a in argv if not a.startswith("-")), None)
+  if command is None or command not in SUBCOMMANDS:
+    if command is not None:
+      parser.print_usage(sys.stderr)
+      print(f"elm-jax: error: unknown command {command!r}; expected one of "
+            f"{', '.join(SUBCOMMANDS)}", file=sys.stderr)
+      return 2
+    parser.print_help()
+    return 0 if "-h" in argv or "--help" in argv else 2
+  module = importlib.import_module(SUBCOMMANDS[command][0])
+  sub_parser = argparse.ArgumentParser(prog=f"elm-jax {command}",
+                                       description=SUBCOMMANDS[command][1])
+  module.add_arguments(sub_parser)
+  args = sub_parser.parse_args([a for a in argv if a != command])
+  try:
+    gin_utils.parse_gin(gin_flags)
+    run = main_version if command == "version" else module.main
+    code = run(args)
+    hide_tensorflow_accelerators()
+    return code
+  except UserInputError as e:  # names the file, the field and what was expected
+    print(f"elm-jax {command}: error: {e}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())

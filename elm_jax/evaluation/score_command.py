@@ -1,0 +1,128 @@
+"""`elm-jax score`: rank classification of JSONL examples with any T5 checkpoint.
+
+Input lines: {"id": ..., "inputs": "text", "choices": ["a", "b", ...]}.
+Output lines: {"id": ..., "scores": [...], "prediction": index}. Nothing is written to
+--output until every example has been scored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from typing import Any
+
+from elm_jax.errors import UserInputError
+from elm_jax.evaluation import rank_scoring
+
+
+class InputError(UserInputError):
+  """A malformed input file."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--checkpoint", required=True,
+                      help="Hugging Face T5/mT5 directory (config.json, *.safetensors, spiece.model), "
+                           "or a T5X checkpoint (legacy or Orbax; needs a model --gin_file)")
+  parser.add_argument("--input", required=True, help="JSONL file of {id, inputs, choices}")
+  parser.add_argument("--output", required=True, help="JSONL file to write {id, scores, prediction}")
+  parser.add_argument("--batch_size", type=int, default=32)
+  parser.add_argument("--length_normalize", action="store_true",
+                      help="divide each choice's score by its token count (EOS included)")
+  parser.add_argument("--max_input_length", type=int, default=512)
+  parser.add_argument("--max_target_length", type=int, default=128)
+  parser.add_argument("--vocabulary", default=None,
+                      help="SentencePiece model (default: spiece.model in the checkpoint directory)")
+  parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                      help="activation dtype (parameters stay float32)")
+
+
+def read_examples(path: str) -> list[dict[str, Any]]:
+  """Reads and validates the JSONL input; errors name the file, the line and the field."""
+  if not os.path.isfile(path):
+    raise InputError(f"{path}: input file not found")
+  examples = []
+  with open(path, encoding="utf-8") as f:
+    for number, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      where = f"{path}:{number}"
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise InputError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+      if not isinstance(record, dict):
+        raise InputError(f"{where}: expected a JSON object with 'id', 'inputs' and 'choices'")
+      if "id" not in record:
+        raise InputError(f"{where}: field 'id' is missing")
+      if not isinstance(record.get("inputs"), str):
+        raise InputError(f"{where}: field 'inputs' must be a string, got "
+                         f"{type(record.get('inputs')).__name__}")
+      choices = record.get("choices")
+      if not isinstance(choices, list) or not choices:
+        raise InputError(f"{where}: field 'choices' must be a non-empty list of strings")
+      for j, choice in enumerate(choices):
+        if not isinstance(choice, str):
+          raise InputError(f"{where}: field 'choices[{j}]' must be a string, got {type(choice).__name__}")
+      examples.append(record)
+  if not examples:
+    raise InputError(f"{path}: no examples (the file is empty)")
+  return examples
+
+
+def write_jsonl_atomically(path: str, records: list[dict[str, Any]]) -> None:
+  """Writes all records to a temporary file beside `path`, then renames it into place."""
+  directory = os.path.dirname(os.path.abspath(path))
+  if not os.path.isdir(directory):
+    raise InputError(f"{path}: the output directory {directory} does not exist")
+  fd, tmp = tempfile.mkstemp(prefix=".score-", suffix=".jsonl.tmp", dir=directory)
+  try:
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      for record in records:
+        f.write(json.dumps(record) + "\n")
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def score_records(records, scorer: rank_scoring.RankScorer, vocabulary, *,
+                  length_normalize: bool = False) -> list[dict[str, Any]]:
+  """Tokenizes and scores validated records; returns the output records in input order."""
+  examples = [rank_scoring.Example(vocabulary.encode(r["inputs"]), vocabulary.encode_batch(r["choices"]))
+              for r in records]
+  scores, counts = scorer.score(examples)
+  out = []
+  for record, s, n in zip(records, scores, counts):
+    values = s / n if length_normalize else s
+    out.append({"id": record["id"], "scores": [float(v) for v in values],
+                "prediction": int(values.argmax())})
+  return out
+
+
+def main(args: argparse.Namespace) -> int:
+  from elm_jax.checkpoints import loading
+  from elm_jax.vocabularies import SentencePieceVocabulary
+
+  records = read_examples(args.input)
+  checkpoint = loading.load_model_checkpoint(args.checkpoint, dtype=args.dtype)
+  vocab_path = args.vocabulary or checkpoint.vocab_path
+  if vocab_path is None:
+    raise InputError(f"{args.checkpoint}: no spiece.model in the checkpoint directory; "
+                     "pass --vocabulary=PATH")
+  vocabulary = SentencePieceVocabulary(vocab_path)
+  scorer = rank_scoring.RankScorer(checkpoint.model, checkpoint.params, batch_size=args.batch_size,
+                                   max_input_length=args.max_input_length,
+                                   max_target_length=args.max_target_length)
+  start = time.perf_counter()
+  out = score_records(records, scorer, vocabulary, length_normalize=args.length_normalize)
+  elapsed = time.perf_counter() - start
+  scorer.truncated.report(args.max_input_length, args.max_target_length)
+  write_jsonl_atomically(args.output, out)
+  print(f"scored {len(out)} examples in {elapsed:.1f}s ({len(scorer.shapes_compiled)} compiled "
+        f"shapes) -> {args.output}", file=sys.stderr)
+  return 0
