@@ -9,14 +9,15 @@ PY=${PYTHON:-python3}
 if [ ! -x "$VENV/bin/python" ]; then
   echo "elm: creating $VENV" >&2
   "$PY" -m venv "$VENV"
-  "$VENV/bin/python" -m pip install -q --upgrade pip >&2
+  "$VENV/bin/python" -m pip install -q --upgrade pip > /dev/null
 fi
 stamp="$VENV/.elm-install-stamp"
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "elm: installing elm-jax and its pinned dependencies into $VENV (first run takes a few minutes)" >&2
-  if ! "$VENV/bin/python" -m pip install -q -e '.[test]' >&2; then
-    echo "elm: pip install failed; see the messages above" >&2
+  if ! "$VENV/bin/python" -m pip install -q -e '.[test]' > "$VENV/install.log" 2>&1; then
+    cat "$VENV/install.log" >&2
+    echo "elm: pip install failed; the log above is also in $VENV/install.log" >&2
     exit 1
   fi
   echo "$want" > "$stamp"

@@ -71,16 +71,20 @@ def parse_gin(flags: GinFlags) -> None:
   gin.clear_config()
   for path in [REPO_ROOT, GIN_CONFIGS_DIR, os.getcwd(), *flags.search_paths]:
     gin.add_config_file_search_path(path)
-  for file in flags.files:
-    found = os.path.isfile(file) or any(
-        os.path.isfile(os.path.join(p, file)) for p in [REPO_ROOT, GIN_CONFIGS_DIR, *flags.search_paths])
-    if not found:
-      raise GinFlagError(f"--gin_file={file}: not found (searched the working directory, "
-                         f"{GIN_CONFIGS_DIR} and --gin_search_paths)")
+  files = [_resolve_gin_file(file, flags.search_paths) for file in flags.files]
   try:
-    gin.parse_config_files_and_bindings(flags.files, flags.bindings, finalize_config=False)
+    gin.parse_config_files_and_bindings(files, flags.bindings, finalize_config=False)
   except (ValueError, SyntaxError, ImportError, NameError) as e:
     raise GinFlagError(f"gin: {e}") from None
+
+
+def _resolve_gin_file(file: str, search_paths: Sequence[str]) -> str:
+  for base in ["", REPO_ROOT, GIN_CONFIGS_DIR, *search_paths]:
+    candidate = os.path.join(base, file) if base else file
+    if os.path.isfile(candidate):
+      return os.path.abspath(candidate)
+  raise GinFlagError(f"--gin_file={file}: not found (searched the working directory, "
+                     f"{REPO_ROOT}, {GIN_CONFIGS_DIR} and --gin_search_paths)")
 
 
 def model_config_from_gin():

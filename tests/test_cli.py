@@ -1,0 +1,98 @@
+"""The elm-jax command line: t5x-style gin flags, every gin model file, errors without tracebacks."""
+
+import glob
+import json
+import os
+
+import pytest
+
+from elm_jax import cli, gin_utils
+from elm_jax.models.t5_config import T5Config
+
+MODEL_FILES = sorted(glob.glob(os.path.join(gin_utils.GIN_CONFIGS_DIR, "models", "*.gin")))
+EXPECTED = {  # file -> (emb_dim, encoder layers, vocab, gated, tied)
+    "t5_1_1_tiny": (32, 2, 320, True, False),
+    "t5_1_1_small": (512, 8, 32128, True, False),
+    "t5_1_1_base": (768, 12, 32128, True, False),
+    "t5_1_1_large": (1024, 24, 32128, True, False),
+    "t5_1_1_xl": (2048, 24, 32128, True, False),
+    "t5_1_1_xxl": (4096, 24, 32128, True, False),
+    "mt5_small": (512, 8, 250112, True, False),
+    "mt5_xl": (2048, 24, 250112, True, False),
+    "t5_base_original": (768, 12, 32128, False, True),
+}
+
+
+def test_split_gin_flags_t5x_forms():
+  rest, flags = gin_utils.split_gin_flags([
+      "score", "--gin_file=models/t5_1_1_small.gin", "--checkpoint=x", "--gin_file", "b.gin",
+      "--gin.MODEL_DIR='/tmp/m'", "--gin.TRAIN_STEPS=100", "--gin_search_paths=a,b", "--batch_size=2"])
+  assert rest == ["score", "--checkpoint=x", "--batch_size=2"]
+  assert flags.files == ["models/t5_1_1_small.gin", "b.gin"]
+  assert flags.bindings == ["MODEL_DIR = '/tmp/m'", "TRAIN_STEPS = 100"]
+  assert flags.search_paths == ["a", "b"]
+
+
+@pytest.mark.parametrize("flag", ["--gin.NOVALUE", "--gin.=3"])
+def test_malformed_binding_flag(flag):
+  with pytest.raises(gin_utils.GinFlagError, match="expected --gin.NAME=VALUE"):
+    gin_utils.split_gin_flags([flag])
+
+
+def test_every_model_gin_file_builds_its_config():
+  assert {os.path.basename(f)[:-4] for f in MODEL_FILES} == set(EXPECTED)
+  for path in MODEL_FILES:
+    name = os.path.basename(path)[:-4]
+    gin_utils.parse_gin(gin_utils.GinFlags(files=[f"models/{name}.gin"]))
+    config = gin_utils.model_config_from_gin()
+    assert isinstance(config, T5Config), name
+    emb, layers, vocab, gated, tied = EXPECTED[name]
+    assert (config.emb_dim, config.num_encoder_layers, config.vocab_size) == (emb, layers, vocab), name
+    assert config.is_gated == gated and config.logits_via_embedding == tied, name
+
+
+def test_bindings_override_macros():
+  gin_utils.parse_gin(gin_utils.GinFlags(files=["gin_configs/models/t5_1_1_tiny.gin"],
+                                         bindings=["DTYPE = 'bfloat16'"]))
+  assert gin_utils.model_config_from_gin().dtype == "bfloat16"
+
+
+def test_gin_errors_are_clear():
+  with pytest.raises(gin_utils.GinFlagError, match="--gin_file=nope.gin: not found"):
+    gin_utils.parse_gin(gin_utils.GinFlags(files=["nope.gin"]))
+  with pytest.raises(gin_utils.GinFlagError, match="gin:"):
+    gin_utils.parse_gin(gin_utils.GinFlags(files=["models/t5_1_1_tiny.gin"],
+                                           bindings=["t5_config.T5Config.no_such_field = 3"]))
+  gin_utils.parse_gin(gin_utils.GinFlags())
+  with pytest.raises(gin_utils.GinFlagError, match="no MODEL_CONFIG is bound"):
+    gin_utils.model_config_from_gin()
+
+
+def test_version_and_unknown_command(capsys):
+  assert cli.main(["version"]) == 0
+  assert "elm_jax" in capsys.readouterr().out
+  assert cli.main(["frobnicate"]) == 2
+  assert "unknown command 'frobnicate'" in capsys.readouterr().err
+
+
+def test_score_a_t5x_checkpoint_with_a_gin_model_file(tmp_path, capsys):
+  """A T5X checkpoint has no config.json: the model comes from --gin_file, as in t5x."""
+  import shutil
+  import sys
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), "checkpoints"))
+  from test_checkpoint_io import write_t5x_legacy
+  from elm_jax.checkpoints import hf
+  golden = os.path.join(os.path.dirname(__file__), "golden", "t5_v1_1")
+  params = hf.load_hf_checkpoint(golden).params
+  ckpt = write_t5x_legacy(str(tmp_path), params)
+  shutil.copy(os.path.join(golden, "spiece.model"), ckpt)
+  out = tmp_path / "out.jsonl"
+  args = ["score", f"--checkpoint={ckpt}", f"--input={golden}/rank_input.jsonl", f"--output={out}"]
+  assert cli.main(args) == 2
+  assert "pass a model gin file" in capsys.readouterr().err
+  assert cli.main(args + ["--gin_file=models/t5_1_1_tiny.gin"]) == 0
+  reference = [json.loads(l) for l in open(os.path.join(golden, "rank_reference.jsonl"))]
+  ours = [json.loads(l) for l in open(out)]
+  for o, r in zip(ours, reference):
+    assert o["prediction"] == r["prediction"]
+    assert max(abs(a - b) for a, b in zip(o["scores"], r["scores"])) <= 1e-4
