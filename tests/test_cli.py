@@ -80,11 +80,12 @@ def test_score_a_t5x_checkpoint_with_a_gin_model_file(tmp_path, capsys):
   import shutil
   import sys
   sys.path.insert(0, os.path.join(os.path.dirname(__file__), "checkpoints"))
-  from test_checkpoint_io import write_t5x_legacy
+  from test_t5x import write_legacy_t5x
   from elm_jax.checkpoints import hf
   golden = os.path.join(os.path.dirname(__file__), "golden", "t5_v1_1")
   params = hf.load_hf_checkpoint(golden).params
-  ckpt = write_t5x_legacy(str(tmp_path), params)
+  ckpt = str(tmp_path / "checkpoint_1100")
+  write_legacy_t5x(ckpt, params)
   shutil.copy(os.path.join(golden, "spiece.model"), ckpt)
   out = tmp_path / "out.jsonl"
   args = ["score", f"--checkpoint={ckpt}", f"--input={golden}/rank_input.jsonl", f"--output={out}"]

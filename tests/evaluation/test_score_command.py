@@ -11,7 +11,7 @@ import pytest
 
 from conftest import GOLDEN_DIR, GOLDEN_VARIANTS
 from elm_jax import cli
-from elm_jax.evaluation import rank_scoring, score_command
+from elm_jax.evaluation import rank_scoring
 
 
 def _run(tmp_path, checkpoint, input_path, *extra):
