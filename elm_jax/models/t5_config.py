@@ -104,10 +104,17 @@ class T5Config:
           f"{source}: field 'feed_forward_proj' is {proj!r}; expected one of {sorted(_HF_ACTIVATIONS)}")
     if hf.get("is_gated_act") is not None and hf["is_gated_act"] != proj.startswith("gated-"):
       raise ConfigError(f"{source}: field 'is_gated_act' disagrees with 'feed_forward_proj' {proj!r}")
-    if hf.get("dense_act_fn") not in (None, "relu", "gelu_new", "gelu_pytorch_tanh"):
+    # transformers derives the activation from feed_forward_proj alone ('gated-gelu' is the
+    # tanh approximation 'gelu_new'; plain 'gelu' is the exact erf GELU, which T5 never uses).
+    runs = "gelu_new" if proj == "gated-gelu" else proj.split("-")[-1]
+    if runs not in ("relu", "gelu_new"):
       raise ConfigError(
-          f"{source}: field 'dense_act_fn' is {hf['dense_act_fn']!r}; this model implements "
-          "'relu' and the tanh-approximate GELU ('gelu_new')")
+          f"{source}: field 'feed_forward_proj' is {proj!r}, which runs the exact GELU; this model "
+          "implements ReLU and the tanh-approximate GELU ('gated-gelu')")
+    stated = hf.get("dense_act_fn")
+    if stated is not None and stated != runs and {stated, runs} != {"gelu_new", "gelu_pytorch_tanh"}:
+      raise ConfigError(f"{source}: field 'dense_act_fn' is {stated!r} but 'feed_forward_proj' "
+                        f"{proj!r} runs {runs!r}")
     num_layers = field("num_layers")
     kwargs = dict(
         vocab_size=field("vocab_size"),
@@ -132,6 +139,9 @@ class T5Config:
   def to_hf_config(self, model_type: str = "t5") -> dict[str, Any]:
     """The Hugging Face `config.json` dictionary for this config."""
     acts = self.mlp_activations
+    if acts == ("gelu",):
+      raise ConfigError("T5Config.mlp_activations ('gelu',): Hugging Face T5 runs a non-gated "
+                        "'gelu' as the exact GELU, so this config has no faithful config.json")
     proj = ("gated-" if self.is_gated else "") + acts[0]
     return {
         "architectures": ["T5ForConditionalGeneration" if model_type == "t5" else "MT5ForConditionalGeneration"],

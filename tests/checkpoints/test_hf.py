@@ -221,3 +221,19 @@ def test_config_the_model_cannot_represent(tmp_path):
   (tmp_path / "c" / "config.json").write_text(json.dumps(config))
   with pytest.raises(hf.CheckpointError, match="config.json: field 'feed_forward_proj' is 'gated-silu'"):
     hf.load_hf_checkpoint(str(tmp_path / "c"))
+
+
+@pytest.mark.parametrize("proj, act, message", [
+    ("gelu", None, "runs the exact GELU"),
+    ("gated-gelu", "relu", "field 'dense_act_fn' is 'relu' but 'feed_forward_proj' 'gated-gelu' runs 'gelu_new'"),
+])
+def test_activations_the_model_cannot_represent(proj, act, message):
+  from elm_jax.models.t5_config import ConfigError, T5Config
+  config = GATED.to_hf_config()
+  config["feed_forward_proj"] = proj
+  config.pop("is_gated_act")
+  config.pop("dense_act_fn")
+  if act:
+    config["dense_act_fn"] = act
+  with pytest.raises(ConfigError, match=message):
+    T5Config.from_hf_config(config)
