@@ -8,7 +8,8 @@ from __future__ import annotations
 import functools
 import json
 import os
-from typing import Any
+import re
+from typing import Any, Optional
 
 INVENTORY_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "elm_inventory.json")
 
@@ -24,10 +25,26 @@ def load_inventory() -> dict[str, Any]:
     return json.load(f)
 
 
+def p3_task_name(dataset: str, subset: Optional[str], prompt: str) -> str:
+  """P3's subset naming: dataset[_subset]_prompt, every run of other characters -> '_'.
+
+  The inventory already folds some subsets into the dataset name (`glue_mrpc` / `mrpc`).
+  """
+  has_subset = subset and subset != "none" and not dataset.endswith(f"_{subset}")
+  name = dataset + (f"_{subset}_" if has_subset else "_") + prompt
+  return re.sub(r"[^\w\d\._]+", "_", name)
+
+
 def held_out_task_name(entry: dict[str, Any]) -> str:
-  """Held-out prompt -> its P3-style `_score_eval` task name (dataset_prompt_score_eval)."""
-  import re
-  return re.sub(r"[^\w\d\._]+", "_", f"{entry['dataset']}_{entry['prompt']}") + "_score_eval"
+  """Held-out prompt -> its P3 `_score_eval` subset name. ANLI puts the round after the prompt
+  (`anli_can_we_infer_r1_score_eval`); story_cloze is P3's `story_cloze_2016`."""
+  dataset, subset, prompt = entry["dataset"], entry["subset"], entry["prompt"]
+  match = re.fullmatch(r"anli_(r\d)", dataset)
+  if match:
+    return p3_task_name("anli", None, f"{prompt}_{match.group(1)}") + "_score_eval"
+  if dataset == "story_cloze":
+    subset = "2016"
+  return p3_task_name(dataset, subset, prompt) + "_score_eval"
 
 
 def mixtures() -> dict[str, list[str]]:

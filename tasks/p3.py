@@ -125,7 +125,7 @@ def load_split(subset_dir: str, split: str, shuffle_files: bool = False, seed: O
 
 
 def register_p3_task(subset: str, data_dir: Optional[str] = None, *, vocabulary=None,
-                     task_name: Optional[str] = None):
+                     task_name: Optional[str] = None, postprocess_fn=None, metric_fns=()):
   """Registers SeqIO task `task_name` (default: the P3 subset name) reading `<root>/<subset>`.
 
   Nothing is read now; the root is resolved (from `data_dir` or $ELM_P3_DATA_DIR) when a dataset
@@ -148,7 +148,8 @@ def register_p3_task(subset: str, data_dir: Optional[str] = None, *, vocabulary=
   }
   return seqio.TaskRegistry.add(
       name, source=seqio.FunctionDataSource(dataset_fn, splits=SPLITS),
-      output_features=output_features, preprocessors=[], metric_fns=[])
+      output_features=output_features, preprocessors=[], postprocess_fn=postprocess_fn,
+      metric_fns=list(metric_fns))
 
 
 def register_p3_tasks(subsets: Iterable[str], data_dir: Optional[str] = None, vocabulary=None) -> list[str]:

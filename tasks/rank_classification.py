@@ -159,3 +159,19 @@ def rows_from_examples(examples: Iterable[tuple[str, Sequence[str], int]], mode:
   for i, (inputs, choices, correct) in enumerate(examples):
     rows.extend(expand_choices(i, inputs, choices, correct, mode=mode, source=source))
   return rows
+
+
+def rank_classification_postprocessor(output_or_target, example=None, is_target=False):
+  """SeqIO postprocess_fn for `_score_eval` tasks: targets become (idx, is_correct, weight)."""
+  if is_target:
+    return (tuple(int(i) for i in example["idx"]), bool(example["is_correct"]),
+            float(example.get("weight", 1.0)))
+  return output_or_target
+
+
+def seqio_rank_classification(targets: Sequence[tuple], scores: Sequence[float],
+                              num_classes: Optional[int] = None) -> dict[str, float]:
+  """SeqIO score metric over the postprocessed targets (idx, is_correct, weight) and scores."""
+  idx = np.array([t[0] for t in targets]).reshape(-1, 2)
+  is_correct = np.array([t[1] for t in targets])
+  return rank_classification_metric(idx, np.asarray(scores, np.float64), is_correct, num_classes)

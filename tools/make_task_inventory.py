@@ -14,8 +14,11 @@ import argparse
 import json
 import os
 import re
+import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+from tasks.inventory import p3_task_name  # noqa: E402  (the one naming rule, shared with tasks/)
 DEFAULT_REFERENCE = os.path.join(HERE, "..", "..", "shared", "reference", "elm_reference.json")
 
 # Prompts of the three held-out datasets whose configured list includes non-original-task
@@ -30,16 +33,6 @@ ORIGINAL_TASK_PROMPTS = {
                    "fill in the blank", "Replace"},
 }
 BIGBENCH_PREFIX_NOTE = "input = task prefix + '\\nQ: ' + input + '\\n choice: X' per choice + '\\nA: '"
-
-
-def p3_task_name(dataset: str, subset: str | None, prompt: str) -> str:
-  """P3's subset naming: dataset[_subset]_prompt with every run of other characters -> '_'.
-
-  The reference already folds some subsets into the dataset name (`glue_mrpc` / `mrpc`).
-  """
-  has_subset = subset and subset != "none" and not dataset.endswith(f"_{subset}")
-  name = dataset + (f"_{subset}_" if has_subset else "_") + prompt
-  return re.sub(r"[^\w\d\._]+", "_", name)
 
 
 def build(reference: dict) -> dict:

@@ -1,0 +1,109 @@
+"""SeqIO tasks and mixtures of the ELM inventory over a local P3 copy.
+
+- `elm_pe_<p3 subset>`: one task per prompt expert (296), its training data cut to the expert's
+  sample budget (the first N after a seed-42 shuffle, as the paper's randperm(seed=42)).
+- `<dataset>_all_prompts`: one mixture per dataset expert (36), each prompt capped at the
+  dataset expert's per-prompt budget.
+- `t0_train`: every training prompt, mixed at T0's rate: a prompt's train-example count, or
+  500,000 / (the dataset's prompt count) when the dataset has more than 500,000 examples.
+- `t0_eval_score`: the 113 original-task held-out prompts (P3 `_score_eval` subsets), scored by
+  rank classification.
+
+Registration reads no data: counts for mixing rates are read when a mixture is first used.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from typing import Optional
+
+from tasks import inventory, p3, rank_classification
+
+T0_MAX_EXAMPLES_PER_DATASET = 500_000
+SHUFFLE_SEED = 42
+
+
+def _take_budget(budget: Optional[int]):
+  def preprocess(dataset):
+    if budget is None:
+      return dataset
+    return dataset.shuffle(max(budget, 10_000), seed=SHUFFLE_SEED,
+                           reshuffle_each_iteration=False).take(budget)
+  return preprocess
+
+
+def num_train_examples(subset: str, data_dir: Optional[str] = None) -> int:
+  """Train-split size of a P3 subset: `stats.train.json`'s `examples`, else a record count."""
+  directory = os.path.join(p3.p3_data_root(data_dir), subset)
+  stats = os.path.join(directory, "stats.train.json")
+  if os.path.isfile(stats):
+    with open(stats) as f:
+      return int(json.load(f)["examples"])
+  return _count_records(tuple(p3.shard_files(directory, "train")))
+
+
+@functools.lru_cache(maxsize=None)
+def _count_records(files: tuple[str, ...]) -> int:
+  import tensorflow as tf
+  return int(sum(1 for f in files for _ in tf.data.TFRecordDataset(f)))
+
+
+def register_elm_tasks(data_dir: Optional[str] = None) -> dict[str, list[str]]:
+  """Registers the prompt-expert tasks and the mixtures above; returns mixture -> members."""
+  import seqio
+
+  inv = inventory.load_inventory()
+  registered: dict[str, list[str]] = {}
+  prompts_per_dataset: dict[str, int] = {}
+  for de in inv["dataset_experts"]:
+    prompts_per_dataset.update({name: len(de["prompt_experts"]) for name in de["prompt_experts"]})
+
+  for pe in inv["prompt_experts"]:
+    p3.register_p3_task(pe["name"], data_dir)  # the raw P3 subset, under its own name
+    _register_budgeted(seqio, f"elm_pe_{pe['name']}", pe["name"], pe["max_train_samples"], data_dir)
+
+  for de in inv["dataset_experts"]:
+    budget = (de["adapter_config"] or {}).get("max_train_samples")
+    members = []
+    for name in de["prompt_experts"]:
+      members.append(_register_budgeted(seqio, f"elm_de_{name}", name, budget, data_dir))
+    mixture = f"{de['name']}_all_prompts"
+    if mixture not in seqio.MixtureRegistry.names():
+      seqio.MixtureRegistry.add(mixture, members, default_rate=1.0)
+    registered[mixture] = members
+
+  def t0_rate(task) -> float:
+    count = num_train_examples(task.name, data_dir)
+    if count > T0_MAX_EXAMPLES_PER_DATASET:
+      return T0_MAX_EXAMPLES_PER_DATASET // prompts_per_dataset[task.name]
+    return count
+
+  train = [pe["name"] for pe in inv["prompt_experts"]]
+  if "t0_train" not in seqio.MixtureRegistry.names():
+    seqio.MixtureRegistry.add("t0_train", train, default_rate=t0_rate)
+  registered["t0_train"] = train
+
+  held_out = []
+  for entry in inv["held_out"]:
+    if not entry["original_task"]:
+      continue
+    name = inventory.held_out_task_name(entry)
+    p3.register_p3_task(name, data_dir,
+                        postprocess_fn=rank_classification.rank_classification_postprocessor,
+                        metric_fns=[rank_classification.seqio_rank_classification])
+    held_out.append(name)
+  if inventory.HELD_OUT_MIXTURE not in seqio.MixtureRegistry.names():
+    seqio.MixtureRegistry.add(inventory.HELD_OUT_MIXTURE, held_out, default_rate=1.0)
+  registered[inventory.HELD_OUT_MIXTURE] = held_out
+  return registered
+
+
+def _register_budgeted(seqio, name: str, subset: str, budget: Optional[int], data_dir) -> str:
+  if name not in seqio.TaskRegistry.names():
+    raw = seqio.TaskRegistry.get(subset) if subset in seqio.TaskRegistry.names() else \
+        p3.register_p3_task(subset, data_dir)
+    seqio.TaskRegistry.add(name, source=raw.source, output_features=raw.output_features,
+                           preprocessors=[_take_budget(budget)], metric_fns=[])
+  return name
