@@ -12,6 +12,7 @@ import json
 import os
 from typing import Any, Optional
 
+from elm_jax import jsonl
 from elm_jax.errors import UserInputError
 
 
@@ -21,21 +22,7 @@ class RawDataError(UserInputError):
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
   """One JSON object per line; blank lines skipped."""
-  if not os.path.isfile(path):
-    raise RawDataError(f"{path}: file not found")
-  rows = []
-  with open(path, encoding="utf-8") as f:
-    for number, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise RawDataError(f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno})") from None
-      if not isinstance(row, dict):
-        raise RawDataError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-      rows.append(row)
-  return rows
+  return [row for _, row in jsonl.read_objects(path)]
 
 
 def read_json_list(path: str) -> list[dict[str, Any]]:

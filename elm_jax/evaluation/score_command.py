@@ -15,6 +15,7 @@ import tempfile
 import time
 from typing import Any
 
+from elm_jax import jsonl
 from elm_jax.errors import UserInputError
 from elm_jax.evaluation import rank_scoring
 
@@ -42,32 +43,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def read_examples(path: str) -> list[dict[str, Any]]:
   """Reads and validates the JSONL input; errors name the file, the line and the field."""
-  if not os.path.isfile(path):
-    raise InputError(f"{path}: input file not found")
   examples = []
-  with open(path, encoding="utf-8") as f:
-    for number, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      where = f"{path}:{number}"
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise InputError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-      if not isinstance(record, dict):
-        raise InputError(f"{where}: expected a JSON object with 'id', 'inputs' and 'choices'")
-      if "id" not in record:
-        raise InputError(f"{where}: field 'id' is missing")
-      if not isinstance(record.get("inputs"), str):
-        raise InputError(f"{where}: field 'inputs' must be a string, got "
-                         f"{type(record.get('inputs')).__name__}")
-      choices = record.get("choices")
-      if not isinstance(choices, list) or not choices:
-        raise InputError(f"{where}: field 'choices' must be a non-empty list of strings")
-      for j, choice in enumerate(choices):
-        if not isinstance(choice, str):
-          raise InputError(f"{where}: field 'choices[{j}]' must be a string, got {type(choice).__name__}")
-      examples.append(record)
+  for number, record in jsonl.read_objects(path):
+    where = f"{path}:{number}"
+    if "id" not in record:
+      raise InputError(f"{where}: field 'id' is missing")
+    if not isinstance(record.get("inputs"), str):
+      raise InputError(f"{where}: field 'inputs' must be a string, got "
+                       f"{type(record.get('inputs')).__name__}")
+    choices = record.get("choices")
+    if not isinstance(choices, list) or not choices:
+      raise InputError(f"{where}: field 'choices' must be a non-empty list of strings")
+    for j, choice in enumerate(choices):
+      if not isinstance(choice, str):
+        raise InputError(f"{where}: field 'choices[{j}]' must be a string, got {type(choice).__name__}")
+    examples.append(record)
   if not examples:
     raise InputError(f"{path}: no examples (the file is empty)")
   return examples
