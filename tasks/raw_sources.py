@@ -22,7 +22,10 @@ class RawDataError(UserInputError):
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
   """One JSON object per line; blank lines skipped."""
-  return [row for _, row in jsonl.read_objects(path)]
+  try:
+    return [row for _, row in jsonl.read_objects(path)]
+  except jsonl.JsonlError as e:
+    raise RawDataError(str(e)) from None
 
 
 def read_json_list(path: str) -> list[dict[str, Any]]:
