@@ -93,6 +93,17 @@ class RelativePositionBias(nn.Module):
     return bias[None].astype(self.dtype)
 
 
+class Kernel(nn.Module):
+  """A named sub-module holding one `kernel`, so the tree reads `attention/query/kernel`."""
+  shape: tuple[int, ...]
+  axes: tuple[str, ...]
+  init: Callable = default_kernel_init
+
+  @nn.compact
+  def __call__(self) -> Array:
+    return param_with_axes(self, "kernel", self.init, self.shape, self.axes)
+
+
 class MultiHeadAttention(nn.Module):
   """Multi-head dot-product attention without logit scaling (T5 folds it into the query).
 
@@ -114,7 +125,7 @@ class MultiHeadAttention(nn.Module):
     joined = self.num_heads * self.head_dim
 
     def project(name, x):
-      kernel = _SubParam(name=name, shape=(emb, joined), axes=("embed", "joined_kv"))()
+      kernel = Kernel(name=name, shape=(emb, joined), axes=("embed", "joined_kv"))()
       y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
       y = y.reshape(*x.shape[:-1], self.num_heads, self.head_dim)
       return constrain(y, ("batch", "length", "heads", "kv"))
@@ -150,20 +161,9 @@ class MultiHeadAttention(nn.Module):
       weights = weights * keep / (1.0 - self.dropout_rate)
     attended = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(self.dtype), value.astype(self.dtype))
     attended = attended.reshape(*attended.shape[:2], joined)
-    out_kernel = _SubParam(name="out", shape=(joined, emb), axes=("joined_kv", "embed"))()
+    out_kernel = Kernel(name="out", shape=(joined, emb), axes=("joined_kv", "embed"))()
     out = jnp.dot(attended, out_kernel.astype(self.dtype))
     return constrain(out, ("batch", "length", "embed"))
-
-
-class _SubParam(nn.Module):
-  """A named sub-module holding one `kernel`, so the tree reads `attention/query/kernel`."""
-  shape: tuple[int, ...]
-  axes: tuple[str, ...]
-  init: Callable = default_kernel_init
-
-  @nn.compact
-  def __call__(self) -> Array:
-    return param_with_axes(self, "kernel", self.init, self.shape, self.axes)
 
 
 def _activation(name: str) -> Callable[[Array], Array]:
@@ -187,10 +187,10 @@ class MlpBlock(nn.Module):
     names = ["wi"] if len(self.activations) == 1 else [f"wi_{i}" for i in range(len(self.activations))]
     hidden = None
     for name, act in zip(names, self.activations):
-      kernel = _SubParam(name=name, shape=(emb, self.mlp_dim), axes=("embed", "mlp"))()
+      kernel = Kernel(name=name, shape=(emb, self.mlp_dim), axes=("embed", "mlp"))()
       h = _activation(act)(jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype)))
       hidden = h if hidden is None else hidden * h
     hidden = constrain(hidden, ("batch", "length", "mlp"))
     hidden = nn.Dropout(self.dropout_rate)(hidden, deterministic=deterministic)
-    wo = _SubParam(name="wo", shape=(self.mlp_dim, emb), axes=("mlp", "embed"))()
+    wo = Kernel(name="wo", shape=(self.mlp_dim, emb), axes=("mlp", "embed"))()
     return constrain(jnp.dot(hidden, wo.astype(self.dtype)), ("batch", "length", "embed"))

@@ -133,7 +133,7 @@ class Decoder(nn.Module):
     if cfg.logits_via_embedding:
       logits = self.shared_embedding.attend(x * (cfg.emb_dim ** -0.5))
     else:
-      kernel = layers._SubParam(name="logits_dense", shape=(cfg.emb_dim, cfg.vocab_size),
+      kernel = layers.Kernel(name="logits_dense", shape=(cfg.emb_dim, cfg.vocab_size),
                                 axes=("embed", "vocab"))()
       logits = jnp.dot(x, kernel.astype(cfg.jnp_dtype))
     return layers.constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
