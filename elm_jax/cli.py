@@ -35,17 +35,6 @@ def main_version(args: argparse.Namespace) -> int:
   return 0
 
 
-def hide_tensorflow_accelerators() -> None:
-  """TensorFlow feeds input pipelines only: keep it off GPUs and TPUs if it is imported."""
-  if "tensorflow" in sys.modules:
-    tf = sys.modules["tensorflow"]
-    for kind in ("GPU", "TPU"):
-      try:
-        tf.config.set_visible_devices([], kind)
-      except RuntimeError:  # devices already initialised
-        pass
-
-
 def _build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="elm-jax", description="Expert Language Models in JAX.",
@@ -84,9 +73,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   try:
     gin_utils.parse_gin(gin_flags)
     run = main_version if command == "version" else module.main
-    code = run(args)
-    hide_tensorflow_accelerators()
-    return code
+    return run(args)
   except UserInputError as e:  # names the file, the field and what was expected
     print(f"elm-jax {command}: error: {e}", file=sys.stderr)
     return 2

@@ -19,6 +19,7 @@ import json
 import os
 from typing import Optional
 
+from elm_jax import tf_input
 from tasks import inventory, p3, rank_classification
 
 T0_MAX_EXAMPLES_PER_DATASET = 500_000
@@ -46,7 +47,7 @@ def num_train_examples(subset: str, data_dir: Optional[str] = None) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _count_records(files: tuple[str, ...]) -> int:
-  import tensorflow as tf
+  tf = tf_input.tensorflow()
   return int(sum(1 for f in files for _ in tf.data.TFRecordDataset(f)))
 
 

@@ -15,6 +15,7 @@ import math
 import os
 from typing import Any, Iterable, Optional
 
+from elm_jax import tf_input
 from elm_jax.errors import UserInputError
 
 P3_DATA_DIR_ENV = "ELM_P3_DATA_DIR"
@@ -64,7 +65,7 @@ def shard_files(subset_dir: str, split: str) -> list[str]:
 
 
 def _parse_spec(features: dict[str, dict[str, Any]]):
-  import tensorflow as tf
+  tf = tf_input.tensorflow()
   stored = {"int32": tf.int64, "int64": tf.int64, "bool": tf.int64, "float32": tf.float32,
             "string": tf.string}
   spec = {}
@@ -80,7 +81,7 @@ def _parse_spec(features: dict[str, dict[str, Any]]):
 def validate_shard(path: str, features: dict[str, dict[str, Any]],
                    max_records: int = VALIDATE_RECORDS_PER_SHARD) -> None:
   """Checks the first records of a shard against the info file's features (kind and length)."""
-  import tensorflow as tf
+  tf = tf_input.tensorflow()
   kinds = {"int32": "int64_list", "int64": "int64_list", "bool": "int64_list",
            "float32": "float_list", "string": "bytes_list"}
   for index, raw in enumerate(tf.data.TFRecordDataset(path).take(max_records).as_numpy_iterator()):
@@ -103,7 +104,7 @@ def validate_shard(path: str, features: dict[str, dict[str, Any]],
 
 def load_split(subset_dir: str, split: str, shuffle_files: bool = False, seed: Optional[int] = None):
   """tf.data.Dataset of parsed examples, with dtypes and shapes as the info file says."""
-  import tensorflow as tf
+  tf = tf_input.tensorflow()
   if not os.path.isdir(subset_dir):
     raise P3DataError(f"{subset_dir}: P3 subset directory not found")
   features = read_info(subset_dir, split)

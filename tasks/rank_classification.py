@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from elm_jax import tf_input
 from elm_jax.errors import UserInputError
 
 
@@ -59,7 +60,7 @@ def rank_classification_preprocessor(dataset, *, inputs_fn: Callable, choices_fn
   tensor` (index of the correct choice). Examples with fewer than 2 choices raise an error that
   names `source` and the example index when the dataset is iterated.
   """
-  import tensorflow as tf
+  tf = tf_input.tensorflow()
 
   if mode not in ("eval", "train"):
     raise RankClassificationError(f"mode: expected 'eval' or 'train', got {mode!r}")
