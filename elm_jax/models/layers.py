@@ -8,7 +8,7 @@ a partitioner can place them on any mesh through one table of rules.
 from __future__ import annotations
 
 import functools
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -94,14 +94,36 @@ class RelativePositionBias(nn.Module):
 
 
 class Kernel(nn.Module):
-  """A named sub-module holding one `kernel`, so the tree reads `attention/query/kernel`."""
+  """A named sub-module holding one `kernel`, so the tree reads `attention/query/kernel`.
+
+  With `lora_rank > 0` it also holds LoRA factors `lora_a` [in, rank] (normal init) and
+  `lora_b` [rank, out] (zeros) and returns kernel + lora_scale * lora_a @ lora_b.
+  """
   shape: tuple[int, ...]
   axes: tuple[str, ...]
   init: Callable = default_kernel_init
+  lora_rank: int = 0
+  lora_scale: float = 1.0
 
   @nn.compact
   def __call__(self) -> Array:
-    return param_with_axes(self, "kernel", self.init, self.shape, self.axes)
+    kernel = param_with_axes(self, "kernel", self.init, self.shape, self.axes)
+    if not self.lora_rank:
+      return kernel
+    fan_in, fan_out = self.shape
+    a = param_with_axes(self, "lora_a", nn.initializers.normal(fan_in ** -0.5),
+                        (fan_in, self.lora_rank), (self.axes[0], "lora_rank"))
+    b = param_with_axes(self, "lora_b", nn.initializers.zeros, (self.lora_rank, fan_out),
+                        ("lora_rank", self.axes[1]))
+    return kernel + self.lora_scale * jnp.dot(a, b)
+
+
+def lora_kernel(name: str, shape: tuple[int, ...], axes: tuple[str, ...], lora) -> Kernel:
+  """A `Kernel`, with LoRA factors when `lora` (an ExpertConfig of kind 'lora') targets `name`."""
+  if lora is not None and lora.kind == "lora" and name in lora.lora_targets:
+    return Kernel(name=name, shape=shape, axes=axes, lora_rank=lora.lora_rank,
+                  lora_scale=lora.lora_alpha / lora.lora_rank)
+  return Kernel(name=name, shape=shape, axes=axes)
 
 
 class MultiHeadAttention(nn.Module):
@@ -117,6 +139,7 @@ class MultiHeadAttention(nn.Module):
   head_dim: int
   dtype: jnp.dtype = jnp.float32
   dropout_rate: float = 0.0
+  lora: Any = None  # ExpertConfig of kind 'lora', or None
 
   @nn.compact
   def __call__(self, inputs_q: Array, inputs_kv: Array, bias: Optional[Array], *,
@@ -125,7 +148,7 @@ class MultiHeadAttention(nn.Module):
     joined = self.num_heads * self.head_dim
 
     def project(name, x):
-      kernel = Kernel(name=name, shape=(emb, joined), axes=("embed", "joined_kv"))()
+      kernel = lora_kernel(name, (emb, joined), ("embed", "joined_kv"), self.lora)()
       y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
       y = y.reshape(*x.shape[:-1], self.num_heads, self.head_dim)
       return constrain(y, ("batch", "length", "heads", "kv"))
@@ -161,7 +184,7 @@ class MultiHeadAttention(nn.Module):
       weights = weights * keep / (1.0 - self.dropout_rate)
     attended = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(self.dtype), value.astype(self.dtype))
     attended = attended.reshape(*attended.shape[:2], joined)
-    out_kernel = Kernel(name="out", shape=(joined, emb), axes=("joined_kv", "embed"))()
+    out_kernel = lora_kernel("out", (joined, emb), ("joined_kv", "embed"), self.lora)()
     out = jnp.dot(attended, out_kernel.astype(self.dtype))
     return constrain(out, ("batch", "length", "embed"))
 
@@ -180,6 +203,7 @@ class MlpBlock(nn.Module):
   activations: tuple[str, ...]
   dtype: jnp.dtype = jnp.float32
   dropout_rate: float = 0.0
+  lora: Any = None  # ExpertConfig of kind 'lora', or None
 
   @nn.compact
   def __call__(self, x: Array, deterministic: bool = True) -> Array:
@@ -187,10 +211,10 @@ class MlpBlock(nn.Module):
     names = ["wi"] if len(self.activations) == 1 else [f"wi_{i}" for i in range(len(self.activations))]
     hidden = None
     for name, act in zip(names, self.activations):
-      kernel = Kernel(name=name, shape=(emb, self.mlp_dim), axes=("embed", "mlp"))()
+      kernel = lora_kernel(name, (emb, self.mlp_dim), ("embed", "mlp"), self.lora)()
       h = _activation(act)(jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype)))
       hidden = h if hidden is None else hidden * h
     hidden = constrain(hidden, ("batch", "length", "mlp"))
     hidden = nn.Dropout(self.dropout_rate)(hidden, deterministic=deterministic)
-    wo = Kernel(name="wo", shape=(self.mlp_dim, emb), axes=("mlp", "embed"))()
+    wo = lora_kernel("wo", (self.mlp_dim, emb), ("mlp", "embed"), self.lora)()
     return constrain(jnp.dot(hidden, wo.astype(self.dtype)), ("batch", "length", "embed"))

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from elm_jax.models import layers
+from elm_jax.models.adapters import BottleneckAdapter, ExpertConfig
 from elm_jax.models.t5_config import T5Config
 
 Array = jax.Array
@@ -42,8 +43,21 @@ def _key_mask_bias(mask: Array) -> Array:
   return jnp.where(mask[:, None, None, :], 0.0, layers.NEG_INF).astype(jnp.float32)
 
 
+def _adapt(expert: Optional[ExpertConfig], cfg: T5Config, name: str, h: Array) -> Array:
+  """The paper's bottleneck adapter on a sub-layer output, when the expert is an adapter."""
+  if expert is None or expert.kind != "adapter":
+    return h
+  return BottleneckAdapter(max(1, cfg.emb_dim // expert.reduction_factor), expert.init_std,
+                           cfg.jnp_dtype, name=name)(h)
+
+
+def _lora(expert: Optional[ExpertConfig]) -> Optional[ExpertConfig]:
+  return expert if expert is not None and expert.kind == "lora" else None
+
+
 class EncoderLayer(nn.Module):
   config: T5Config
+  expert: Optional[ExpertConfig] = None
 
   @nn.compact
   def __call__(self, x: Array, bias: Array, deterministic: bool = True) -> Array:
@@ -51,17 +65,21 @@ class EncoderLayer(nn.Module):
     dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
     h = layers.RMSNorm(cfg.layer_norm_epsilon, cfg.jnp_dtype, name="pre_attention_layer_norm")(x)
     h = layers.MultiHeadAttention(cfg.num_heads, cfg.head_dim, cfg.jnp_dtype, cfg.dropout_rate,
-                                  name="attention")(h, h, bias, deterministic=deterministic)
+                                  _lora(self.expert), name="attention")(
+                                      h, h, bias, deterministic=deterministic)
+    h = _adapt(self.expert, cfg, "attention_adapter", h)
     x = x + dropout(h, deterministic=deterministic)
     h = layers.RMSNorm(cfg.layer_norm_epsilon, cfg.jnp_dtype, name="pre_mlp_layer_norm")(x)
     h = layers.MlpBlock(cfg.mlp_dim, cfg.mlp_activations, cfg.jnp_dtype, cfg.dropout_rate,
-                        name="mlp")(h, deterministic=deterministic)
+                        _lora(self.expert), name="mlp")(h, deterministic=deterministic)
+    h = _adapt(self.expert, cfg, "mlp_adapter", h)
     x = x + dropout(h, deterministic=deterministic)
     return layers.constrain(x, ("batch", "length", "embed"))
 
 
 class DecoderLayer(nn.Module):
   config: T5Config
+  expert: Optional[ExpertConfig] = None
 
   @nn.compact
   def __call__(self, x: Array, encoded: Array, self_bias: Array, cross_bias: Array,
@@ -69,17 +87,19 @@ class DecoderLayer(nn.Module):
     cfg = self.config
     dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
     attention = lambda name: layers.MultiHeadAttention(
-        cfg.num_heads, cfg.head_dim, cfg.jnp_dtype, cfg.dropout_rate, name=name)
+        cfg.num_heads, cfg.head_dim, cfg.jnp_dtype, cfg.dropout_rate, _lora(self.expert), name=name)
     norm = lambda name: layers.RMSNorm(cfg.layer_norm_epsilon, cfg.jnp_dtype, name=name)
     h = norm("pre_self_attention_layer_norm")(x)
     h = attention("self_attention")(h, h, self_bias, decode=decode, deterministic=deterministic)
+    h = _adapt(self.expert, cfg, "self_attention_adapter", h)
     x = x + dropout(h, deterministic=deterministic)
     h = norm("pre_cross_attention_layer_norm")(x)
     h = attention("encoder_decoder_attention")(h, encoded, cross_bias, deterministic=deterministic)
     x = x + dropout(h, deterministic=deterministic)
     h = norm("pre_mlp_layer_norm")(x)
     h = layers.MlpBlock(cfg.mlp_dim, cfg.mlp_activations, cfg.jnp_dtype, cfg.dropout_rate,
-                        name="mlp")(h, deterministic=deterministic)
+                        _lora(self.expert), name="mlp")(h, deterministic=deterministic)
+    h = _adapt(self.expert, cfg, "mlp_adapter", h)
     x = x + dropout(h, deterministic=deterministic)
     return layers.constrain(x, ("batch", "length", "embed"))
 
@@ -87,6 +107,7 @@ class DecoderLayer(nn.Module):
 class Encoder(nn.Module):
   config: T5Config
   shared_embedding: nn.Module
+  expert: Optional[ExpertConfig] = None
 
   @nn.compact
   def __call__(self, tokens: Array, mask: Array, deterministic: bool = True) -> Array:
@@ -100,7 +121,7 @@ class Encoder(nn.Module):
         bidirectional=True, name="relpos_bias")(length, length)
     bias = position_bias + _key_mask_bias(mask)
     for i in range(cfg.num_encoder_layers):
-      x = EncoderLayer(cfg, name=f"layers_{i}")(x, bias, deterministic)
+      x = EncoderLayer(cfg, self.expert, name=f"layers_{i}")(x, bias, deterministic)
     x = layers.RMSNorm(cfg.layer_norm_epsilon, cfg.jnp_dtype, name="encoder_norm")(x)
     return nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=deterministic)
 
@@ -108,6 +129,7 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
   config: T5Config
   shared_embedding: nn.Module
+  expert: Optional[ExpertConfig] = None
 
   @nn.compact
   def __call__(self, encoded: Array, encoder_mask: Array, tokens: Array, *,
@@ -126,8 +148,8 @@ class Decoder(nn.Module):
       self_bias = self_bias + jnp.where(causal, 0.0, layers.NEG_INF)[None, None]
     cross_bias = _key_mask_bias(encoder_mask)
     for i in range(cfg.num_decoder_layers):
-      x = DecoderLayer(cfg, name=f"layers_{i}")(x, encoded, self_bias, cross_bias,
-                                                 deterministic, decode)
+      x = DecoderLayer(cfg, self.expert, name=f"layers_{i}")(x, encoded, self_bias, cross_bias,
+                                                              deterministic, decode)
     x = layers.RMSNorm(cfg.layer_norm_epsilon, cfg.jnp_dtype, name="decoder_norm")(x)
     x = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=deterministic)
     if cfg.logits_via_embedding:
@@ -140,14 +162,19 @@ class Decoder(nn.Module):
 
 
 class Transformer(nn.Module):
-  """T5 encoder-decoder. Parameters: `token_embedder`, `encoder`, `decoder` (T5X names)."""
+  """T5 encoder-decoder. Parameters: `token_embedder`, `encoder`, `decoder` (T5X names).
+
+  With an `expert` config the blocks carry its adapters (`attention_adapter`,
+  `self_attention_adapter`, `mlp_adapter`) or LoRA factors (`lora_a`, `lora_b`).
+  """
   config: T5Config
+  expert: Optional[ExpertConfig] = None
 
   def setup(self):
     cfg = self.config
     self.token_embedder = Embed(cfg.vocab_size, cfg.emb_dim, cfg.jnp_dtype)
-    self.encoder = Encoder(cfg, self.token_embedder)
-    self.decoder = Decoder(cfg, self.token_embedder)
+    self.encoder = Encoder(cfg, self.token_embedder, self.expert)
+    self.decoder = Decoder(cfg, self.token_embedder, self.expert)
 
   def encode(self, encoder_input_tokens: Array, encoder_mask: Optional[Array] = None,
              deterministic: bool = True) -> Array:
@@ -173,15 +200,15 @@ class Transformer(nn.Module):
 
 
 def init_params(config: T5Config, rng: jax.Array, encoder_length: int = 8,
-                decoder_length: int = 8):
-  """Randomly initialised parameters (boxed with logical axes) for `config`."""
-  model = Transformer(config)
+                decoder_length: int = 8, expert: Optional[ExpertConfig] = None):
+  """Randomly initialised parameters (boxed with logical axes) for `config` (and `expert`)."""
+  model = Transformer(config, expert)
   tokens = jnp.ones((1, encoder_length), jnp.int32)
   dec = jnp.ones((1, decoder_length), jnp.int32)
   return model.init(rng, tokens, dec)["params"]
 
 
-def logical_axes(config: T5Config):
+def logical_axes(config: T5Config, expert: Optional[ExpertConfig] = None):
   """The logical axis names of every parameter, as a tree of `PartitionSpec`s."""
-  shapes = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
+  shapes = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0), expert=expert))
   return nn.get_partition_spec(shapes)
