@@ -1,0 +1,94 @@
+"""E experts trained in one vmapped step equal each expert trained alone; the backbone is frozen."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from elm_jax.models.adapters import ExpertConfig, split_params
+from elm_jax.models.t5 import Transformer, init_params
+from elm_jax.training import train_step as ts
+
+STEPS = 4
+EXPERTS = 3
+
+
+def _batch(seed, batch=2, enc=12, dec=6):
+  rng = np.random.default_rng(seed)
+  targets = rng.integers(2, 300, (batch, dec)).astype(np.int32)
+  targets[:, -2:] = 0  # padding is not trained on
+  return {"encoder_input_tokens": rng.integers(2, 300, (batch, enc)).astype(np.int32),
+          "decoder_input_tokens": np.concatenate([np.zeros((batch, 1), np.int32), targets[:, :-1]], 1),
+          "decoder_target_tokens": targets}
+
+
+def _stack(trees):
+  return jax.tree_util.tree_map(lambda *xs: np.stack(xs), *trees)
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_config):
+  expert_cfg = ExpertConfig()
+  full = nn.unbox(init_params(tiny_config, jax.random.PRNGKey(0), expert=expert_cfg))
+  backbone, _ = split_params(full, expert_cfg)
+  experts = [split_params(nn.unbox(init_params(tiny_config, jax.random.PRNGKey(10 + e),
+                                               expert=expert_cfg)), expert_cfg)[1]
+             for e in range(EXPERTS)]
+  batches = [[_batch(100 * e + s) for s in range(STEPS)] for e in range(EXPERTS)]
+  model = Transformer(tiny_config, expert_cfg)
+  return model, backbone, experts, batches
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(model, optimizer_config):
+  """One optimizer and one jitted step per config (recompiled only for a new expert count)."""
+  optimizer = ts.make_optimizer(optimizer_config, total_steps=STEPS)
+  return optimizer, jax.jit(functools.partial(ts.train_step, model=model, optimizer=optimizer))
+
+
+def _train(model, backbone, expert_list, batch_lists, optimizer_config):
+  optimizer, step = _compiled(model, optimizer_config)
+  state = ts.init_train_state(_stack(expert_list), optimizer)
+  history = []
+  for s in range(STEPS):
+    state, metrics = step(state, backbone, _stack([b[s] for b in batch_lists]))
+    history.append(jax.device_get(metrics))
+  return state, history
+
+
+@pytest.mark.parametrize("name", ["adamw", "adafactor"])
+def test_vmapped_experts_equal_experts_trained_alone(setup, name):
+  model, backbone, experts, batches = setup
+  config = ts.OptimizerConfig(name=name, learning_rate=1e-2, max_grad_norm=0.5)
+  backbone_before = jax.tree_util.tree_map(np.array, backbone)
+  together, history = _train(model, backbone, experts, batches, config)
+  for e in range(EXPERTS):
+    alone, alone_history = _train(model, backbone, [experts[e]], [batches[e]], config)
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(np.asarray(a)[e], np.asarray(b)[0], atol=1e-5, rtol=1e-5),
+        together.params, alone.params)
+    for m, m_alone in zip(history, alone_history):
+      np.testing.assert_allclose(m["loss"][e], m_alone["loss"][0], rtol=1e-5)
+      np.testing.assert_allclose(m["grad_norm"][e], m_alone["grad_norm"][0], rtol=1e-4)
+  # Training moved the experts, and never the backbone.
+  moved = jax.tree_util.tree_map(lambda a, b: float(np.abs(np.asarray(a)[0] - b).max()),
+                                 together.params, experts[0])
+  assert max(jax.tree_util.tree_leaves(moved)) > 1e-4
+  jax.tree_util.tree_map(np.testing.assert_array_equal, backbone, backbone_before)
+  assert history[-1]["loss"].shape == (EXPERTS,) and (history[-1]["tokens"] == 8).all()
+
+
+def test_loss_goes_down_on_a_repeated_batch(setup):
+  model, backbone, experts, batches = setup
+  repeated = [[batches[e][0]] * STEPS for e in range(EXPERTS)]
+  _, history = _train(model, backbone, experts, repeated, ts.OptimizerConfig(learning_rate=3e-2))
+  assert (history[-1]["loss"] < history[0]["loss"]).all()
+
+
+def test_schedule_and_bad_optimizer():
+  schedule = ts.learning_rate_schedule(ts.OptimizerConfig(learning_rate=1e-4), total_steps=10)
+  assert float(schedule(0)) == pytest.approx(1e-4) and float(schedule(10)) == pytest.approx(0.0)
+  with pytest.raises(ts.OptimizerConfigError, match="OptimizerConfig.name"):
+    ts.make_optimizer(ts.OptimizerConfig(name="sgd"), 10)
