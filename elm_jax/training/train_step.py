@@ -135,3 +135,18 @@ def train_step(state: ExpertTrainState, backbone, batch: dict[str, Array], *, mo
   updates, opt_state = jax.vmap(optimizer.update)(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   return ExpertTrainState(state.step + 1, params, opt_state), metrics
+
+
+def stacked_expert_specs(expert_logical_specs):
+  """Logical specs of one expert's parameters -> specs of the stacked [E, ...] parameters."""
+  from jax.sharding import PartitionSpec
+  return jax.tree_util.tree_map(lambda spec: PartitionSpec("expert", *spec), expert_logical_specs,
+                                is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def stacked_leading_axis_specs(tree):
+  """Specs placing only the leading expert axis of every [E, ...] leaf (scalars replicated):
+  for optimizer state, whose structure depends on the optimizer."""
+  from jax.sharding import PartitionSpec
+  return jax.tree_util.tree_map(
+      lambda x: PartitionSpec("expert", *([None] * (x.ndim - 1))) if x.ndim else PartitionSpec(), tree)

@@ -1,0 +1,55 @@
+"""The vmapped expert step sharded over 8 fake devices (expert x data) equals the unsharded step."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from elm_jax import partitioning
+from elm_jax.models.adapters import ExpertConfig, split_params
+from elm_jax.models.t5 import Transformer, init_params, logical_axes
+from elm_jax.training import train_step as ts
+
+
+def test_sharded_equals_unsharded(tiny_config):
+  experts_n, steps = 4, 3
+  cfg = ExpertConfig()
+  full = nn.unbox(init_params(tiny_config, jax.random.PRNGKey(0), expert=cfg))
+  backbone, _ = split_params(full, cfg)
+  stacked = jax.tree_util.tree_map(lambda *x: np.stack(x), *[
+      split_params(nn.unbox(init_params(tiny_config, jax.random.PRNGKey(e), expert=cfg)), cfg)[1]
+      for e in range(experts_n)])
+  rng = np.random.default_rng(0)
+  targets = rng.integers(2, 300, (steps, experts_n, 4, 6)).astype(np.int32)
+  batches = [{"encoder_input_tokens": rng.integers(2, 300, (experts_n, 4, 10)).astype(np.int32),
+              "decoder_input_tokens": np.concatenate(
+                  [np.zeros((experts_n, 4, 1), np.int32), targets[s][..., :-1]], -1),
+              "decoder_target_tokens": targets[s]} for s in range(steps)]
+  model = Transformer(tiny_config, cfg)
+  optimizer = ts.make_optimizer(ts.OptimizerConfig(learning_rate=1e-2), total_steps=steps)
+  step = functools.partial(ts.train_step, model=model, optimizer=optimizer)
+
+  state = ts.init_train_state(stacked, optimizer)
+  plain = jax.jit(step)
+  for batch in batches:
+    state, _ = plain(state, backbone, batch)
+
+  part = partitioning.Partitioner(partitioning.MeshConfig(data=2, expert=4, model=1))
+  backbone_specs, expert_specs = split_params(logical_axes(tiny_config, cfg), cfg)
+  sharded_state = ts.init_train_state(stacked, optimizer)
+  state_specs = ts.ExpertTrainState(P(), ts.stacked_expert_specs(expert_specs),
+                                    ts.stacked_leading_axis_specs(sharded_state.opt_state))
+  batch_specs = {k: P("expert", "batch", "length") for k in batches[0]}
+  sharded_state = part.place(sharded_state, state_specs)
+  placed_backbone = part.place(backbone, backbone_specs)
+  sharded = part.partition(step, (state_specs, backbone_specs, batch_specs),
+                           (state_specs, P("expert")))
+  for batch in batches:
+    sharded_state, metrics = sharded(sharded_state, placed_backbone, batch)
+  leaf = sharded_state.params["encoder"]["layers_0"]["mlp_adapter"]["down_kernel"]
+  assert leaf.addressable_shards[0].data.shape[0] == 1  # one expert per device pair
+  jax.tree_util.tree_map(
+      lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5),
+      sharded_state.params, state.params)
