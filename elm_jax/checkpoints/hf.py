@@ -24,9 +24,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from elm_jax.errors import UserInputError
+from elm_jax.tree_paths import Path
+from elm_jax.tree_paths import flatten as flatten_tree
+from elm_jax.tree_paths import join as format_path
+from elm_jax.tree_paths import unflatten as unflatten_tree
 from elm_jax.models.t5_config import ConfigError, T5Config, param_shapes
-
-Path = tuple[str, ...]
 
 _SINGLE_FILE = "model.safetensors"
 _INDEX_FILE = "model.safetensors.index.json"
@@ -63,32 +65,6 @@ class HFTensor:
 
 
 # ------------------------------------------------------------------ parameter-tree helpers
-def flatten_tree(tree: Mapping[str, Any], prefix: Path = ()) -> dict[Path, Any]:
-  """Nested dict -> {path tuple: leaf}; a leaf is anything that is not a dict."""
-  flat: dict[Path, Any] = {}
-  for key, value in tree.items():
-    if isinstance(value, Mapping):
-      flat.update(flatten_tree(value, prefix + (key,)))
-    else:
-      flat[prefix + (key,)] = value
-  return flat
-
-
-def unflatten_tree(flat: Mapping[Path, Any]) -> dict:
-  """{path tuple: leaf} -> nested dict."""
-  tree: dict = {}
-  for path, value in flat.items():
-    node = tree
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = value
-  return tree
-
-
-def format_path(path: Path) -> str:
-  return "/".join(path)
-
-
 def check_param_shapes(found: Mapping[Path, tuple[int, ...]], config: T5Config, source: str,
                        *, hint: str = "") -> None:
   """Compares {parameter path: shape} with `param_shapes(config)`.

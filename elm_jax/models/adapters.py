@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from elm_jax import tree_paths
 from elm_jax.errors import UserInputError
 
 Array = jax.Array
@@ -81,28 +81,6 @@ _ADAPTER = re.compile(r"(^|/)\w+_adapter/")
 _LORA = re.compile(r"/lora_[ab]$")
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for key, value in tree.items():
-    path = f"{prefix}/{key}" if prefix else key
-    if isinstance(value, dict):
-      out.update(_flatten(value, path))
-    else:
-      out[path] = value
-  return out
-
-
-def _unflatten(flat: dict[str, Any]) -> dict:
-  tree: dict = {}
-  for path, value in flat.items():
-    node = tree
-    *parents, leaf = path.split("/")
-    for key in parents:
-      node = node.setdefault(key, {})
-    node[leaf] = value
-  return tree
-
-
 def is_expert_parameter(path: str, config: ExpertConfig) -> bool:
   """Whether the parameter at `path` ('encoder/layers_0/mlp_adapter/up_kernel') is trained."""
   if config.kind == "full":
@@ -114,17 +92,17 @@ def is_expert_parameter(path: str, config: ExpertConfig) -> bool:
 
 def split_params(params: dict, config: ExpertConfig) -> tuple[dict, dict]:
   """Full tree -> (frozen backbone tree, expert tree); together they hold every leaf once."""
-  flat = _flatten(params)
-  expert = {p: v for p, v in flat.items() if is_expert_parameter(p, config)}
+  flat = tree_paths.flatten(params)
+  expert = {p: v for p, v in flat.items() if is_expert_parameter(tree_paths.join(p), config)}
   backbone = {p: v for p, v in flat.items() if p not in expert}
-  return _unflatten(backbone), _unflatten(expert)
+  return tree_paths.unflatten(backbone), tree_paths.unflatten(expert)
 
 
 def merge_params(backbone: dict, expert: dict) -> dict:
   """Inverse of `split_params`: expert leaves override or extend the backbone's."""
-  flat = _flatten(backbone)
-  flat.update(_flatten(expert))
-  return _unflatten(flat)
+  flat = tree_paths.flatten(backbone)
+  flat.update(tree_paths.flatten(expert))
+  return tree_paths.unflatten(flat)
 
 
 def count_parameters(tree: dict) -> int:

@@ -6,7 +6,7 @@ import os
 import pytest
 import seqio
 
-from tasks import inventory, mixtures, rank_classification
+from tasks import inventory, mixtures
 from test_p3 import SCORE_FEATURES, TRAIN_FEATURES, make_examples, write_subset
 
 
