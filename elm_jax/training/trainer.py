@@ -1,0 +1,243 @@
+"""The one trainer: one expert, hundreds in groups, a dataset expert on a mixture, or the
+multitask baseline, over a frozen backbone, with preemption-safe checkpoints.
+
+Each expert draws its batches from its own SeqIO task or mixture; one compiled step updates
+all of them (`train_step.train_step`). Orbax keeps the last `keep` checkpoints (step, expert
+parameters, optimizer state); the input position is restored by replaying the deterministic
+input stream, so a run killed at any moment and restarted ends with the same parameters as one
+never interrupted. A non-finite loss stops the run, naming the expert and the step, after
+saving the last good state. Each expert is exported to `<model_dir>/experts/<name>/`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from elm_jax import tf_input, tree_paths
+from elm_jax.errors import UserInputError
+from elm_jax.library import expert_files
+from elm_jax.models.adapters import ExpertConfig, split_params
+from elm_jax.models.t5 import Transformer, init_params
+from elm_jax.models.t5_config import T5Config
+from elm_jax.training import train_step as ts
+
+FEATURES = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens",
+            "decoder_loss_weights")
+
+
+class TrainingError(UserInputError):
+  """A run that cannot start (bad settings) or that diverged."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """What to train: one expert per entry of `expert_tasks` (SeqIO task or mixture names)."""
+  model_dir: str
+  expert_tasks: tuple[str, ...]
+  steps: int
+  batch_size: int = 8
+  input_length: int = 256
+  target_length: int = 128
+  expert_names: Optional[tuple[str, ...]] = None
+  seed: int = 42
+  save_every: int = 100
+  keep: int = 3
+  log_every: int = 10
+  split: str = "train"
+
+  def names(self) -> tuple[str, ...]:
+    names = self.expert_names or self.expert_tasks
+    if len(names) != len(self.expert_tasks):
+      raise TrainingError(f"TrainConfig.expert_names: {len(names)} names for "
+                          f"{len(self.expert_tasks)} expert_tasks")
+    if len(set(names)) != len(names):
+      raise TrainingError(f"TrainConfig.expert_names: names must be unique, got {list(names)}")
+    return tuple(names)
+
+
+def expert_batches(config: TrainConfig) -> Iterator[dict[str, np.ndarray]]:
+  """An endless, deterministic stream of stacked batches [E, batch, length]."""
+  import seqio
+  tf_input.tensorflow()
+  lengths = {"inputs": config.input_length, "targets": config.target_length}
+  converter = seqio.EncDecFeatureConverter(pack=False)
+  iterators = []
+  for e, name in enumerate(config.expert_tasks):
+    try:
+      provider = seqio.get_mixture_or_task(name)
+    except ValueError:
+      raise TrainingError(f"TrainConfig.expert_tasks: {name!r} is not a registered SeqIO task or "
+                          "mixture (see `elm-jax tasks list`)") from None
+    ds = provider.get_dataset(sequence_length=lengths, split=config.split, shuffle=True,
+                              seed=config.seed + e, num_epochs=None)
+    ds = converter(ds, lengths).batch(config.batch_size, drop_remainder=True)
+    iterators.append(ds.as_numpy_iterator())
+  for batches in zip(*iterators):
+    yield {k: np.stack([b[k] for b in batches]) for k in FEATURES}
+
+
+def initial_experts(model_config: T5Config, expert_config: ExpertConfig, backbone_params: dict,
+                    num_experts: int, seed: int) -> tuple[dict, dict]:
+  """(frozen backbone, stacked expert parameters [E, ...]).
+
+  New expert modules (adapters, LoRA factors) are initialised per expert from `seed + e`;
+  trainable backbone tensors (layer-norm scales, or everything for full fine-tuning) start
+  from the backbone's pretrained values.
+  """
+  pretrained = tree_paths.flatten(backbone_params)
+  experts = []
+  for e in range(num_experts):
+    fresh = nn.unbox(init_params(model_config, jax.random.PRNGKey(seed + e), expert=expert_config))
+    _, expert = split_params(fresh, expert_config)
+    flat = tree_paths.flatten(expert)
+    flat.update({p: pretrained[p] for p in flat if p in pretrained})
+    experts.append(tree_paths.unflatten(flat))
+  frozen, _ = split_params(backbone_params, expert_config)
+  stacked = jax.tree_util.tree_map(lambda *xs: np.stack([np.asarray(x, np.float32) for x in xs]), *experts)
+  return frozen, stacked
+
+
+def unstack(tree: Any, index: int) -> Any:
+  return jax.tree_util.tree_map(lambda x: np.asarray(x)[index], tree)
+
+
+class _Checkpoints:
+  """Orbax CheckpointManager of {step, params, opt_state}, with fallback past a damaged step."""
+
+  def __init__(self, directory: str, keep: int):
+    import orbax.checkpoint as ocp
+    self._ocp = ocp
+    self.manager = ocp.CheckpointManager(
+        os.path.abspath(directory),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False))
+
+  def save(self, state: ts.ExpertTrainState) -> None:
+    step = int(state.step)
+    if step not in self.manager.all_steps():
+      self.manager.save(step, args=self._ocp.args.StandardSave(dataclasses.asdict(state)))
+      self.manager.wait_until_finished()
+
+  def restore_latest(self, template: ts.ExpertTrainState) -> Optional[ts.ExpertTrainState]:
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        restored = self.manager.restore(
+            step, args=self._ocp.args.StandardRestore(dataclasses.asdict(template)))
+      except Exception as e:  # orbax/tensorstore raise many types for damaged files
+        logging.warning("checkpoint at step %d is unreadable (%s: %s); trying an earlier one",
+                        step, type(e).__name__, e)
+        print(f"warning: checkpoint at step {step} is unreadable ({type(e).__name__}); "
+              "falling back to an earlier one", file=sys.stderr)
+        continue
+      return ts.ExpertTrainState(**restored)
+    return None
+
+
+class _Logs:
+  """JSON lines in <model_dir>/train_log.jsonl and TensorBoard scalars per expert."""
+
+  def __init__(self, model_dir: str, names: Sequence[str]):
+    tf = tf_input.tensorflow()
+    self.names = names
+    self.json_path = os.path.join(model_dir, "train_log.jsonl")
+    self.writers = {n: tf.summary.create_file_writer(os.path.join(model_dir, "tensorboard", n))
+                    for n in names}
+    self.tf = tf
+
+  def write(self, step: int, metrics: dict[str, np.ndarray], tokens_per_second: float) -> None:
+    record = {"step": step, "tokens_per_second": tokens_per_second, "experts": {}}
+    for e, name in enumerate(self.names):
+      values = {k: float(v[e]) for k, v in metrics.items()}
+      record["experts"][name] = values
+      with self.writers[name].as_default():
+        for key, value in values.items():
+          self.tf.summary.scalar(key, value, step=step)
+    with open(self.json_path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+
+
+def train_experts(config: TrainConfig, model_config: T5Config, backbone_params: dict, *,
+                  expert_config: ExpertConfig = ExpertConfig(),
+                  optimizer_config: ts.OptimizerConfig = ts.OptimizerConfig(),
+                  on_step: Optional[Callable[[int], None]] = None,
+                  progress: bool = True) -> dict[str, dict[str, float]]:
+  """Trains `len(config.expert_tasks)` experts together; returns final metrics per expert."""
+  names = config.names()
+  if config.steps < 1 or config.batch_size < 1:
+    raise TrainingError("TrainConfig.steps and batch_size must be positive integers")
+  os.makedirs(config.model_dir, exist_ok=True)
+  model = Transformer(model_config, expert_config)
+  backbone, stacked = initial_experts(model_config, expert_config, backbone_params, len(names), config.seed)
+  optimizer = ts.make_optimizer(optimizer_config, config.steps)
+  state = ts.init_train_state(stacked, optimizer)
+  checkpoints = _Checkpoints(os.path.join(config.model_dir, "checkpoints"), config.keep)
+  restored = checkpoints.restore_latest(state)
+  if restored is not None:
+    state = restored
+  start = int(state.step)
+  step_fn = jax.jit(functools.partial(ts.train_step, model=model, optimizer=optimizer))
+  batches = itertools.islice(expert_batches(config), start, None)  # replay to the saved position
+  logs = _Logs(config.model_dir, names)
+  bar = _progress_bar(start, config.steps, names) if progress else None
+  metrics: dict[str, np.ndarray] = {}
+  tokens, clock = 0.0, time.perf_counter()
+  for step in range(start, config.steps):
+    good = state
+    state, step_metrics = step_fn(state, backbone, next(batches))
+    metrics = jax.device_get(step_metrics)
+    bad = np.where(~np.isfinite(metrics["loss"]))[0]
+    if len(bad):
+      checkpoints.save(good)
+      raise TrainingError(f"expert {names[bad[0]]!r} ({config.expert_tasks[bad[0]]}) has a non-finite "
+                          f"loss at step {step + 1}; saved the last good state (step {int(good.step)}) "
+                          f"in {config.model_dir}/checkpoints")
+    tokens += float(metrics["tokens"].sum())
+    done = step + 1
+    if done % config.log_every == 0 or done == config.steps:
+      rate = tokens / max(time.perf_counter() - clock, 1e-9)
+      logs.write(done, metrics, rate)
+      if bar is not None:
+        bar.set_postfix_str(" ".join(f"{n[:16]}={metrics['loss'][i]:.3f}" for i, n in
+                                     enumerate(names[:4])) + f" tok/s={rate:.0f}")
+      tokens, clock = 0.0, time.perf_counter()
+    if done % config.save_every == 0 or done == config.steps:
+      checkpoints.save(state)
+    if bar is not None:
+      bar.update(1)
+    if on_step is not None:
+      on_step(done)
+  if bar is not None:
+    bar.close()
+  _export(config, names, model_config, expert_config, optimizer_config, backbone_params, state, metrics)
+  return {n: {k: float(v[i]) for k, v in metrics.items()} for i, n in enumerate(names)} if metrics else {}
+
+
+def _progress_bar(start: int, total: int, names: Sequence[str]):
+  from tqdm import tqdm
+  return tqdm(total=total, initial=start, desc=f"training {len(names)} expert(s)", file=sys.stderr,
+              dynamic_ncols=True)
+
+
+def _export(config: TrainConfig, names, model_config, expert_config, optimizer_config,
+            backbone_params, state, metrics) -> None:
+  fingerprint = expert_files.backbone_fingerprint(backbone_params)
+  for e, name in enumerate(names):
+    meta = expert_files.ExpertMetadata(
+        name=name, task=config.expert_tasks[e], expert_config=dataclasses.asdict(expert_config),
+        backbone_fingerprint=fingerprint,
+        training_config={**dataclasses.asdict(config), "optimizer": dataclasses.asdict(optimizer_config),
+                         "model": dataclasses.asdict(model_config)},
+        steps=int(state.step), metrics={k: float(v[e]) for k, v in metrics.items()})
+    expert_files.save_expert(os.path.join(config.model_dir, "experts", name.replace("/", "_")),
+                             unstack(state.params, e), meta, overwrite=True)

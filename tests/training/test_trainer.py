@@ -1,0 +1,126 @@
+"""The trainer end to end on tiny SeqIO tasks: exported experts, kill-and-resume equals an
+uninterrupted run (bitwise on CPU), a damaged latest checkpoint falls back, NaN stops the run."""
+
+import glob
+import json
+import os
+import pathlib
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+import seqio
+
+from elm_jax.library import expert_files
+from elm_jax.models.t5 import init_params
+from elm_jax.training import trainer
+from tasks import prompted
+
+SPM = str(pathlib.Path(__file__).parents[1] / "golden" / "t5_v1_1" / "spiece.model")
+WORDS = "the cat dog sat ran on a mat big small red blue".split()
+
+
+def _rows(kind):
+  def rows_fn(split):
+    rng = np.random.default_rng(0 if split == "train" else 1)
+    rows = []
+    for _ in range(64):
+      words = list(rng.choice(WORDS, 5))
+      target = " ".join(reversed(words)) if kind == "reverse" else words[0]
+      rows.append({"inputs": f"{kind}: " + " ".join(words), "targets": target})
+    return rows
+  return rows_fn
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_config):
+  vocab = seqio.SentencePieceVocabulary(SPM)
+  for kind in ("reverse", "first"):
+    prompted.register_prompted_task(f"test_trainer_{kind}", _rows(kind), vocab, score_eval=False)
+  backbone = nn.unbox(init_params(tiny_config, jax.random.PRNGKey(0)))
+  return tiny_config, backbone
+
+
+def _config(model_dir, steps=6, **kw):
+  return trainer.TrainConfig(model_dir=str(model_dir), expert_tasks=("test_trainer_reverse", "test_trainer_first"),
+                             steps=steps, batch_size=4, input_length=16, target_length=8,
+                             save_every=2, log_every=2, **kw)
+
+
+def _experts(model_dir):
+  out = {}
+  for d in sorted(glob.glob(os.path.join(model_dir, "experts", "*"))):
+    params, meta = expert_files.load_expert(d)
+    out[meta.name] = jax.tree_util.tree_leaves(params)
+  return out
+
+
+def test_trains_and_exports_every_expert(setup, tmp_path):
+  model_config, backbone = setup
+  final = trainer.train_experts(_config(tmp_path), model_config, backbone, progress=False)
+  assert set(final) == {"test_trainer_reverse", "test_trainer_first"}
+  experts = _experts(tmp_path)
+  assert set(experts) == set(final)
+  meta = json.load(open(tmp_path / "experts" / "test_trainer_first" / "expert.json"))
+  assert meta["steps"] == 6 and meta["backbone_fingerprint"] == expert_files.backbone_fingerprint(backbone)
+  log = [json.loads(l) for l in open(tmp_path / "train_log.jsonl")]
+  assert [r["step"] for r in log] == [2, 4, 6] and set(log[-1]["experts"]) == set(final)
+  assert glob.glob(str(tmp_path / "tensorboard" / "test_trainer_first" / "events.out.tfevents.*"))
+
+
+def test_kill_and_resume_equals_uninterrupted(setup, tmp_path):
+  model_config, backbone = setup
+  trainer.train_experts(_config(tmp_path / "a"), model_config, backbone, progress=False)
+
+  def kill_at_5(step):
+    if step == 5:
+      raise KeyboardInterrupt  # killed between the checkpoints at 4 and 6
+  with pytest.raises(KeyboardInterrupt):
+    trainer.train_experts(_config(tmp_path / "b"), model_config, backbone, on_step=kill_at_5, progress=False)
+  assert not (tmp_path / "b" / "experts").exists()
+  trainer.train_experts(_config(tmp_path / "b"), model_config, backbone, progress=False)
+  a, b = _experts(tmp_path / "a"), _experts(tmp_path / "b")
+  for name in a:
+    for x, y in zip(a[name], b[name]):
+      np.testing.assert_array_equal(x, y)
+
+
+def test_damaged_latest_checkpoint_falls_back(setup, tmp_path, capsys):
+  model_config, backbone = setup
+  trainer.train_experts(_config(tmp_path / "a"), model_config, backbone, progress=False)
+
+  def kill_at_5(step):
+    if step == 5:
+      raise KeyboardInterrupt
+  with pytest.raises(KeyboardInterrupt):
+    trainer.train_experts(_config(tmp_path / "b"), model_config, backbone, on_step=kill_at_5, progress=False)
+  latest = tmp_path / "b" / "checkpoints" / "4"
+  for f in latest.rglob("*"):
+    if f.is_file():
+      f.write_bytes(b"\x00garbage")
+  trainer.train_experts(_config(tmp_path / "b"), model_config, backbone, progress=False)
+  assert "checkpoint at step 4 is unreadable" in capsys.readouterr().err
+  a, b = _experts(tmp_path / "a"), _experts(tmp_path / "b")
+  for name in a:
+    for x, y in zip(a[name], b[name]):
+      np.testing.assert_array_equal(x, y)
+
+
+def test_nan_stops_naming_expert_and_step(setup, tmp_path):
+  """A NaN learning rate poisons every expert after the first update: the loss of step 2 is NaN."""
+  model_config, backbone = setup
+  from elm_jax.training import train_step as ts
+  with pytest.raises(trainer.TrainingError,
+                     match=r"expert 'test_trainer_reverse' \(test_trainer_reverse\) has a non-finite "
+                           r"loss at step 2; saved the last good state \(step 1\)"):
+    trainer.train_experts(_config(tmp_path), model_config, backbone, progress=False,
+                          optimizer_config=ts.OptimizerConfig(learning_rate=float("nan"), schedule="constant"))
+  assert (tmp_path / "checkpoints" / "1").is_dir()
+
+def test_unknown_task(setup, tmp_path):
+  model_config, backbone = setup
+  config = trainer.TrainConfig(model_dir=str(tmp_path), expert_tasks=("no_such_task",), steps=1,
+                               batch_size=2)
+  with pytest.raises(trainer.TrainingError, match="'no_such_task' is not a registered SeqIO task"):
+    trainer.train_experts(config, model_config, backbone, progress=False)
