@@ -17,6 +17,8 @@ from elm_jax.errors import UserInputError
 SUBCOMMANDS = {
     "score": ("elm_jax.evaluation.score_command",
               "rank-classify JSONL examples with a T5 checkpoint"),
+    "train": ("elm_jax.training.train_command",
+              "train experts (vmapped) or the multitask baseline from a gin run file"),
     "tasks": ("tasks.tasks_command", "list the ELM task inventory and its mixtures (no data needed)"),
     "version": ("elm_jax.cli", "print the versions of elm_jax and its numerical stack"),
 }
