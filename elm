@@ -24,7 +24,12 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
 fi
 if [ "${1:-}" = "test" ]; then
   shift
-  export XLA_FLAGS="${XLA_FLAGS:---xla_force_host_platform_device_count=8}" JAX_PLATFORMS=cpu
+  # 8 fake CPU devices for the sharding tests, kept alongside any XLA_FLAGS already set.
+  case "${XLA_FLAGS:-}" in
+    *xla_force_host_platform_device_count*) ;;
+    *) export XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_force_host_platform_device_count=8" ;;
+  esac
+  export JAX_PLATFORMS=cpu
   exec "$VENV/bin/python" -m pytest -q tests "$@"
 fi
 exec "$VENV/bin/elm-jax" "$@"

@@ -57,7 +57,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   try:
     argv, gin_flags = gin_utils.split_gin_flags(argv)
   except gin_utils.GinFlagError as e:
-    parser.error(str(e))
+    parser.print_usage(sys.stderr)
+    print(f"elm-jax: error: {e}", file=sys.stderr)
+    return 2
   command = next((a for a in argv if not a.startswith("-")), None)
   if command is None or command not in SUBCOMMANDS:
     if command is not None:
@@ -71,7 +73,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   sub_parser = argparse.ArgumentParser(prog=f"elm-jax {command}",
                                        description=SUBCOMMANDS[command][1])
   module.add_arguments(sub_parser)
-  args = sub_parser.parse_args([a for a in argv if a != command])
+  position = argv.index(command)
+  args = sub_parser.parse_args(argv[:position] + argv[position + 1:])
   try:
     gin_utils.parse_gin(gin_flags)
     run = main_version if command == "version" else module.main

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Sequence
+import tokenize
+from typing import TYPE_CHECKING, Sequence
 
 import gin
 
 from elm_jax.errors import UserInputError
+
+if TYPE_CHECKING:
+  from elm_jax.models.t5_config import T5Config
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIN_CONFIGS_DIR = os.path.join(REPO_ROOT, "gin_configs")
@@ -25,6 +29,8 @@ class GinFlagError(UserInputError):
 
 @dataclasses.dataclass
 class GinFlags:
+  """The gin flags of one command line: files and bindings in order, extra search paths."""
+
   files: list[str] = dataclasses.field(default_factory=list)
   bindings: list[str] = dataclasses.field(default_factory=list)
   search_paths: list[str] = dataclasses.field(default_factory=list)
@@ -64,18 +70,76 @@ def split_gin_flags(argv: Sequence[str]) -> tuple[list[str], GinFlags]:
   return rest, flags
 
 
+# What gin raises while parsing: unknown configurables or parameters (ValueError), bad syntax
+# (SyntaxError, tokenize.TokenError for unbalanced brackets), a failed `import` (ImportError) or
+# a missing `include` (OSError).
+_GIN_PARSE_ERRORS = (ValueError, SyntaxError, tokenize.TokenError, ImportError, NameError, OSError)
+_search_paths_added: set[str] = set()
+
+
 def parse_gin(flags: GinFlags) -> None:
-  """Parses gin files then bindings; the repo's gin_configs/ and its parent are searched."""
+  """Parses gin files, then bindings, into a fresh gin config.
+
+  Files are looked up in the working directory, the repo root, its `gin_configs/` and
+  `flags.search_paths` (so `gin_configs/models/t5_1_1_small.gin` and `models/t5_1_1_small.gin`
+  both work); `include` statements inside them search the same places. An error names the
+  `--gin_file` or `--gin.` binding that caused it.
+  """
   import elm_jax.models.t5_config  # noqa: F401  (so `dynamic_registration` can find it)
 
   gin.clear_config()
+  _guard_gin_file_readers()
   for path in [REPO_ROOT, GIN_CONFIGS_DIR, os.getcwd(), *flags.search_paths]:
-    gin.add_config_file_search_path(path)
-  files = [_resolve_gin_file(file, flags.search_paths) for file in flags.files]
-  try:
-    gin.parse_config_files_and_bindings(files, flags.bindings, finalize_config=False)
-  except (ValueError, SyntaxError, ImportError, NameError) as e:
-    raise GinFlagError(f"gin: {e}") from None
+    if path not in _search_paths_added:  # gin keeps search paths across clear_config()
+      gin.add_config_file_search_path(path)
+      _search_paths_added.add(path)
+  for file in flags.files:
+    path = _resolve_gin_file(file, flags.search_paths)
+    try:
+      gin.parse_config_file(path)
+    except _GIN_PARSE_ERRORS as e:
+      raise GinFlagError(f"--gin_file={file}: {_describe(e)}") from None
+  for binding in flags.bindings:
+    try:
+      gin.parse_config(binding)
+    except _GIN_PARSE_ERRORS as e:
+      hint = ""
+      if "Failed to parse token" in str(e) or "malformed node" in str(e):
+        hint = ("\n  (a string value needs gin quotes inside the shell's, e.g. "
+                "--gin.DTYPE=\"'bfloat16'\")")
+      raise GinFlagError(f"--gin.{binding.replace(' = ', '=', 1)}: {_describe(e)}{hint}") from None
+
+
+def _guard_gin_file_readers() -> None:
+  """Makes gin's file lookup treat a crashing existence check as "not here".
+
+  gin's package-resource reader (`gin.resource_reader`) reads `include 'models/x.gin'` as the
+  package `models`; when a folder of that name is a namespace package on `sys.path` (say
+  `tests/models` under pytest, or `./runs` under `python -m`) it raises TypeError instead of
+  returning False, and the include fails although the file is on a search path. gin offers no
+  public hook to reorder or replace readers, so the checks registered in `gin.config` are
+  wrapped once.
+  """
+  readers = getattr(gin.config, "_FILE_READERS", None)
+  if not isinstance(readers, list):
+    return
+  for i, (reader, exists) in enumerate(readers):
+    if getattr(exists, "_elm_guarded", False):
+      continue
+
+    def guarded(path, _exists=exists):
+      try:
+        return _exists(path)
+      except TypeError:
+        return False
+    guarded._elm_guarded = True
+    readers[i] = (reader, guarded)
+
+
+def _describe(error: BaseException) -> str:
+  if isinstance(error, tokenize.TokenError):  # args: (message, (line, column))
+    return f"{error.args[0]} (unbalanced brackets or quotes?)"
+  return str(error)
 
 
 def _resolve_gin_file(file: str, search_paths: Sequence[str]) -> str:
@@ -87,8 +151,10 @@ def _resolve_gin_file(file: str, search_paths: Sequence[str]) -> str:
                      f"{REPO_ROOT}, {GIN_CONFIGS_DIR} and --gin_search_paths)")
 
 
-def model_config_from_gin():
-  """The `MODEL_CONFIG` macro's T5Config, as bound by a gin model file."""
+def model_config_from_gin() -> T5Config:
+  """The T5Config that the `MODEL_CONFIG` macro of the parsed gin model file builds."""
+  from elm_jax.models.t5_config import T5Config
+
   try:
     config = gin.query_parameter("%MODEL_CONFIG")
   except ValueError:
@@ -96,4 +162,6 @@ def model_config_from_gin():
                        "--gin_file=gin_configs/models/t5_1_1_small.gin") from None
   if isinstance(config, gin.config.ConfigurableReference):
     config = config.scoped_configurable_fn()
+  if not isinstance(config, T5Config):
+    raise GinFlagError(f"MODEL_CONFIG: expected @t5_config.T5Config(), got {config!r}")
   return config
