@@ -190,33 +190,47 @@ def train_experts(config: TrainConfig, model_config: T5Config, backbone_params: 
   batches = itertools.islice(expert_batches(config), start, None)  # replay to the saved position
   logs = _Logs(config.model_dir, names)
   bar = _progress_bar(start, config.steps, names) if progress else None
+  # Metrics of step s are read back while step s+1 runs (one step of lag), so the host never
+  # waits on the device between steps; `pending` keeps the state from before the unchecked step.
   metrics: dict[str, np.ndarray] = {}
-  tokens, clock = 0.0, time.perf_counter()
-  for step in range(start, config.steps):
-    good = state
-    state, step_metrics = step_fn(state, backbone, next(batches))
-    metrics = jax.device_get(step_metrics)
-    bad = np.where(~np.isfinite(metrics["loss"]))[0]
+  meter = {"tokens": 0.0, "clock": time.perf_counter()}
+  pending = None
+
+  def check(done: int, step_metrics, before: ts.ExpertTrainState) -> dict[str, np.ndarray]:
+    values = jax.device_get(step_metrics)
+    bad = np.where(~np.isfinite(values["loss"]))[0]
     if len(bad):
-      checkpoints.save(good)
+      checkpoints.save(before)
       raise TrainingError(f"expert {names[bad[0]]!r} ({config.expert_tasks[bad[0]]}) has a non-finite "
-                          f"loss at step {step + 1}; saved the last good state (step {int(good.step)}) "
+                          f"loss at step {done}; saved the last good state (step {int(before.step)}) "
                           f"in {config.model_dir}/checkpoints")
-    tokens += float(metrics["tokens"].sum())
-    done = step + 1
+    meter["tokens"] += float(values["tokens"].sum())
     if done % config.log_every == 0 or done == config.steps:
-      rate = tokens / max(time.perf_counter() - clock, 1e-9)
-      logs.write(done, metrics, rate)
+      rate = meter["tokens"] / max(time.perf_counter() - meter["clock"], 1e-9)
+      logs.write(done, values, rate)
       if bar is not None:
-        bar.set_postfix_str(" ".join(f"{n[:16]}={metrics['loss'][i]:.3f}" for i, n in
+        bar.set_postfix_str(" ".join(f"{n[:16]}={values['loss'][i]:.3f}" for i, n in
                                      enumerate(names[:4])) + f" tok/s={rate:.0f}")
-      tokens, clock = 0.0, time.perf_counter()
+      meter["tokens"], meter["clock"] = 0.0, time.perf_counter()
+    return values
+
+  for step in range(start, config.steps):
+    before = state
+    state, step_metrics = step_fn(state, backbone, next(batches))
+    if pending is not None:
+      metrics = check(*pending)
+    done = step + 1
+    pending = (done, step_metrics, before)
     if done % config.save_every == 0 or done == config.steps:
+      metrics = check(*pending)  # never checkpoint an unchecked state
+      pending = None
       checkpoints.save(state)
     if bar is not None:
       bar.update(1)
     if on_step is not None:
       on_step(done)
+  if pending is not None:
+    metrics = check(*pending)
   if bar is not None:
     bar.close()
   _export(config, names, model_config, expert_config, optimizer_config, backbone_params, state, metrics)
