@@ -1,7 +1,9 @@
 """SeqIO tasks and mixtures of the ELM inventory over a local P3 copy.
 
 - `elm_pe_<p3 subset>`: one task per prompt expert (296), its training data cut to the expert's
-  sample budget (the first N after a seed-42 shuffle, as the paper's randperm(seed=42)).
+  sample budget: the first N after a seeded shuffle (seed 42, buffer max(N, 10k)). The paper
+  took torch.randperm(seed=42) over the whole split, so the same number of examples, not the
+  same examples.
 - `<dataset>_all_prompts`: one mixture per dataset expert (36), each prompt capped at the
   dataset expert's per-prompt budget.
 - `t0_train`: every training prompt, mixed at T0's rate: a prompt's train-example count, or
