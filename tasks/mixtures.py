@@ -110,3 +110,23 @@ def _register_budgeted(seqio, name: str, subset: str, budget: Optional[int], dat
     seqio.TaskRegistry.add(name, source=raw.source, output_features=raw.output_features,
                            preprocessors=[_take_budget(budget)], metric_fns=[])
   return name
+
+
+def register_bigbench_13(data_dir: str, vocabulary) -> list[str]:
+  """The paper's 13 BIG-bench tasks from a BIG-bench checkout's `benchmark_tasks` directory
+  (`<task>/task.json`, or `<task>/<subtask>/task.json` for tasks with sub-tasks) as
+  `bigbench_<task>[_<subtask>]` tasks and the mixture `bigbench_13` of their _score_eval twins.
+  Files are read when a dataset is requested."""
+  import seqio
+  from tasks import templated
+
+  members = []
+  for entry in inventory.load_inventory()["bigbench"]:
+    for subtask in entry["subtasks"] or [None]:
+      parts = [entry["task"]] + ([subtask] if subtask else [])
+      path = os.path.join(data_dir, *parts, "task.json")
+      names = templated.register_bigbench_task("bigbench_" + "_".join(parts), path, vocabulary)
+      members.append(names[-1])
+  if inventory.BIGBENCH_MIXTURE not in seqio.MixtureRegistry.names():
+    seqio.MixtureRegistry.add(inventory.BIGBENCH_MIXTURE, members, default_rate=1.0)
+  return members

@@ -86,3 +86,32 @@ def test_bigbench_task(tmp_path):
   assert len(rows) == 5
   assert rows[0]["inputs_pretokenized"].numpy().decode() == "Answer.\nQ: 2+2?\n choice: 3\n choice: 4\nA: "
   assert [bool(r["is_correct"]) for r in rows] == [False, True, True, False, False]
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_templated_and_bigbench_batches_for_the_t5(files, tmp_path, pack):
+  """promptsource YAML and BIG-bench JSON read through registered tasks into T5 batches."""
+  names = templated.register_templated_task(
+      "test_tpl_cb_batches", str(files / "templates.yaml"), "can we infer",
+      seqio.SentencePieceVocabulary(SPM), sources={"train": str(files / "train.jsonl")})
+  lengths = {"inputs": 64, "targets": 8}
+  for name, split in ((names[0], "train"), (names[1], "train")):
+    ds = seqio.TaskRegistry.get(name).get_dataset(sequence_length=lengths, split=split, shuffle=False)
+    batch = next(seqio.EncDecFeatureConverter(pack=pack)(ds, lengths).batch(2).as_numpy_iterator())
+    assert batch["encoder_input_tokens"].shape == (2, 64) and batch["decoder_target_tokens"].shape == (2, 8)
+
+
+def test_bigbench_13_from_a_checkout(tmp_path):
+  from tasks import inventory, mixtures
+  root = tmp_path / "benchmark_tasks"
+  for entry in inventory.load_inventory()["bigbench"]:
+    for sub in entry["subtasks"] or [None]:
+      d = root / entry["task"] / sub if sub else root / entry["task"]
+      d.mkdir(parents=True)
+      (d / "task.json").write_text(json.dumps({"examples": [{"input": "x?", "target_scores": {"a": 1, "b": 0}}]}))
+  members = mixtures.register_bigbench_13(str(root), seqio.SentencePieceVocabulary(SPM))
+  assert len(members) == 1 + 6 + 1 + 1 + 1 + 1 + 1 + 3 + 1 + 1 + 1 + 1 + 1
+  assert "bigbench_logical_deduction_five_objects_score_eval" in members
+  rows = list(seqio.get_mixture_or_task("bigbench_13").get_dataset(
+      sequence_length={"inputs": 32, "targets": 4}, split="validation", shuffle=False).take(4))
+  assert len(rows) == 4
