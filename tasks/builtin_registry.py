@@ -16,6 +16,7 @@ import tempfile
 from typing import Optional
 
 from tasks import builtin_suite, prompted
+from tasks.mixtures import add_mixture
 
 VOCAB_SIZE = 1000
 _SPM_SETTINGS = dict(model_type="unigram", character_coverage=1.0, pad_id=0, eos_id=1, unk_id=2,
@@ -75,6 +76,5 @@ def register_builtin_suite(num_train: int = 2000, num_eval: int = 200, seed: int
     else:
       mixtures[f"builtin_{spec.role}"].append(name)
   for mixture, members in mixtures.items():
-    if mixture not in seqio.MixtureRegistry.names():
-      seqio.MixtureRegistry.add(mixture, members, default_rate=1.0)
+    add_mixture(mixture, members, source="built-in suite")
   return mixtures

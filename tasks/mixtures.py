@@ -22,10 +22,29 @@ import os
 from typing import Optional
 
 from elm_jax import tf_input
+from elm_jax.errors import UserInputError
 from tasks import inventory, p3, rank_classification
 
 T0_MAX_EXAMPLES_PER_DATASET = 500_000
 SHUFFLE_SEED = 42
+
+
+class MixtureError(UserInputError):
+  """A mixture that names a task no one registered."""
+
+
+def add_mixture(name: str, members, default_rate=1.0, source: str = "mixture definition") -> None:
+  """Registers a SeqIO mixture after checking that every member task or mixture exists
+  (idempotent: an existing mixture of that name is left as it is)."""
+  import seqio
+  if name in seqio.MixtureRegistry.names():
+    return
+  known = set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names())
+  missing = [m for m in members if (m[0] if isinstance(m, tuple) else m) not in known]
+  if missing:
+    raise MixtureError(f"{source}: mixture {name!r} names unregistered task(s) {missing}; "
+                       "register them first (see `elm-jax tasks list`)")
+  seqio.MixtureRegistry.add(name, list(members), default_rate=default_rate)
 
 
 def _take_budget(budget: Optional[int]):
@@ -73,8 +92,7 @@ def register_elm_tasks(data_dir: Optional[str] = None) -> dict[str, list[str]]:
     for name in de["prompt_experts"]:
       members.append(_register_budgeted(seqio, f"elm_de_{name}", name, budget, data_dir))
     mixture = f"{de['name']}_all_prompts"
-    if mixture not in seqio.MixtureRegistry.names():
-      seqio.MixtureRegistry.add(mixture, members, default_rate=1.0)
+    add_mixture(mixture, members)
     registered[mixture] = members
 
   def t0_rate(task) -> float:
@@ -84,8 +102,7 @@ def register_elm_tasks(data_dir: Optional[str] = None) -> dict[str, list[str]]:
     return count
 
   train = [pe["name"] for pe in inv["prompt_experts"]]
-  if "t0_train" not in seqio.MixtureRegistry.names():
-    seqio.MixtureRegistry.add("t0_train", train, default_rate=t0_rate)
+  add_mixture("t0_train", train, default_rate=t0_rate)
   registered["t0_train"] = train
 
   held_out = []
@@ -97,8 +114,7 @@ def register_elm_tasks(data_dir: Optional[str] = None) -> dict[str, list[str]]:
                         postprocess_fn=rank_classification.rank_classification_postprocessor,
                         metric_fns=[rank_classification.seqio_rank_classification])
     held_out.append(name)
-  if inventory.HELD_OUT_MIXTURE not in seqio.MixtureRegistry.names():
-    seqio.MixtureRegistry.add(inventory.HELD_OUT_MIXTURE, held_out, default_rate=1.0)
+  add_mixture(inventory.HELD_OUT_MIXTURE, held_out)
   registered[inventory.HELD_OUT_MIXTURE] = held_out
   return registered
 
@@ -117,7 +133,6 @@ def register_bigbench_13(data_dir: str, vocabulary) -> list[str]:
   (`<task>/task.json`, or `<task>/<subtask>/task.json` for tasks with sub-tasks) as
   `bigbench_<task>[_<subtask>]` tasks and the mixture `bigbench_13` of their _score_eval twins.
   Files are read when a dataset is requested."""
-  import seqio
   from tasks import templated
 
   members = []
@@ -127,6 +142,5 @@ def register_bigbench_13(data_dir: str, vocabulary) -> list[str]:
       path = os.path.join(data_dir, *parts, "task.json")
       names = templated.register_bigbench_task("bigbench_" + "_".join(parts), path, vocabulary)
       members.append(names[-1])
-  if inventory.BIGBENCH_MIXTURE not in seqio.MixtureRegistry.names():
-    seqio.MixtureRegistry.add(inventory.BIGBENCH_MIXTURE, members, default_rate=1.0)
+  add_mixture(inventory.BIGBENCH_MIXTURE, members)
   return members

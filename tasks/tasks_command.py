@@ -48,7 +48,7 @@ def main(args: argparse.Namespace) -> int:
     print(f"  {c['task']}: train prompt {c['train_prompt']}, {c['epochs']} epoch(s)")
   print(f"\nCompositional: {inv['compositional']}")
   from tasks import builtin_suite
-  print(f"\nBuilt-in suite (no download; registered by tasks.builtin_registry.register_builtin_suite):")
+  print("\nBuilt-in suite (no download; registered by tasks.builtin_registry.register_builtin_suite):")
   for spec in builtin_suite.SUITE:
     print(f"  {builtin_suite.describe(spec)}")
   return 0

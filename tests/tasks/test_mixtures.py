@@ -60,3 +60,8 @@ def test_held_out_task_scores_with_rank_classification(registered):
   scores = [0.0 if t[1] else -1.0 for t in targets]  # an oracle scorer
   metric = task.score_metric_fns[0](targets, scores)
   assert metric["accuracy"] == 100.0 and metric["examples"] == 3
+
+
+def test_mixture_naming_an_unknown_task():
+  with pytest.raises(mixtures.MixtureError, match=r"my.gin: mixture 'mine' names unregistered task\(s\) \['no_such_task'\]"):
+    mixtures.add_mixture("mine", ["no_such_task"], source="my.gin")
