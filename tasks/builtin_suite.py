@@ -7,8 +7,9 @@ composed instruction that needs two training skills at once. Answers are determi
 construction (e.g. an NLI hypothesis is built to be entailed, contradicted or neutral), labels
 are balanced, and wording varies between prompts, so one task does not trivially solve another.
 
-`generate(dataset, prompt, split, num_examples, seed)` is deterministic; train and validation
-draw from disjoint random streams. Each example is {"inputs", "targets", "answer_choices",
+`generate(dataset, prompt, split, num_examples, seed)` is deterministic; an example belongs to
+train or validation by a hash of its text, so the splits never overlap (small answer spaces,
+like antonyms, repeat examples within a split instead). Each example is {"inputs", "targets", "answer_choices",
 "label"} (the last two None for generative prompts).
 """
 
@@ -37,7 +38,10 @@ TOPICS = {
     "business": ["market", "profit", "company", "investor", "shares", "startup"],
 }
 ANTONYMS = [("hot", "cold"), ("tall", "short"), ("early", "late"), ("happy", "sad"), ("fast", "slow"),
-            ("open", "closed"), ("light", "heavy"), ("loud", "quiet"), ("rich", "poor"), ("young", "old")]
+            ("open", "closed"), ("light", "heavy"), ("loud", "quiet"), ("rich", "poor"), ("young", "old"),
+            ("wet", "dry"), ("clean", "dirty"), ("strong", "weak"), ("wide", "narrow"), ("soft", "hard"),
+            ("full", "empty"), ("near", "far"), ("thick", "thin"), ("sweet", "sour"), ("brave", "afraid"),
+            ("cheap", "costly"), ("safe", "dangerous"), ("smooth", "rough"), ("calm", "angry"), ("first", "last")]
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven"]
 SYNONYMS = [("bought", "purchased"), ("began", "started"), ("quick", "fast"), ("big", "large"),
             ("helped", "assisted"), ("ended", "finished")]
@@ -75,7 +79,9 @@ SENSES = {
 }
 IRREGULAR_PLURALS = {"mouse": "mice", "child": "children", "foot": "feet", "man": "men",
                      "tooth": "teeth", "person": "people"}
-PLURAL_WORDS = ["cat", "box", "city", "bus", "leaf", "dish", "toy", "key", "story", "glass"] + list(IRREGULAR_PLURALS)
+PLURAL_WORDS = ["cat", "box", "city", "bus", "leaf", "dish", "toy", "key", "story", "glass", "fox", "lady",
+                "wolf", "brush", "boy", "day", "party", "church", "dress", "shelf", "tree", "road",
+                "berry", "class", "match", "wish", "loaf", "baby", "cup", "river"] + list(IRREGULAR_PLURALS)
 
 
 class SuiteError(UserInputError):
@@ -303,13 +309,22 @@ def word_sense(prompt, rng):
 
 
 # ------------------------------------------------------------------------ continual, composed
+def _plural(word: str) -> str:
+  if word in IRREGULAR_PLURALS:
+    return IRREGULAR_PLURALS[word]
+  if word.endswith("y") and word[-2] not in "aeiou":
+    return word[:-1] + "ies"
+  if word.endswith("f"):
+    return word[:-1] + "ves"
+  if word.endswith(("s", "x", "sh", "ch")):
+    return word + "es"
+  return word + "s"
+
+
 def make_plural(prompt, rng):
+  adjective = _pick(rng, [a for pair in ANTONYMS for a in pair])
   word = _pick(rng, PLURAL_WORDS)
-  plural = IRREGULAR_PLURALS.get(word) or (
-      word[:-1] + "ies" if word.endswith("y") and word[-2] not in "aeiou" else
-      word[:-1] + "ves" if word.endswith("f") else
-      word + "es" if word.endswith(("s", "x", "sh", "ch")) else word + "s")
-  return _gen(f"Plural of: {word}", plural)
+  return _gen(f"Plural of: {adjective} {word}", f"{adjective} {_plural(word)}")
 
 
 def reverse_words(prompt, rng):
@@ -362,17 +377,26 @@ def prompts_of(dataset: str) -> list[str]:
 
 
 def generate(dataset: str, prompt: str, split: str, num_examples: int, seed: int = 0) -> list[dict]:
-  """Deterministic examples of one (dataset, prompt); train and validation streams are disjoint."""
+  """Deterministic examples of one (dataset, prompt); no example is in both splits."""
   if prompt not in prompts_of(dataset):
     raise SuiteError(f"built-in suite: dataset {dataset!r} has no prompt {prompt!r}; expected one "
                      f"of {prompts_of(dataset)}")
   if split not in ("train", "validation"):
     raise SuiteError(f"built-in suite: split {split!r}; expected 'train' or 'validation'")
-  # The stream is seeded by dataset and split (not prompt), so a dataset's prompts draw from the
-  # same generator state and largely phrase the same underlying examples.
-  rng = np.random.default_rng([zlib.crc32(f"{dataset}/{split}".encode()), seed])
+  # One stream per dataset; each example goes to validation when a hash of its text says so
+  # (1 in 5), so the two splits never share an example, for any prompt.
+  rng = np.random.default_rng([zlib.crc32(dataset.encode()), seed])
   generator = _GENERATORS[dataset][0]
-  return [generator(prompt, rng) for _ in range(num_examples)]
+  out, draws = [], 0
+  while len(out) < num_examples:
+    example = generator(prompt, rng)
+    draws += 1
+    key = f"{example['inputs']}\x00{example['targets']}".encode()
+    if (zlib.crc32(key) % 5 == 0) == (split == "validation"):
+      out.append(example)
+    if draws > 100 * num_examples + 1000:
+      raise SuiteError(f"built-in suite: {dataset}/{prompt} produced too few {split} examples")
+  return out
 
 
 def all_text(num_examples_per_prompt: int = 200) -> Iterator[str]:

@@ -27,10 +27,11 @@ def test_deterministic_and_splits_disjoint():
   for spec in suite.SUITE:
     a = suite.generate(spec.dataset, spec.prompt, "train", 30)
     assert a == suite.generate(spec.dataset, spec.prompt, "train", 30)
-  train = {e["inputs"] for e in suite.generate("nli", "can_we_infer", "train", 300)}
-  validation = [e["inputs"] for e in suite.generate("nli", "can_we_infer", "validation", 50)]
-  assert len(set(validation)) > 30
-  assert len(train.intersection(validation)) < len(validation)  # mostly disjoint draws
+  for spec in suite.SUITE:
+    train = {(e["inputs"], e["targets"]) for e in suite.generate(spec.dataset, spec.prompt, "train", 400)}
+    validation = {(e["inputs"], e["targets"]) for e in suite.generate(spec.dataset, spec.prompt, "validation", 50)}
+    assert not train & validation, spec
+  assert len({e["inputs"] for e in suite.generate("nli", "can_we_infer", "validation", 50)}) > 30
   assert suite.generate("nli", "can_we_infer", "train", 5, seed=1) != suite.generate("nli", "can_we_infer", "train", 5)
 
 
