@@ -15,6 +15,7 @@ from elm_jax.models.t5_config import T5Config
 MODEL_FILES = sorted(glob.glob(os.path.join(gin_utils.GIN_CONFIGS_DIR, "models", "*.gin")))
 EXPECTED = {  # file -> (emb_dim, encoder layers, vocab, gated, tied)
     "t5_1_1_tiny": (32, 2, 320, True, False),
+    "t5_1_1_mini": (64, 2, 1024, True, False),
     "t5_1_1_small": (512, 8, 32128, True, False),
     "t5_1_1_base": (768, 12, 32128, True, False),
     "t5_1_1_large": (1024, 24, 32128, True, False),

@@ -67,8 +67,10 @@ class TrainConfig:
     return tuple(names)
 
 
-def expert_batches(config: TrainConfig) -> Iterator[dict[str, np.ndarray]]:
-  """An endless, deterministic stream of stacked batches [E, batch, length]."""
+def expert_batches(config: TrainConfig, vocab_size: Optional[int] = None
+                   ) -> Iterator[dict[str, np.ndarray]]:
+  """An endless, deterministic stream of stacked batches [E, batch, length]. With `vocab_size`
+  (the model's), a task whose vocabulary is larger is refused."""
   import seqio
   tf_input.tensorflow()
   lengths = {"inputs": config.input_length, "targets": config.target_length}
@@ -80,6 +82,10 @@ def expert_batches(config: TrainConfig) -> Iterator[dict[str, np.ndarray]]:
     except ValueError:
       raise TrainingError(f"TrainConfig.expert_tasks: {name!r} is not a registered SeqIO task or "
                           "mixture (see `elm-jax tasks list`)") from None
+    task_vocab = provider.output_features["targets"].vocabulary.vocab_size
+    if vocab_size is not None and task_vocab > vocab_size:
+      raise TrainingError(f"TrainConfig.expert_tasks: {name!r} uses a vocabulary of {task_vocab} "
+                          f"tokens, more than the model's vocab_size {vocab_size}")
     ds = provider.get_dataset(sequence_length=lengths, split=config.split, shuffle=True,
                               seed=config.seed + e, num_epochs=None)
     ds = converter(ds, lengths).batch(config.batch_size, drop_remainder=True)
@@ -187,7 +193,7 @@ def train_experts(config: TrainConfig, model_config: T5Config, backbone_params: 
     state = restored
   start = int(state.step)
   step_fn = jax.jit(functools.partial(ts.train_step, model=model, optimizer=optimizer))
-  batches = itertools.islice(expert_batches(config), start, None)  # replay to the saved position
+  batches = itertools.islice(expert_batches(config, model_config.vocab_size), start, None)  # replay to the saved position
   logs = _Logs(config.model_dir, names)
   bar = _progress_bar(start, config.steps, names) if progress else None
   # Metrics of step s are read back while step s+1 runs (one step of lag), so the host never

@@ -47,3 +47,26 @@ def test_train_without_a_run_file(capsys):
   gin_utils.parse_gin(gin_utils.GinFlags())
   assert cli.main(["train"]) == 2
   assert "pass a run file" in capsys.readouterr().err
+
+
+def test_eight_builtin_experts_at_once(tmp_path, capsys):
+  """The issue's check: `elm-jax train` trains 8 built-in-suite experts at once and writes 8
+  expert directories (a few steps here; the run file's default is 100)."""
+  code = cli.main([
+      "train", "--no_progress", "--gin_file=models/t5_1_1_mini.gin",
+      "--gin_file=runs/train_builtin_experts.gin", f"--gin.MODEL_DIR='{tmp_path}'",
+      "--gin.TRAIN_STEPS=2", "--gin.BATCH_SIZE=2", "--gin.INPUT_LENGTH=64"])
+  assert code == 0, capsys.readouterr().err
+  experts = sorted(p.name for p in (tmp_path / "experts").iterdir())
+  assert len(experts) == 8 and all(e.startswith("builtin_") for e in experts)
+  for e in experts:
+    assert (tmp_path / "experts" / e / "tensors.safetensors").is_file()
+
+
+def test_task_vocabulary_larger_than_the_model(tmp_path, capsys):
+  code = cli.main([
+      "train", "--no_progress", "--gin_file=models/t5_1_1_tiny.gin",
+      "--gin_file=runs/train_builtin_experts.gin", f"--gin.MODEL_DIR='{tmp_path}'",
+      "--gin.TRAIN_STEPS=1"])
+  assert code == 2
+  assert "more than the model's vocab_size 320" in capsys.readouterr().err
