@@ -16,6 +16,7 @@ import flax.linen as nn
 import gin
 import jax
 
+from elm_jax import partitioning
 from elm_jax.models.adapters import ExpertConfig
 from elm_jax.models.t5 import init_params
 from elm_jax.models.t5_config import T5Config
@@ -34,10 +35,12 @@ def train(model_dir: str, expert_tasks: Sequence[str], steps: int, *,
           save_every: int = 100, keep: int = 3, log_every: int = 10,
           expert_config: ExpertConfig = ExpertConfig(),
           optimizer_config: ts.OptimizerConfig = ts.OptimizerConfig(),
-          setup: Sequence[Callable] = (), progress: bool = True):
+          setup: Sequence[Callable] = (), progress: bool = True,
+          mesh_config: Optional[partitioning.MeshConfig] = None):
   """Trains one expert per entry of `expert_tasks` over the backbone in `backbone_checkpoint`
   (Hugging Face or T5X directory), or over a randomly initialised `model_config` when none is
-  given (useful only for smoke tests and the demo's own pretraining)."""
+  given (useful only for smoke tests and the demo's own pretraining). With `mesh_config`, the
+  experts are sharded over the mesh's `expert` axis and each expert's batch over `data`."""
   del setup  # gin evaluates `@register_fn()` references in it before this body runs
   if backbone_checkpoint:
     from elm_jax.checkpoints import loading
@@ -52,8 +55,10 @@ def train(model_dir: str, expert_tasks: Sequence[str], steps: int, *,
       input_length=input_length, target_length=target_length,
       expert_names=tuple(expert_names) if expert_names else None, seed=seed,
       save_every=save_every, keep=keep, log_every=log_every)
+  partitioner = partitioning.Partitioner(mesh_config) if mesh_config is not None else None
   return trainer.train_experts(config, model_config, backbone, expert_config=expert_config,
-                               optimizer_config=optimizer_config, progress=progress)
+                               optimizer_config=optimizer_config, progress=progress,
+                               partitioner=partitioner)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -25,11 +25,13 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from elm_jax import tf_input, tree_paths
+from jax.sharding import PartitionSpec
+
+from elm_jax import partitioning, tf_input, tree_paths
 from elm_jax.errors import UserInputError
 from elm_jax.library import expert_files
 from elm_jax.models.adapters import ExpertConfig, split_params
-from elm_jax.models.t5 import Transformer, init_params
+from elm_jax.models.t5 import Transformer, init_params, logical_axes
 from elm_jax.models.t5_config import T5Config
 from elm_jax.training import train_step as ts
 
@@ -177,8 +179,13 @@ def train_experts(config: TrainConfig, model_config: T5Config, backbone_params: 
                   expert_config: ExpertConfig = ExpertConfig(),
                   optimizer_config: ts.OptimizerConfig = ts.OptimizerConfig(),
                   on_step: Optional[Callable[[int], None]] = None,
-                  progress: bool = True) -> dict[str, dict[str, float]]:
-  """Trains `len(config.expert_tasks)` experts together; returns final metrics per expert."""
+                  progress: bool = True,
+                  partitioner: Optional[partitioning.Partitioner] = None) -> dict[str, dict[str, float]]:
+  """Trains `len(config.expert_tasks)` experts together; returns final metrics per expert.
+
+  With a `partitioner`, stacked experts and their optimizer state are split over the mesh's
+  `expert` axis, batches over (`expert`, `data`), and the backbone by the model rules.
+  """
   names = config.names()
   if config.steps < 1 or config.batch_size < 1:
     raise TrainingError("TrainConfig.steps and batch_size must be positive integers")
@@ -192,7 +199,18 @@ def train_experts(config: TrainConfig, model_config: T5Config, backbone_params: 
   if restored is not None:
     state = restored
   start = int(state.step)
-  step_fn = jax.jit(functools.partial(ts.train_step, model=model, optimizer=optimizer))
+  step = functools.partial(ts.train_step, model=model, optimizer=optimizer)
+  if partitioner is None:
+    step_fn = jax.jit(step)
+  else:
+    backbone_specs, expert_specs = split_params(logical_axes(model_config, expert_config), expert_config)
+    state_specs = ts.ExpertTrainState(PartitionSpec(), ts.stacked_expert_specs(expert_specs),
+                                      ts.stacked_leading_axis_specs(state.opt_state))
+    state = partitioner.place(state, state_specs)
+    backbone = partitioner.place(backbone, backbone_specs)
+    step_fn = partitioner.partition(
+        step, (state_specs, backbone_specs, {k: PartitionSpec("expert", "batch", "length") for k in FEATURES}),
+        (state_specs, PartitionSpec("expert")))
   batches = itertools.islice(expert_batches(config, model_config.vocab_size), start, None)  # replay to the saved position
   logs = _Logs(config.model_dir, names)
   bar = _progress_bar(start, config.steps, names) if progress else None

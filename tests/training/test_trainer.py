@@ -124,3 +124,18 @@ def test_unknown_task(setup, tmp_path):
                                batch_size=2)
   with pytest.raises(trainer.TrainingError, match="'no_such_task' is not a registered SeqIO task"):
     trainer.train_experts(config, model_config, backbone, progress=False)
+
+
+def test_sharded_trainer_equals_single_device(setup, tmp_path):
+  """The trainer with a (data=2, expert=2, model=2) partitioner on 8 fake devices writes the same
+  experts as without one."""
+  from elm_jax import partitioning
+  model_config, backbone = setup
+  trainer.train_experts(_config(tmp_path / "a", steps=2), model_config, backbone, progress=False)
+  part = partitioning.Partitioner(partitioning.MeshConfig(data=2, expert=2, model=2))
+  trainer.train_experts(_config(tmp_path / "b", steps=2), model_config, backbone, progress=False,
+                        partitioner=part)
+  a, b = _experts(tmp_path / "a"), _experts(tmp_path / "b")
+  for name in a:
+    for x, y in zip(a[name], b[name]):
+      np.testing.assert_allclose(x, y, atol=1e-5, rtol=1e-5)
