@@ -101,26 +101,31 @@ def expert_loss(expert_params, backbone, batch: dict[str, Array], model: Transfo
 
 @dataclasses.dataclass
 class ExpertTrainState:
-  """Stacked expert parameters and optimizer state ([E, ...] leaves) and the step."""
+  """Stacked expert parameters and optimizer state ([E, ...] leaves), the step, and the
+  target tokens each expert has trained on so far (`tokens_seen`, [E])."""
   step: Array
   params: Any
   opt_state: Any
+  tokens_seen: Array
 
 
-jax.tree_util.register_dataclass(ExpertTrainState, data_fields=["step", "params", "opt_state"],
+jax.tree_util.register_dataclass(ExpertTrainState,
+                                 data_fields=["step", "params", "opt_state", "tokens_seen"],
                                  meta_fields=[])
 
 
 def init_train_state(expert_params, optimizer: optax.GradientTransformation) -> ExpertTrainState:
   """expert_params with a leading [E] axis -> state with per-expert optimizer state."""
+  num_experts = jax.tree_util.tree_leaves(expert_params)[0].shape[0]
   return ExpertTrainState(jnp.zeros((), jnp.int32), expert_params,
-                          jax.vmap(optimizer.init)(expert_params))
+                          jax.vmap(optimizer.init)(expert_params), jnp.zeros((num_experts,), jnp.float32))
 
 
 def train_step(state: ExpertTrainState, backbone, batch: dict[str, Array], *, model: Transformer,
                optimizer: optax.GradientTransformation, dropout_rng: Optional[Array] = None
                ) -> tuple[ExpertTrainState, dict[str, Array]]:
-  """Updates every expert on its own batch ([E, batch, length] leaves). Metrics are [E]."""
+  """Updates every expert on its own batch ([E, batch, length] leaves). Metrics are [E]: loss,
+  token accuracy, tokens in this batch, gradient norm (before clipping), tokens seen so far."""
   num_experts = jax.tree_util.tree_leaves(state.params)[0].shape[0]
   rngs = None if dropout_rng is None else jax.random.split(jax.random.fold_in(dropout_rng, state.step), num_experts)
 
@@ -134,7 +139,9 @@ def train_step(state: ExpertTrainState, backbone, batch: dict[str, Array], *, mo
       state.params, batch, rngs)
   updates, opt_state = jax.vmap(optimizer.update)(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  return ExpertTrainState(state.step + 1, params, opt_state), metrics
+  tokens_seen = state.tokens_seen + metrics["tokens"]
+  metrics["tokens_seen"] = tokens_seen
+  return ExpertTrainState(state.step + 1, params, opt_state, tokens_seen), metrics
 
 
 def stacked_expert_specs(expert_logical_specs):

@@ -205,7 +205,8 @@ def train_experts(config: TrainConfig, model_config: T5Config, backbone_params: 
   else:
     backbone_specs, expert_specs = split_params(logical_axes(model_config, expert_config), expert_config)
     state_specs = ts.ExpertTrainState(PartitionSpec(), ts.stacked_expert_specs(expert_specs),
-                                      ts.stacked_leading_axis_specs(state.opt_state))
+                                      ts.stacked_leading_axis_specs(state.opt_state),
+                                      PartitionSpec("expert"))
     state = partitioner.place(state, state_specs)
     backbone = partitioner.place(backbone, backbone_specs)
     step_fn = partitioner.partition(

@@ -40,7 +40,7 @@ def test_sharded_equals_unsharded(tiny_config):
   backbone_specs, expert_specs = split_params(logical_axes(tiny_config, cfg), cfg)
   sharded_state = ts.init_train_state(stacked, optimizer)
   state_specs = ts.ExpertTrainState(P(), ts.stacked_expert_specs(expert_specs),
-                                    ts.stacked_leading_axis_specs(sharded_state.opt_state))
+                                    ts.stacked_leading_axis_specs(sharded_state.opt_state), P("expert"))
   batch_specs = {k: P("expert", "batch", "length") for k in batches[0]}
   sharded_state = part.place(sharded_state, state_specs)
   placed_backbone = part.place(backbone, backbone_specs)

@@ -66,6 +66,8 @@ def test_trains_and_exports_every_expert(setup, tmp_path):
   assert meta["steps"] == 6 and meta["backbone_fingerprint"] == expert_files.backbone_fingerprint(backbone)
   log = [json.loads(l) for l in open(tmp_path / "train_log.jsonl")]
   assert [r["step"] for r in log] == [2, 4, 6] and set(log[-1]["experts"]) == set(final)
+  seen = [r["experts"]["test_trainer_first"]["tokens_seen"] for r in log]
+  assert seen[0] > 0 and seen == sorted(seen) and seen[-1] == final["test_trainer_first"]["tokens_seen"]
   assert glob.glob(str(tmp_path / "tensorboard" / "test_trainer_first" / "events.out.tfevents.*"))
 
 
