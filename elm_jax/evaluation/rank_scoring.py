@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from elm_jax.models.adapters import merge_params
 from elm_jax.models.t5 import Transformer
 
 Array = jax.Array
@@ -35,14 +36,7 @@ def token_log_likelihoods(logits: Array, targets: Array) -> Array:
   return target_logits - jax.nn.logsumexp(logits, axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames=("model",))
-def choice_log_likelihoods(model: Transformer, params, encoder_tokens: Array,
-                           choice_targets: Array) -> Array:
-  """Sum of target-token log-probabilities for every choice.
-
-  encoder_tokens [N, Li] (0 = padding, EOS included), choice_targets [N, C, Lt] (EOS included,
-  0 = padding) -> [N, C] float32. Each input is encoded once and shared by its C choices.
-  """
+def _choice_scores(model: Transformer, params, encoder_tokens: Array, choice_targets: Array) -> Array:
   cfg = model.config
   n, c, lt = choice_targets.shape
   mask = encoder_tokens != cfg.pad_id
@@ -54,6 +48,27 @@ def choice_log_likelihoods(model: Transformer, params, encoder_tokens: Array,
                        method=Transformer.decode)
   per_token = token_log_likelihoods(logits, targets) * (targets != cfg.pad_id)
   return per_token.sum(axis=-1).reshape(n, c)
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def choice_log_likelihoods(model: Transformer, params, encoder_tokens: Array,
+                           choice_targets: Array) -> Array:
+  """Sum of target-token log-probabilities for every choice.
+
+  encoder_tokens [N, Li] (0 = padding, EOS included), choice_targets [N, C, Lt] (EOS included,
+  0 = padding) -> [N, C] float32. Each input is encoded once and shared by its C choices.
+  """
+  return _choice_scores(model, params, encoder_tokens, choice_targets)
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def expert_choice_log_likelihoods(model: Transformer, backbone, experts, encoder_tokens: Array,
+                                  choice_targets: Array) -> Array:
+  """`choice_log_likelihoods` for every expert at once: experts' leaves [E, ...] on a shared
+  backbone; encoder_tokens [N, Li], choice_targets [N, C, Lt] -> [E, N, C] float32."""
+  def one(expert):
+    return _choice_scores(model, merge_params(backbone, expert), encoder_tokens, choice_targets)
+  return jax.vmap(one)(experts)
 
 
 def bucket(length: int, minimum: int, maximum: Optional[int] = None) -> int:
@@ -87,17 +102,37 @@ class TruncationReport:
 
 
 class RankScorer:
-  """Scores tokenized examples in fixed-size, length-bucketed batches."""
+  """Scores tokenized examples in fixed-size, length-bucketed batches.
 
-  def __init__(self, model: Transformer, params, *, batch_size: int = 32,
-               max_input_length: int = 512, max_target_length: int = 128):
+  With `experts` (a tree of stacked expert parameters, leaves [E, ...]), `params` is the frozen
+  backbone and every expert scores every batch in one vmapped program, `expert_chunk` experts at
+  a time (the last chunk padded by repeating an expert, so one program serves all chunks). With
+  a `partitioner`, each chunk is split over the mesh's `expert` axis and the backbone by the
+  model rules; `expert_chunk` must then be a multiple of the `expert` axis size.
+  """
+
+  def __init__(self, model: Transformer, params, *, experts=None, expert_chunk: Optional[int] = None,
+               partitioner=None, batch_size: int = 32, max_input_length: int = 512,
+               max_target_length: int = 128):
     if batch_size < 1:
       raise ValueError(f"batch_size: expected a positive integer, got {batch_size}")
-    self.model, self.params = model, params
+    self.model, self.params, self.experts = model, params, experts
+    self.num_experts = None if experts is None else int(jax.tree_util.tree_leaves(experts)[0].shape[0])
+    if experts is not None:
+      expert_chunk = min(expert_chunk or self.num_experts, self.num_experts)
+      if partitioner is not None:
+        ways = partitioner.mesh.shape["expert"]
+        expert_chunk = -(-expert_chunk // ways) * ways
+      if expert_chunk < 1:
+        raise ValueError(f"expert_chunk: expected a positive integer, got {expert_chunk}")
+    self.expert_chunk = expert_chunk
+    self.partitioner = partitioner
     self.batch_size = batch_size
     self.max_input_length, self.max_target_length = max_input_length, max_target_length
     self.truncated = TruncationReport()
-    self.shapes_compiled: set[tuple[int, int, int, int]] = set()
+    self.shapes_compiled: set[tuple[int, ...]] = set()
+    if partitioner is not None:
+      self._place_backbone()
 
   def _with_eos(self, ids: Sequence[int], limit: int) -> tuple[list[int], bool]:
     eos = self.model.config.eos_id
@@ -106,7 +141,8 @@ class RankScorer:
     return list(ids) + [eos], False
 
   def score(self, examples: Sequence[Example]) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Per example: (scores [num_choices] float32, token counts [num_choices] int32)."""
+    """Per example: (scores [num_choices], or [experts, num_choices] with experts; float32,
+    token counts [num_choices] int32)."""
     prepared = []
     for ex in examples:
       inputs, cut = self._with_eos(ex.inputs, self.max_input_length)
@@ -119,18 +155,22 @@ class RankScorer:
       prepared.append((inputs, choices))
     # Similar lengths batch together; results go back in the original order.
     order = sorted(range(len(prepared)), key=lambda i: (len(prepared[i][0]), len(prepared[i][1])))
+    batches = [order[start:start + self.batch_size] for start in range(0, len(order), self.batch_size)]
+    arrays = [self._pad_batch([prepared[i] for i in chunk]) for chunk in batches]
+    if self.experts is None:
+      results = [np.asarray(choice_log_likelihoods(self.model, self.params, *a)) for a in arrays]
+    else:
+      results = self._score_with_experts(arrays)
     scores: list = [None] * len(prepared)
     counts: list = [None] * len(prepared)
-    for start in range(0, len(order), self.batch_size):
-      chunk = order[start:start + self.batch_size]
-      batch_scores = self._score_batch([prepared[i] for i in chunk])
+    for chunk, batch_scores in zip(batches, results):
       for row, i in enumerate(chunk):
         num = len(prepared[i][1])
-        scores[i] = batch_scores[row, :num]
+        scores[i] = batch_scores[..., row, :num]
         counts[i] = np.array([len(c) for c in prepared[i][1]], np.int32)
     return scores, counts
 
-  def _score_batch(self, batch: Sequence[tuple[list[int], list[list[int]]]]) -> np.ndarray:
+  def _pad_batch(self, batch: Sequence[tuple[list[int], list[list[int]]]]) -> tuple[np.ndarray, np.ndarray]:
     li = bucket(max(len(x) for x, _ in batch), 16, self.max_input_length)
     c = bucket(max(len(ch) for _, ch in batch), 2)
     lt = bucket(max(len(t) for _, ch in batch for t in ch), 8, self.max_target_length)
@@ -140,8 +180,66 @@ class RankScorer:
       inputs[row, :len(x)] = x
       for j, t in enumerate(choices):
         targets[row, j, :len(t)] = t
-    self.shapes_compiled.add((self.batch_size, li, c, lt))
-    return np.asarray(choice_log_likelihoods(self.model, self.params, inputs, targets))
+    self.shapes_compiled.add((self.expert_chunk or 0, self.batch_size, li, c, lt))
+    return inputs, targets
+
+  def _score_with_experts(self, arrays) -> list[np.ndarray]:
+    """[experts, batch, choices] per batch; experts are the outer loop so each chunk of expert
+    parameters is moved to the device once."""
+    results: list[list[np.ndarray]] = [[] for _ in arrays]
+    for start in range(0, self.num_experts, self.expert_chunk):
+      stop = min(start + self.expert_chunk, self.num_experts)
+      index = np.minimum(np.arange(start, start + self.expert_chunk), self.num_experts - 1)
+      chunk = jax.tree_util.tree_map(lambda x: np.asarray(x)[index], self.experts)
+      chunk = self._place_experts(chunk)
+      for k, (inputs, targets) in enumerate(arrays):
+        if self.partitioner is None:
+          out = expert_choice_log_likelihoods(self.model, self.params, chunk, inputs, targets)
+        else:
+          with self.partitioner.context():
+            out = expert_choice_log_likelihoods(self.model, self.params, chunk, inputs, targets)
+        results[k].append(np.asarray(out)[:stop - start])
+    return [np.concatenate(parts, axis=0) for parts in results]
+
+  def _place_backbone(self) -> None:
+    from elm_jax.models.adapters import split_params
+    from elm_jax.models.t5 import logical_axes
+    specs = logical_axes(self.model.config, self.model.expert)
+    if self.experts is None:
+      self.params = self.partitioner.place(self.params, specs)
+      return
+    backbone_specs, expert_specs = split_params(specs, self.model.expert)
+    from elm_jax.training.train_step import stacked_expert_specs
+    self.params = self.partitioner.place(self.params, backbone_specs)
+    self._expert_specs = stacked_expert_specs(expert_specs)
+
+  def _place_experts(self, chunk):
+    if self.partitioner is None:
+      return jax.device_put(chunk)
+    return self.partitioner.place(chunk, self._expert_specs)
+
+
+def score_all_experts(model: Transformer, backbone, experts, examples: Sequence[Example], *,
+                      batch_size: int = 32, expert_chunk: Optional[int] = None, partitioner=None,
+                      max_input_length: int = 512, max_target_length: int = 128
+                      ) -> tuple[np.ndarray, np.ndarray, "RankScorer"]:
+  """Every expert on every example in one vmapped pass per (expert chunk, batch).
+
+  experts: leaves [E, ...]; examples: N examples with ragged choice counts. Returns
+  (scores [E, N, C] float32, the sum of choice-token log-probabilities with -inf where example n
+  has fewer than C choices; token counts [N, C] int32, 0 on padding; the scorer, for its reports).
+  """
+  scorer = RankScorer(model, backbone, experts=experts, expert_chunk=expert_chunk,
+                      partitioner=partitioner, batch_size=batch_size,
+                      max_input_length=max_input_length, max_target_length=max_target_length)
+  per_example, per_counts = scorer.score(examples)
+  num_choices = max((len(ex.choices) for ex in examples), default=0)
+  scores = np.full((scorer.num_experts, len(examples), num_choices), -np.inf, np.float32)
+  counts = np.zeros((len(examples), num_choices), np.int32)
+  for n, (s, c) in enumerate(zip(per_example, per_counts)):
+    scores[:, n, :s.shape[-1]] = s
+    counts[n, :len(c)] = c
+  return scores, counts, scorer
 
 
 def predictions(scores: Iterable[np.ndarray]) -> list[int]:

@@ -1,0 +1,89 @@
+"""score_all_experts: one vmapped pass over stacked experts equals scoring each expert alone."""
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from elm_jax import partitioning
+from elm_jax.evaluation import rank_scoring
+from elm_jax.models.adapters import ExpertConfig, merge_params
+from elm_jax.models.t5 import Transformer, init_params
+from elm_jax.training.trainer import initial_experts, unstack
+
+NUM_EXPERTS = 5
+
+
+def _examples(vocab_size, rng):
+  """7 examples with 2-4 choices of different lengths (ragged on purpose)."""
+  examples = []
+  for n in range(7):
+    inputs = rng.integers(3, vocab_size, rng.integers(3, 30)).tolist()
+    choices = [rng.integers(3, vocab_size, rng.integers(1, 9)).tolist() for _ in range(2 + n % 3)]
+    examples.append(rank_scoring.Example(inputs, choices))
+  return examples
+
+
+def _experts(tiny_config, kind):
+  expert_config = ExpertConfig(kind=kind, reduction_factor=4, lora_targets=("query", "value", "wo"))
+  pretrained = nn.unbox(init_params(tiny_config, jax.random.PRNGKey(0)))
+  backbone, stacked = initial_experts(tiny_config, expert_config, pretrained, NUM_EXPERTS, seed=1)
+  rng = np.random.default_rng(7)  # make the experts differ a lot (LoRA's B starts at zero)
+  stacked = jax.tree_util.tree_map(lambda x: x + rng.normal(0, 0.2, x.shape).astype(np.float32), stacked)
+  return Transformer(tiny_config, expert_config), backbone, stacked
+
+
+@pytest.fixture(scope="module", params=["adapter", "lora"])
+def setup(request, tiny_config):
+  model, backbone, stacked = _experts(tiny_config, request.param)
+  examples = _examples(tiny_config.vocab_size, np.random.default_rng(0))
+  loop = []
+  for e in range(NUM_EXPERTS):
+    scorer = rank_scoring.RankScorer(model, merge_params(backbone, unstack(stacked, e)), batch_size=4)
+    loop.append(scorer.score(examples)[0])
+  return model, backbone, stacked, examples, loop
+
+
+def _as_padded(loop, num_choices):
+  out = np.full((len(loop), len(loop[0]), num_choices), -np.inf, np.float32)
+  for e, per_example in enumerate(loop):
+    for n, s in enumerate(per_example):
+      out[e, n, :len(s)] = s
+  return out
+
+
+@pytest.mark.parametrize("expert_chunk", [None, 2])
+def test_one_pass_equals_a_loop_over_experts(setup, expert_chunk):
+  model, backbone, stacked, examples, loop = setup
+  scores, counts, scorer = rank_scoring.score_all_experts(model, backbone, stacked, examples,
+                                                          batch_size=4, expert_chunk=expert_chunk)
+  expected = _as_padded(loop, 4)
+  assert scores.shape == (NUM_EXPERTS, 7, 4)
+  finite = np.isfinite(expected)
+  assert np.array_equal(np.isfinite(scores), finite)  # padded choices are -inf, real ones finite
+  np.testing.assert_allclose(scores[finite], expected[finite], rtol=1e-5, atol=1e-5)
+  # Experts really differ, so the comparison would catch an expert mix-up.
+  assert np.abs(scores[0][finite[0]] - scores[1][finite[1]]).max() > 0.1
+  assert counts.tolist()[0][:2] == [len(c) + 1 for c in examples[0].choices]
+  assert (counts == 0).sum() == (~finite[0]).sum()
+  assert {shape[0] for shape in scorer.shapes_compiled} == {expert_chunk or NUM_EXPERTS}
+
+
+def test_sharded_over_the_expert_axis_equals_a_loop(setup):
+  model, backbone, stacked, examples, loop = setup
+  partitioner = partitioning.Partitioner(partitioning.MeshConfig(data=2, expert=2, model=2))
+  scores, _, scorer = rank_scoring.score_all_experts(model, backbone, stacked, examples, batch_size=4,
+                                                     expert_chunk=3, partitioner=partitioner)
+  assert scorer.expert_chunk == 4  # rounded up to a multiple of the expert axis
+  expected = _as_padded(loop, 4)
+  finite = np.isfinite(expected)
+  np.testing.assert_allclose(scores[finite], expected[finite], rtol=1e-5, atol=1e-5)
+
+
+def test_single_model_scores_keep_their_shape(setup, tiny_config):
+  model, backbone, stacked, examples, loop = setup
+  scorer = rank_scoring.RankScorer(model, merge_params(backbone, unstack(stacked, 3)), batch_size=4)
+  scores, _ = scorer.score(examples)
+  assert [s.shape for s in scores] == [(len(ex.choices),) for ex in examples]
+  for s, expected in zip(scores, loop[3]):
+    np.testing.assert_array_equal(s, expected)
