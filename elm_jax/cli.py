@@ -19,6 +19,8 @@ SUBCOMMANDS = {
               "rank-classify JSONL examples with a T5 checkpoint"),
     "train": ("elm_jax.training.train_command",
               "train experts (vmapped) or the multitask baseline from a gin run file"),
+    "library": ("elm_jax.library.library_command",
+                "manage an Expert Library: add, list, show, remove, verify"),
     "tasks": ("tasks.tasks_command", "list the ELM task inventory and its mixtures (no data needed)"),
     "version": ("elm_jax.cli", "print the versions of elm_jax and its numerical stack"),
 }

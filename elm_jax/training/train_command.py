@@ -9,6 +9,7 @@ The run file binds `train` below (t5x style); model files bind MODEL_CONFIG.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable, Optional, Sequence
 
@@ -46,19 +47,45 @@ def train(model_dir: str, expert_tasks: Sequence[str], steps: int, *,
     from elm_jax.checkpoints import loading
     loaded = loading.load_model_checkpoint(backbone_checkpoint, config=model_config)
     model_config, backbone = loaded.config, loaded.params
+    backbone_checkpoint = os.path.abspath(backbone_checkpoint)
   else:
-    print("note: no BACKBONE_CHECKPOINT given; training over a randomly initialised backbone",
-          file=sys.stderr)
     backbone = nn.unbox(init_params(model_config, jax.random.PRNGKey(seed)))
+    backbone_checkpoint = save_random_backbone(model_dir, model_config, backbone, expert_tasks)
+    print(f"note: no BACKBONE_CHECKPOINT given; training over a randomly initialised backbone, "
+          f"saved to {backbone_checkpoint}", file=sys.stderr)
   config = trainer.TrainConfig(
       model_dir=model_dir, expert_tasks=tuple(expert_tasks), steps=steps, batch_size=batch_size,
       input_length=input_length, target_length=target_length,
       expert_names=tuple(expert_names) if expert_names else None, seed=seed,
-      save_every=save_every, keep=keep, log_every=log_every)
+      save_every=save_every, keep=keep, log_every=log_every, backbone_checkpoint=backbone_checkpoint)
   partitioner = partitioning.Partitioner(mesh_config) if mesh_config is not None else None
   return trainer.train_experts(config, model_config, backbone, expert_config=expert_config,
                                optimizer_config=optimizer_config, progress=progress,
                                partitioner=partitioner)
+
+
+def save_random_backbone(model_dir: str, model_config: T5Config, params, expert_tasks) -> str:
+  """Saves a randomly initialised backbone as a Hugging Face directory `<model_dir>/backbone`
+  (with the first task's SentencePiece model), so its experts can be scored later. A backbone
+  already there is kept when it is the same one, and is an error otherwise."""
+  import seqio
+
+  from elm_jax.checkpoints import hf
+  from elm_jax.library import expert_files
+  path = os.path.abspath(os.path.join(model_dir, "backbone"))
+  if os.path.isdir(path) and os.listdir(path):
+    saved = hf.load_hf_checkpoint(path)
+    if expert_files.backbone_fingerprint(saved.params) != expert_files.backbone_fingerprint(params):
+      raise trainer.TrainingError(f"{path}: holds another backbone than this run's random one "
+                                  "(other model config or seed); use another MODEL_DIR")
+    return path
+  vocab_path = None
+  task = seqio.get_mixture_or_task(expert_tasks[0])
+  vocabulary = task.output_features["targets"].vocabulary
+  if isinstance(vocabulary, seqio.SentencePieceVocabulary):
+    vocab_path = vocabulary.sentencepiece_model_file
+  hf.save_hf_checkpoint(params, model_config, path, vocab_path=vocab_path)
+  return path
 
 
 def main(args: argparse.Namespace) -> int:

@@ -58,6 +58,7 @@ class TrainConfig:
   keep: int = 3
   log_every: int = 10
   split: str = "train"
+  backbone_checkpoint: Optional[str] = None  # recorded in each expert's metadata
 
   def names(self) -> tuple[str, ...]:
     names = self.expert_names or self.expert_tasks

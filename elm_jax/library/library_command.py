@@ -1,0 +1,110 @@
+"""`elm-jax library add|list|show|remove|verify`: manage an Expert Library directory.
+
+    elm-jax library add --library=LIB /tmp/run/experts/builtin_nli_can_we_infer ...
+    elm-jax library add --library=LIB /tmp/run          # every expert a training run exported
+    elm-jax library list --library=LIB
+    elm-jax library verify --library=LIB                # exit 1 when a file changed
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from elm_jax import jsonl
+from elm_jax.library import expert_files, instances
+from elm_jax.library.store import ExpertLibrary, LibraryError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+  add = sub.add_parser("add", help="copy trained experts into the library (creating it)")
+  add.add_argument("experts", nargs="+",
+                   help="expert directories, or training run directories (their experts/ are added)")
+  add.add_argument("--name", default=None, help="library name of the expert (one expert only)")
+  add.add_argument("--keys", default="auto",
+                   help="retrieval keys: 'auto' (100 training instances of the expert's task, seed 42), "
+                        "'none', or a JSONL file of {inputs, answer_choices?}")
+  add.add_argument("--setup", default=None,
+                   help="tasks to register first: builtin, elm, or module:function (comma-separated)")
+  for name, help_text in (("list", "the experts, one line each"), ("show", "one expert's entry"),
+                          ("remove", "delete an expert, its keys and embeddings"),
+                          ("verify", "check every file against its recorded size and sha256")):
+    p = sub.add_parser(name, help=help_text)
+    if name in ("show", "remove"):
+      p.add_argument("name")
+    if name == "verify":
+      p.add_argument("names", nargs="*")
+  for p in sub.choices.values():
+    p.add_argument("--library", required=True, help="library directory (local path or any epath URL)")
+
+
+def expert_dirs(paths) -> list[str]:
+  """Expert directories from arguments that may also be training run directories."""
+  found = []
+  for path in paths:
+    if os.path.isfile(os.path.join(path, expert_files.METADATA_FILE)):
+      found.append(path)
+    elif os.path.isdir(os.path.join(path, "experts")):
+      inside = sorted(os.path.join(path, "experts", d) for d in os.listdir(os.path.join(path, "experts"))
+                      if os.path.isfile(os.path.join(path, "experts", d, expert_files.METADATA_FILE)))
+      if not inside:
+        raise LibraryError(f"{path}/experts: holds no expert directories")
+      found.extend(inside)
+    else:
+      raise LibraryError(f"{path}: neither an expert directory ({expert_files.METADATA_FILE}) nor a "
+                         "training run directory (experts/)")
+  return found
+
+
+def _keys_for(option: str, task: str, setup_done: set) -> list | None:
+  if option == "none":
+    return None
+  if option != "auto":
+    return [record for _, record in jsonl.read_objects(option)]
+  if not setup_done:
+    instances.ensure_registered([task])
+    setup_done.add(True)
+  return instances.training_keys(task)
+
+
+def main(args: argparse.Namespace) -> int:
+  if args.action == "add":
+    instances.register_setup(args.setup)
+    library = ExpertLibrary(args.library, create=True)
+    dirs = expert_dirs(args.experts)
+    if args.name and len(dirs) != 1:
+      raise LibraryError(f"--name: names one expert, but {len(dirs)} were given")
+    setup_done: set = set()
+    for directory in dirs:
+      _, meta = expert_files.load_expert(directory)
+      keys = _keys_for(args.keys, meta.task, setup_done)
+      name = library.add(directory, name=args.name, keys=keys)
+      print(f"added {name} ({meta.task}; {len(keys) if keys else 0} retrieval keys)")
+    return 0
+  library = ExpertLibrary(args.library)
+  if args.action == "list":
+    manifest = library.manifest()
+    for name, entry in sorted(manifest["experts"].items()):
+      print(f"{name}\t{entry['kind']}\t{entry['task']}\tsteps={entry['steps']}\t"
+            f"keys={'yes' if entry.get('keys') else 'no'}")
+    print(f"{len(manifest['experts'])} expert(s); backbone {manifest['backbone_fingerprint']}",
+          file=sys.stderr)
+  elif args.action == "show":
+    _, meta = library.load(args.name)
+    print(json.dumps({"entry": library.entry(args.name), "metadata": meta.__dict__}, indent=1,
+                     sort_keys=True, default=str))
+  elif args.action == "remove":
+    library.remove(args.name)
+    print(f"removed {args.name}")
+  elif args.action == "verify":
+    problems = library.verify(args.names or None)
+    for problem in problems:
+      print(problem)
+    checked = len(args.names) if args.names else len(library.names())
+    print(f"verified {checked} expert(s): {'OK' if not problems else f'{len(problems)} problem(s)'}",
+          file=sys.stderr)
+    return 1 if problems else 0
+  return 0

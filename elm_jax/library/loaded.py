@@ -1,0 +1,68 @@
+"""A library's experts on their backbone, ready to score: what `score`, `eval`, `retrieve` and
+`merge` share."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Optional, Sequence
+
+from elm_jax.errors import UserInputError
+from elm_jax.library import expert_files
+from elm_jax.library.store import ExpertLibrary, LibraryError
+from elm_jax.models.adapters import ExpertConfig, split_params
+from elm_jax.models.t5 import Transformer
+from elm_jax.models.t5_config import T5Config
+
+
+@dataclasses.dataclass
+class LoadedExperts:
+  """`experts` leaves are [E, ...] in the order of `names`; `backbone` is the frozen part of
+  `pretrained` (the full backbone checkpoint) under `expert_config`."""
+  library: ExpertLibrary
+  names: list[str]
+  metadata: list[expert_files.ExpertMetadata]
+  config: T5Config
+  expert_config: ExpertConfig
+  model: Transformer
+  pretrained: Any
+  backbone: Any
+  experts: Any
+  vocab_path: Optional[str]
+  fingerprint: str
+
+  def vocabulary(self):
+    from elm_jax.vocabularies import SentencePieceVocabulary
+    if self.vocab_path is None:
+      raise UserInputError(f"{self.library.root}: the backbone checkpoint has no spiece.model; "
+                           "pass --vocabulary=PATH")
+    return SentencePieceVocabulary(self.vocab_path)
+
+
+def backbone_checkpoint(library: ExpertLibrary, checkpoint: Optional[str]) -> str:
+  path = checkpoint or library.manifest().get("backbone_checkpoint")
+  if not path:
+    raise LibraryError(f"{library.root}/manifest.json: records no backbone checkpoint; pass "
+                       "--checkpoint=DIR (the Hugging Face or T5X checkpoint the experts were trained on)")
+  if not os.path.exists(path):
+    raise LibraryError(f"{path}: the backbone checkpoint is not there; pass --checkpoint=DIR")
+  return path
+
+
+def load_experts(library_dir: str, selection: str | Sequence[str] = "all", *,
+                 checkpoint: Optional[str] = None, dtype: Optional[str] = None,
+                 vocabulary: Optional[str] = None, force: bool = False) -> LoadedExperts:
+  """Loads the backbone (`checkpoint`, or the one the manifest records) and the selected
+  experts, checking that they were trained on it (unless `force`)."""
+  from elm_jax.checkpoints import loading
+  library = ExpertLibrary(library_dir)
+  names = library.resolve(selection)
+  path = backbone_checkpoint(library, checkpoint)
+  loaded = loading.load_model_checkpoint(path, dtype=dtype)
+  fingerprint = expert_files.backbone_fingerprint(loaded.params)
+  stacked, metadata = library.load_stacked(names, None if force else fingerprint)
+  expert_config = ExpertConfig(**metadata[0].expert_config)
+  backbone, _ = split_params(loaded.params, expert_config)
+  return LoadedExperts(library, names, metadata, loaded.config, expert_config,
+                       Transformer(loaded.config, expert_config), loaded.params, backbone, stacked,
+                       vocabulary or loaded.vocab_path, fingerprint)

@@ -1,0 +1,141 @@
+"""ExpertLibrary: manifest, hashes, verify, append-only history, concurrent writers, continual adds."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from elm_jax.library import expert_files
+from elm_jax.library.store import ExpertLibrary, LibraryError
+
+FINGERPRINT = "f" * 32
+
+
+def make_expert(root, name, seed, fingerprint=FINGERPRINT, task="task_a"):
+  rng = np.random.default_rng(seed)
+  params = {"encoder": {"layers_0": {"mlp_adapter": {"up_kernel": rng.normal(size=(4, 8)).astype(np.float32),
+                                                     "up_bias": rng.normal(size=(8,)).astype(np.float32)}}}}
+  meta = expert_files.ExpertMetadata(name=name, task=task, expert_config={"kind": "adapter"},
+                                     backbone_fingerprint=fingerprint, steps=10)
+  path = os.path.join(root, name)
+  expert_files.save_expert(path, params, meta)
+  return path
+
+
+def snapshot(directory):
+  """sha256 of every file under `directory` (relative path -> digest)."""
+  out = {}
+  for base, _, files in os.walk(directory):
+    for f in files:
+      path = os.path.join(base, f)
+      out[os.path.relpath(path, directory)] = hashlib.sha256(open(path, "rb").read()).hexdigest()
+  return out
+
+
+def test_add_records_hashes_keys_and_history(tmp_path):
+  lib = ExpertLibrary(tmp_path / "lib", create=True)
+  src = make_expert(tmp_path / "src", "e1", 0)
+  keys = [{"inputs": "a question", "answer_choices": ["yes", "no"]}]
+  lib.add(src, keys=keys)
+  entry = lib.entry("e1")
+  tensors = tmp_path / "lib" / "experts" / "e1" / "tensors.safetensors"
+  assert entry["files"]["tensors.safetensors"]["sha256"] == hashlib.sha256(tensors.read_bytes()).hexdigest()
+  assert lib.keys("e1") == keys
+  params, meta = lib.load("e1", FINGERPRINT)
+  original, _ = expert_files.load_expert(src)
+  np.testing.assert_array_equal(params["encoder"]["layers_0"]["mlp_adapter"]["up_kernel"],
+                                original["encoder"]["layers_0"]["mlp_adapter"]["up_kernel"])
+  assert [h["action"] for h in lib.history()] == ["add"]
+  assert lib.verify() == []
+
+
+def test_duplicates_and_foreign_backbones_are_refused(tmp_path):
+  lib = ExpertLibrary(tmp_path / "lib", create=True)
+  lib.add(make_expert(tmp_path / "src", "e1", 0))
+  before = snapshot(tmp_path / "lib")
+  with pytest.raises(LibraryError, match="already in the library"):
+    lib.add(make_expert(tmp_path / "src2", "e1", 1))
+  with pytest.raises(LibraryError, match="trained on backbone"):
+    lib.add(make_expert(tmp_path / "src3", "e2", 2, fingerprint="0" * 32))
+  assert snapshot(tmp_path / "lib") == before  # nothing written by the refused adds
+  assert lib.names() == ["e1"]
+
+
+def test_verify_catches_a_flipped_byte_and_a_truncation(tmp_path):
+  lib = ExpertLibrary(tmp_path / "lib", create=True)
+  lib.add(make_expert(tmp_path / "src", "e1", 0))
+  lib.add(make_expert(tmp_path / "src", "e2", 1))
+  tensors = tmp_path / "lib" / "experts" / "e1" / "tensors.safetensors"
+  data = bytearray(tensors.read_bytes())
+  data[-3] ^= 0x01
+  tensors.write_bytes(bytes(data))
+  problems = lib.verify()
+  assert len(problems) == 1 and "e1/tensors.safetensors" in problems[0] and "changed" in problems[0]
+  other = tmp_path / "lib" / "experts" / "e2" / "expert.json"
+  other.write_bytes(other.read_bytes()[:-10])
+  problems = lib.verify()
+  assert len(problems) == 2 and "truncated" in problems[1]
+
+
+def test_remove_keeps_history_and_other_experts(tmp_path):
+  lib = ExpertLibrary(tmp_path / "lib", create=True)
+  lib.add(make_expert(tmp_path / "src", "e1", 0), keys=[{"inputs": "x"}])
+  lib.add(make_expert(tmp_path / "src", "e2", 1))
+  lib.remove("e1")
+  assert lib.names() == ["e2"] and not lib.keys_path("e1").exists()
+  assert not (tmp_path / "lib" / "experts" / "e1").exists()
+  assert [h["action"] for h in lib.history()] == ["add", "add", "remove"]
+  with pytest.raises(LibraryError, match="no expert named 'e1'"):
+    lib.entry("e1")
+
+
+def test_adding_experts_leaves_existing_files_unchanged(tmp_path):
+  lib = ExpertLibrary(tmp_path / "lib", create=True)
+  for i in range(3):
+    lib.add(make_expert(tmp_path / "src", f"old{i}", i), keys=[{"inputs": f"k{i}"}])
+  before = {k: v for k, v in snapshot(tmp_path / "lib").items()
+            if k not in ("manifest.json", "history.jsonl", ".lock")}
+  history_before = (tmp_path / "lib" / "history.jsonl").read_text()
+  for i in range(2):
+    lib.add(make_expert(tmp_path / "src", f"new{i}", 10 + i), keys=[{"inputs": f"n{i}"}])
+  after = snapshot(tmp_path / "lib")
+  assert {k: after[k] for k in before} == before
+  assert (tmp_path / "lib" / "history.jsonl").read_text().startswith(history_before)
+  manifest = lib.manifest()
+  assert sorted(manifest["experts"]) == ["new0", "new1", "old0", "old1", "old2"]
+
+
+def test_malformed_manifest_is_named(tmp_path):
+  with pytest.raises(LibraryError, match="manifest.json: not found"):
+    ExpertLibrary(tmp_path / "nothing")
+  lib = ExpertLibrary(tmp_path / "lib", create=True)
+  (tmp_path / "lib" / "manifest.json").write_text("{not json")
+  with pytest.raises(LibraryError, match="manifest.json: not valid JSON"):
+    lib.names()
+  (tmp_path / "lib" / "manifest.json").write_text(json.dumps({"format_version": 1, "experts": []}))
+  with pytest.raises(LibraryError, match="field 'experts'"):
+    lib.names()
+
+
+def test_two_concurrent_add_processes_both_land(tmp_path):
+  sources = [make_expert(tmp_path / "src", f"p{i}_{j}", 10 * i + j) for i in range(2) for j in range(6)]
+  ExpertLibrary(tmp_path / "lib", create=True)
+  script = textwrap.dedent("""
+      import sys
+      from elm_jax.library.store import ExpertLibrary
+      lib = ExpertLibrary(sys.argv[1])
+      for path in sys.argv[2:]:
+        lib.add(path, keys=[{"inputs": path}])
+  """)
+  procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "lib"), *sources[6 * i:6 * i + 6]])
+           for i in range(2)]
+  assert [p.wait(timeout=120) for p in procs] == [0, 0]
+  lib = ExpertLibrary(tmp_path / "lib")
+  assert lib.names() == sorted(f"p{i}_{j}" for i in range(2) for j in range(6))
+  assert len(lib.history()) == 12 and lib.verify() == []
+  assert not [p for p in os.listdir(tmp_path / "lib" / "experts") if p.startswith(".")]  # no leftovers
