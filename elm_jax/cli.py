@@ -21,6 +21,9 @@ SUBCOMMANDS = {
               "train experts (vmapped) or the multitask baseline from a gin run file"),
     "library": ("elm_jax.library.library_command",
                 "manage an Expert Library: add, list, show, remove, verify"),
+    "retrieve": ("elm_jax.library.retrieve_command",
+                 "rank a library's experts for an unseen task (RoE, likelihood, oracle)"),
+    "embed": ("elm_jax.library.embed_command", "embed one text per line with MiniLM or a T5 encoder"),
     "tasks": ("tasks.tasks_command", "list the ELM task inventory and its mixtures (no data needed)"),
     "version": ("elm_jax.cli", "print the versions of elm_jax and its numerical stack"),
 }

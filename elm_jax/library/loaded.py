@@ -66,3 +66,25 @@ def load_experts(library_dir: str, selection: str | Sequence[str] = "all", *,
   return LoadedExperts(library, names, metadata, loaded.config, expert_config,
                        Transformer(loaded.config, expert_config), loaded.params, backbone, stacked,
                        vocabulary or loaded.vocab_path, fingerprint)
+
+
+def score_instances(loaded: LoadedExperts, rows: Sequence[dict[str, Any]], *, batch_size: int = 32,
+                    expert_chunk: Optional[int] = None, partitioner=None, max_input_length: int = 512,
+                    max_target_length: int = 128, source: str = "instances"):
+  """Every loaded expert on every instance's answer choices in one pass: (scores [E, N, C] with
+  -inf on padded choices, token counts [N, C]). Instances without choices are an error."""
+  from elm_jax.evaluation import rank_scoring
+  vocabulary = loaded.vocabulary()
+  examples = []
+  for i, row in enumerate(rows):
+    if not row.get("answer_choices"):
+      raise UserInputError(f"{source}: instance {i} has no answer choices; rank scoring needs them "
+                           "(generative tasks are evaluated by decoding)")
+    examples.append(rank_scoring.Example(vocabulary.encode(row["inputs"]),
+                                         vocabulary.encode_batch(row["answer_choices"])))
+  scores, counts, scorer = rank_scoring.score_all_experts(
+      loaded.model, loaded.backbone, loaded.experts, examples, batch_size=batch_size,
+      expert_chunk=expert_chunk, partitioner=partitioner, max_input_length=max_input_length,
+      max_target_length=max_target_length)
+  scorer.truncated.report(max_input_length, max_target_length)
+  return scores, counts

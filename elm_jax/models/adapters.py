@@ -33,8 +33,8 @@ class ExpertConfig:
   """What an expert trains. `kind`: 'adapter' (the paper), 'lora', or 'full' fine-tuning.
 
   `train_layer_norms` adds every layer-norm scale to the expert (the paper does, for adapters).
-  LoRA adds `B @ A * (lora_alpha / lora_rank)` to the kernels named in `lora_targets`
-  (attention `query`/`key`/`value`/`out`, MLP `wi_0`/`wi_1`/`wi`/`wo`), B initialised to zero.
+  LoRA adds `lora_a @ lora_b * (lora_alpha / lora_rank)` (a [in, rank], b [rank, out]) to the kernels named in `lora_targets`
+  (attention `query`/`key`/`value`/`out`, MLP `wi_0`/`wi_1`/`wi`/`wo`), `lora_b` initialised to zero.
   """
   kind: str = "adapter"
   reduction_factor: int = 32

@@ -1,0 +1,60 @@
+"""`elm-jax embed`: one text per line -> a float32 .npy of L2-normalised rows [lines, dim].
+
+    elm-jax embed --embedder=minilm --input=texts.txt --output=texts.npy
+    elm-jax embed --embedder=t5 --checkpoint=BACKBONE --input=texts.txt --output=texts.npy
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+
+import numpy as np
+
+from elm_jax.errors import UserInputError
+from elm_jax.library import retrieval
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--embedder", choices=("minilm", "t5"), default="minilm")
+  parser.add_argument("--input", required=True, help="UTF-8 text file, one text per line")
+  parser.add_argument("--output", required=True, help=".npy file to write")
+  parser.add_argument("--max_length", type=int, default=retrieval.KEY_MAX_LENGTH,
+                      help="tokens per text (the paper: 256 for keys, 512 for queries)")
+  parser.add_argument("--checkpoint", default=None, help="T5 checkpoint for --embedder=t5")
+  parser.add_argument("--minilm_dir", default=None, help="MiniLM directory (default: the installed package)")
+
+
+def read_lines(path: str) -> list[str]:
+  if not os.path.isfile(path):
+    raise UserInputError(f"{path}: input file not found")
+  try:
+    with open(path, encoding="utf-8") as f:
+      return f.read().splitlines()
+  except UnicodeDecodeError as e:
+    raise UserInputError(f"{path}: not UTF-8 text ({e})") from None
+
+
+def main(args: argparse.Namespace) -> int:
+  texts = read_lines(args.input)
+  if args.embedder == "minilm":
+    embedder = retrieval.MiniLMTextEmbedder(args.minilm_dir)
+  else:
+    if not args.checkpoint:
+      raise UserInputError("--embedder=t5 needs --checkpoint=DIR (a T5 checkpoint with spiece.model)")
+    from elm_jax.checkpoints import loading
+    from elm_jax.vocabularies import SentencePieceVocabulary
+    loaded = loading.load_model_checkpoint(args.checkpoint)
+    if loaded.vocab_path is None:
+      raise UserInputError(f"{args.checkpoint}: no spiece.model in the checkpoint directory")
+    embedder = retrieval.T5EncoderEmbedder(loaded.model, loaded.params, SentencePieceVocabulary(loaded.vocab_path))
+  vectors = embedder.embed(texts, args.max_length).astype(np.float32)
+  from etils import epath
+  from elm_jax.library.store import write_atomically
+  buffer = io.BytesIO()
+  np.save(buffer, vectors)
+  write_atomically(epath.Path(args.output), buffer.getvalue())
+  print(f"embedded {len(texts)} lines -> {args.output} {list(vectors.shape)}", file=sys.stderr)
+  return 0

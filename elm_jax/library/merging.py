@@ -1,0 +1,233 @@
+"""Merging experts: pure functions from k expert parameter trees to one expert tree.
+
+An expert tree is what `split_params` returns for one expert: a nested dict of arrays such as
+`encoder/layers_0/mlp_adapter/up_kernel` [bottleneck, embed],
+`encoder/layers_0/pre_mlp_layer_norm/scale` [embed], or the LoRA factors
+`encoder/layers_0/attention/query/lora_a` [in, rank] and `.../query/lora_b` [rank, out].
+Every function returns a tree with the same nesting holding numpy float32 arrays (computed in
+float64), and refuses experts whose leaf sets or shapes differ.
+
+- `merge_uniform`: the paper's merge (ELM_NOTES §5): every trainable tensor, adapter weights and
+  biases and layer-norm scales alike, is set to the arithmetic mean over the experts.
+- `merge_weighted`: the same with non-negative weights normalised to sum to 1.
+- `task_arithmetic` (Ilharco et al. 2023) and `merge_ties` (Yadav et al. 2023) work on task
+  vectors `expert - base`; `zero_base` builds the usual base.
+- `merge_lora_factors` averages LoRA factors; `merge_lora_updates` averages the weight updates
+  exactly, as a LoRA of k times the rank.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+
+from elm_jax import tree_paths
+from elm_jax.errors import UserInputError
+from elm_jax.models.adapters import ExpertConfig, is_expert_parameter
+
+Tree = dict
+Path = tree_paths.Path
+
+# Adapter weights and LoRA factors (not layer norms): `is_expert_parameter` under this config.
+_ADDED_MODULES = ExpertConfig(kind="adapter", train_layer_norms=False)
+
+
+class MergeError(UserInputError):
+  """Experts (or weights, base, density) that cannot be merged; names the parameter and expert."""
+
+
+# ------------------------------------------------------------------ validation
+def _check_same_leaves(reference: Mapping[Path, Any], flat: Mapping[Path, Any], name: str,
+                       reference_name: str = "expert 0") -> None:
+  """Raise `MergeError` at the first path (in sorted order) that `flat` lacks, adds or reshapes."""
+  for path in sorted(set(reference) ^ set(flat)):
+    where = "is missing" if path in reference else f"is not in {reference_name}"
+    raise MergeError(f"{name}: parameter {tree_paths.join(path)!r} {where}; every expert must "
+                     f"hold the same parameters")
+  for path in sorted(reference):
+    want, got = np.shape(reference[path]), np.shape(flat[path])
+    if want != got:
+      raise MergeError(f"{name}: parameter {tree_paths.join(path)!r} has shape {got}, expected "
+                       f"{want} (its shape in {reference_name})")
+
+
+def _stack(experts: Sequence[Mapping]) -> dict[Path, np.ndarray]:
+  """k expert trees -> {path: float64 array [k, *leaf_shape]}, after checking they match."""
+  if isinstance(experts, Mapping):
+    raise MergeError("experts: expected a sequence of expert trees, got a single tree (a mapping)")
+  if len(experts) == 0:
+    raise MergeError("experts: expected at least one expert tree, got none")
+  flats = [tree_paths.flatten(expert) for expert in experts]
+  if not flats[0]:
+    raise MergeError("expert 0: holds no parameters")
+  for i, flat in enumerate(flats[1:], start=1):
+    _check_same_leaves(flats[0], flat, f"expert {i}")
+  return {path: np.stack([np.asarray(flat[path], np.float64) for flat in flats])
+          for path in sorted(flats[0])}
+
+
+def _normalised_weights(weights: Optional[Sequence[float]], k: int) -> np.ndarray:
+  """[k] float64 weights summing to 1; uniform when `weights` is None."""
+  if weights is None:
+    return np.full((k,), 1.0 / k)
+  w = np.asarray(weights, np.float64)
+  if w.shape != (k,):
+    raise MergeError(f"weights: expected {k} weights (one per expert), got shape {w.shape}")
+  if not np.all(np.isfinite(w)) or np.any(w < 0) or not np.any(w > 0):
+    raise MergeError(f"weights: expected finite non-negative numbers, not all zero, got {w.tolist()}")
+  return w / w.sum()
+
+
+def _stack_with_base(experts: Sequence[Mapping], base: Mapping) -> tuple[dict, dict]:
+  """({path: [k, ...]} experts, {path: [...]} base), base checked against expert 0."""
+  stacked = _stack(experts)
+  flat_base = tree_paths.flatten(base)
+  _check_same_leaves({p: v[0] for p, v in stacked.items()}, flat_base, "base")
+  return stacked, {p: np.asarray(v, np.float64) for p, v in flat_base.items()}
+
+
+def _tree(flat: Mapping[Path, np.ndarray]) -> Tree:
+  return tree_paths.unflatten({p: np.asarray(v, np.float32) for p, v in flat.items()})
+
+
+# ------------------------------------------------------------------ averaging
+def _weighted_mean(experts: Sequence[Mapping], weights: Optional[Sequence[float]]) -> dict:
+  """{path: sum_i w_i * expert_i [leaf_shape]} with weights normalised (uniform when None)."""
+  stacked = _stack(experts)
+  w = _normalised_weights(weights, len(experts))
+  return {p: np.tensordot(w, v, axes=1) for p, v in stacked.items()}
+
+
+def merge_uniform(experts: Sequence[Mapping]) -> Tree:
+  """The paper's merge: every leaf (adapters, LoRA factors, layer norms) set to its mean."""
+  return _tree(_weighted_mean(experts, None))
+
+
+def merge_weighted(experts: Sequence[Mapping], weights: Sequence[float]) -> Tree:
+  """sum_i w_i * expert_i for every leaf, with `weights` [k] >= 0 normalised to sum to 1."""
+  return _tree(_weighted_mean(experts, weights))
+
+
+# ------------------------------------------------------------------ task vectors
+def zero_base(expert: Mapping, pretrained_backbone: Optional[Mapping] = None) -> Tree:
+  """The starting point of `expert`'s leaves, for task vectors `expert - base`.
+
+  Adapter weights and LoRA factors (modules the backbone lacks) start at zero; every other leaf
+  (layer-norm scales; everything for kind 'full') takes its value in `pretrained_backbone`, the
+  full pretrained parameter tree (not the backbone half of `split_params`, which has no layer
+  norms). Without `pretrained_backbone` every leaf is zero, so task vectors equal the experts.
+  """
+  backbone = tree_paths.flatten(pretrained_backbone) if pretrained_backbone is not None else None
+  base = {}
+  for path, value in tree_paths.flatten(expert).items():
+    if backbone is None or is_expert_parameter(tree_paths.join(path), _ADDED_MODULES):
+      base[path] = np.zeros(np.shape(value), np.float32)
+      continue
+    if path not in backbone:
+      raise MergeError(f"pretrained_backbone: parameter {tree_paths.join(path)!r} is missing; pass "
+                       f"the full pretrained tree")
+    if np.shape(backbone[path]) != np.shape(value):
+      raise MergeError(f"pretrained_backbone: parameter {tree_paths.join(path)!r} has shape "
+                       f"{np.shape(backbone[path])}, expected {np.shape(value)}")
+    base[path] = np.asarray(backbone[path], np.float32)
+  return tree_paths.unflatten(base)
+
+
+def task_arithmetic(experts: Sequence[Mapping], base: Mapping, scale: float = 1.0) -> Tree:
+  """base + scale * sum_i (expert_i - base) for every leaf.
+
+  With scale 1/k this is `merge_uniform`, whatever the base.
+  """
+  stacked, flat_base = _stack_with_base(experts, base)
+  return _tree({p: flat_base[p] + scale * (v - flat_base[p]).sum(axis=0)
+                for p, v in stacked.items()})
+
+
+def _trim(tau: np.ndarray, density: float) -> np.ndarray:
+  """[k, ...] task vectors -> the same with all but each expert's top ceil(density * n) entries
+  by magnitude zeroed, per tensor (n = entries of one expert's leaf; ties broken by index)."""
+  k = tau.shape[0]
+  flat = tau.reshape(k, -1)
+  keep = int(np.ceil(density * flat.shape[1]))
+  order = np.argsort(-np.abs(flat), axis=1, kind="stable")[:, :keep]
+  mask = np.zeros(flat.shape, bool)
+  np.put_along_axis(mask, order, True, axis=1)
+  return np.where(mask, flat, 0.0).reshape(tau.shape)
+
+
+def merge_ties(experts: Sequence[Mapping], base: Mapping, density: float = 0.2,
+               scale: float = 1.0) -> Tree:
+  """TIES-Merging (Yadav et al. 2023): base + scale * merged task vector, leaf by leaf.
+
+  tau_i = expert_i - base; trim: keep each tau_i's top `density` fraction of entries by magnitude
+  (ceil(density * n) of a leaf's n entries, per tensor and per expert); elect: sign of the sum of
+  the trimmed tau_i per coordinate; disjoint mean: the mean of the nonzero trimmed entries whose
+  sign matches the elected one, 0 where none does. With density 1 and identical experts the
+  merge returns the expert.
+  """
+  if not 0.0 < density <= 1.0:
+    raise MergeError(f"density: expected a fraction in (0, 1], got {density}")
+  stacked, flat_base = _stack_with_base(experts, base)
+  merged = {}
+  for path, values in stacked.items():
+    trimmed = _trim(values - flat_base[path], density)
+    elected = np.sign(trimmed.sum(axis=0))
+    agree = (np.sign(trimmed) == elected) & (trimmed != 0)
+    count = agree.sum(axis=0)
+    mean = np.where(agree, trimmed, 0.0).sum(axis=0) / np.maximum(count, 1)
+    merged[path] = flat_base[path] + scale * mean
+  return _tree(merged)
+
+
+# ------------------------------------------------------------------ LoRA
+def _lora_pairs(paths: Sequence[Path]) -> list[tuple[Path, Path]]:
+  """The (lora_a, lora_b) path pairs among `paths`; an unpaired factor is an error."""
+  a_parents = {p[:-1] for p in paths if p[-1] == "lora_a"}
+  b_parents = {p[:-1] for p in paths if p[-1] == "lora_b"}
+  for parent in sorted(a_parents ^ b_parents):
+    have, lack = ("lora_a", "lora_b") if parent in a_parents else ("lora_b", "lora_a")
+    raise MergeError(f"expert 0: parameter {tree_paths.join(parent + (have,))!r} has no "
+                     f"{lack!r} beside it")
+  if not a_parents:
+    raise MergeError("experts: expected LoRA experts (leaves named lora_a and lora_b), found none")
+  return [(parent + ("lora_a",), parent + ("lora_b",)) for parent in sorted(a_parents)]
+
+
+def merge_lora_factors(experts: Sequence[Mapping],
+                       weights: Optional[Sequence[float]] = None) -> Tree:
+  """Weighted mean of the A factors and, separately, of the B factors (and of other leaves).
+
+  This is NOT the mean of the updates: the result's update is mean(A) @ mean(B), not
+  mean(A @ B); `merge_lora_updates` gives the latter. Weights default to uniform.
+  """
+  merged = _weighted_mean(experts, weights)
+  _lora_pairs(list(merged))
+  return _tree(merged)
+
+
+def merge_lora_updates(experts: Sequence[Mapping], weights: Optional[Sequence[float]] = None
+                       ) -> tuple[Tree, dict[str, int]]:
+  """The exact weighted mean of the LoRA updates, as one LoRA expert of rank k * r.
+
+  The model adds `(alpha / rank) * A @ B` to a kernel (layers.Kernel), A [in, r], B [r, out].
+  The mean update (alpha / r) * sum_i w_i A_i @ B_i equals (alpha / (k r)) * A' @ B' with
+  A' = [A_1 ... A_k] [in, k r] and B' = k * [w_1 B_1; ...; w_k B_k] [k r, out]: the factor k
+  keeps `lora_alpha` unchanged while the rank grows to k r. Other leaves (layer norms) are
+  averaged with the same weights (uniform by default).
+
+  Returns (merged tree, {"lora_rank": k * r}): the ExpertConfig changes to load it, e.g.
+  `dataclasses.replace(config, **changes)`; `lora_alpha` stays as the experts had it.
+  """
+  stacked = _stack(experts)
+  k = len(experts)
+  w = _normalised_weights(weights, k)
+  pairs = _lora_pairs(list(stacked))
+  ranks = {stacked[a].shape[-1] for a, _ in pairs}
+  if len(ranks) != 1:
+    raise MergeError(f"experts: expected one LoRA rank for every target, got ranks {sorted(ranks)}")
+  merged = {p: np.tensordot(w, v, axes=1) for p, v in stacked.items()}
+  for a, b in pairs:
+    merged[a] = np.concatenate(list(stacked[a]), axis=-1)  # [in, k r]
+    merged[b] = np.concatenate([k * wi * bi for wi, bi in zip(w, stacked[b])], axis=0)  # [k r, out]
+  return _tree(merged), {"lora_rank": k * ranks.pop()}

@@ -1,0 +1,206 @@
+"""Retrieval of Experts (RoE) and the rankings it is compared with.
+
+RoE as the paper's `run_retrieval.py` does it: each expert's stored training instances are keys
+(embedded once and cached in the library); each of 32 unlabeled target inputs, written in the
+same text format, retrieves its top-1 key by inner product of L2-normalised embeddings (cosine);
+the key's expert gets a vote; experts are ranked by votes. Ties are broken deterministically:
+by the first query that voted for the expert (the paper's stable sort over first-seen order),
+then by library order. Embedders: all-MiniLM-L6-v2 (the paper's "ST"), the backbone's own
+encoder (mean-pooled), or BM25 over whitespace tokens (BM25Okapi, as `rank_bm25`).
+
+Likelihood ranking needs no embedding model: every expert scores the 32 inputs' answer choices
+in one pass (`score_all_experts`) and experts are ranked by a label-free criterion (lowest mean
+entropy of the choice distribution, or highest mean max-probability). The oracle ranks experts
+by accuracy on labelled target examples, as an upper bound for analysis.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import io
+import math
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from elm_jax.errors import UserInputError
+from elm_jax.library import instances
+from elm_jax.library.store import ExpertLibrary, write_atomically
+
+METHODS = ("roe", "likelihood", "oracle")
+EMBEDDERS = ("minilm", "t5", "bm25")
+CRITERIA = ("entropy", "max_prob")
+KEY_MAX_LENGTH, QUERY_MAX_LENGTH = 256, 512
+
+
+class RetrievalError(UserInputError):
+  """A retrieval request the library cannot answer (no keys, no choices, unknown method)."""
+
+
+# ---------------------------------------------------------------------------- embedders
+class T5EncoderEmbedder:
+  """Mean-pooled, L2-normalised outputs of a T5 encoder: texts -> [N, emb_dim] float32."""
+  name = "t5"
+
+  def __init__(self, model, params, vocabulary, batch_size: int = 32):
+    self.model, self.params, self.vocabulary, self.batch_size = model, params, vocabulary, batch_size
+
+  def embed(self, texts: Sequence[str], max_length: int = KEY_MAX_LENGTH) -> np.ndarray:
+    from elm_jax.evaluation.rank_scoring import bucket
+    ids = [self.vocabulary.encode(t)[:max_length - 1] + [self.model.config.eos_id] for t in texts]
+    out = np.zeros((len(texts), self.model.config.emb_dim), np.float32)
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    for start in range(0, len(order), self.batch_size):
+      rows = order[start:start + self.batch_size]
+      length = bucket(max(len(ids[i]) for i in rows), 16, max_length)
+      tokens = np.zeros((self.batch_size, length), np.int32)
+      for r, i in enumerate(rows):
+        tokens[r, :len(ids[i])] = ids[i]
+      pooled = np.asarray(encoder_mean_pool(self.model, self.params, tokens))
+      out[rows] = pooled[:len(rows)]
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def encoder_mean_pool(model, params, tokens: jax.Array) -> jax.Array:
+  """tokens [N, L] (0 = padding) -> mean of the T5 encoder outputs over real tokens, L2-normalised [N, emb]."""
+  from elm_jax.models.t5 import Transformer
+  mask = tokens != model.config.pad_id
+  hidden = model.apply({"params": params}, tokens, mask, method=Transformer.encode).astype(jnp.float32)
+  weights = mask[..., None].astype(jnp.float32)
+  pooled = (hidden * weights).sum(1) / jnp.maximum(weights.sum(1), 1.0)
+  return pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
+
+
+class MiniLMTextEmbedder:
+  name = "minilm"
+
+  def __init__(self, model_dir: Optional[str] = None):
+    from elm_jax.models.minilm import MiniLMEmbedder
+    self._embedder = MiniLMEmbedder(model_dir)
+
+  def embed(self, texts: Sequence[str], max_length: int = KEY_MAX_LENGTH) -> np.ndarray:
+    return self._embedder.embed(list(texts), max_length=max_length)
+
+
+class BM25:
+  """Okapi BM25 over lower-cased whitespace tokens (k1 1.5, b 0.75; negative idf floored at
+  epsilon x mean idf, as rank_bm25.BM25Okapi)."""
+
+  def __init__(self, documents: Sequence[str], k1: float = 1.5, b: float = 0.75, epsilon: float = 0.25):
+    self.docs = [collections.Counter(d.lower().split()) for d in documents]
+    self.lengths = np.array([sum(d.values()) for d in self.docs], np.float64)
+    self.avgdl = float(self.lengths.mean()) if len(self.docs) else 0.0
+    self.k1, self.b = k1, b
+    frequency = collections.Counter(t for d in self.docs for t in d)
+    n = len(self.docs)
+    idf = {t: math.log(n - f + 0.5) - math.log(f + 0.5) for t, f in frequency.items()}
+    floor = epsilon * (sum(idf.values()) / len(idf)) if idf else 0.0
+    self.idf = {t: (v if v >= 0 else floor) for t, v in idf.items()}
+
+  def scores(self, query: str) -> np.ndarray:
+    """[documents] BM25 score of each document for `query`."""
+    out = np.zeros(len(self.docs))
+    norm = self.k1 * (1 - self.b + self.b * self.lengths / max(self.avgdl, 1e-12))
+    for token in query.lower().split():
+      if token not in self.idf:
+        continue
+      tf = np.array([d.get(token, 0) for d in self.docs], np.float64)
+      out += self.idf[token] * tf * (self.k1 + 1) / (tf + norm)
+    return out
+
+
+# ---------------------------------------------------------------------------- keys
+def library_keys(library: ExpertLibrary, names: Sequence[str], text_format: str
+                 ) -> tuple[list[str], np.ndarray]:
+  """(key texts [K], owner expert index [K]) of the named experts, in their order."""
+  texts, owners = [], []
+  for e, name in enumerate(names):
+    for key in library.keys(name):
+      texts.append(instances.format_text(key, text_format))
+      owners.append(e)
+  if not texts:
+    raise RetrievalError(f"{library.root}: the selected experts have no retrieval keys")
+  return texts, np.asarray(owners, np.int64)
+
+
+def key_embeddings(library: ExpertLibrary, names: Sequence[str], embedder, text_format: str
+                   ) -> tuple[np.ndarray, np.ndarray]:
+  """(embeddings [K, dim], owners [K]); each expert's are cached in the library the first time
+  they are computed (new files only: an expert added later never changes another's)."""
+  vectors, owners = [], []
+  for e, name in enumerate(names):
+    path = library.embeddings_path(name, embedder.name, text_format)
+    if path.exists():
+      block = np.load(io.BytesIO(path.read_bytes()))
+    else:
+      texts = [instances.format_text(k, text_format) for k in library.keys(name)]
+      block = embedder.embed(texts, KEY_MAX_LENGTH)
+      path.parent.mkdir(parents=True, exist_ok=True)
+      buffer = io.BytesIO()
+      np.save(buffer, block.astype(np.float32))
+      write_atomically(path, buffer.getvalue())
+    vectors.append(block)
+    owners.extend([e] * len(block))
+  return np.concatenate(vectors), np.asarray(owners, np.int64)
+
+
+# ---------------------------------------------------------------------------- rankings
+def vote_ranking(similarity: np.ndarray, owners: np.ndarray, names: Sequence[str]) -> list[dict[str, Any]]:
+  """similarity [Q, K] -> experts ranked by top-1 votes: [{"expert", "votes"}], every expert
+  listed (zero-vote experts last, in library order)."""
+  top = np.argmax(similarity, axis=1)  # first maximum on exact ties: the earlier key
+  voters = owners[top]
+  votes = np.bincount(voters, minlength=len(names))
+  first_vote = {int(e): q for q, e in reversed(list(enumerate(voters)))}
+  order = sorted(range(len(names)), key=lambda e: (-votes[e], first_vote.get(e, len(voters)), e))
+  return [{"expert": names[e], "votes": int(votes[e])} for e in order]
+
+
+def choice_probabilities(scores: np.ndarray) -> np.ndarray:
+  """[E, N, C] log-likelihoods (-inf on padded choices) -> softmax over choices."""
+  shifted = scores - np.max(scores, axis=-1, keepdims=True)
+  p = np.exp(shifted)
+  return p / p.sum(-1, keepdims=True)
+
+
+def likelihood_ranking(scores: np.ndarray, names: Sequence[str], criterion: str = "entropy"
+                       ) -> list[dict[str, Any]]:
+  """Experts ranked by a label-free criterion over their choice distributions [E, N, C]:
+  'entropy' (mean entropy, lowest first) or 'max_prob' (mean max-probability, highest first)."""
+  p = choice_probabilities(scores)
+  if criterion == "entropy":
+    value = -np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0).sum(-1).mean(-1)
+    order = sorted(range(len(names)), key=lambda e: (value[e], e))
+  elif criterion == "max_prob":
+    value = p.max(-1).mean(-1)
+    order = sorted(range(len(names)), key=lambda e: (-value[e], e))
+  else:
+    raise RetrievalError(f"--criterion: expected one of {CRITERIA}, got {criterion!r}")
+  return [{"expert": names[e], criterion: float(value[e])} for e in order]
+
+
+def oracle_ranking(scores: np.ndarray, labels: Sequence[int], names: Sequence[str]) -> list[dict[str, Any]]:
+  """Experts ranked by rank-classification accuracy (%) on labelled examples: scores [E, N, C]."""
+  predictions = np.argmax(scores, axis=-1)
+  accuracy = 100.0 * (predictions == np.asarray(labels)[None, :]).mean(-1)
+  order = sorted(range(len(names)), key=lambda e: (-accuracy[e], e))
+  return [{"expert": names[e], "accuracy": float(accuracy[e])} for e in order]
+
+
+def roe_ranking(library: ExpertLibrary, names: Sequence[str], queries: Sequence[dict[str, Any]], *,
+                embedder=None, bm25: bool = False, text_format: str = instances.DEFAULT_TEXT_FORMAT
+                ) -> list[dict[str, Any]]:
+  """RoE: each query's top-1 key votes for its expert."""
+  query_texts = [instances.format_text(q, text_format) for q in queries]
+  if bm25:
+    key_texts, owners = library_keys(library, names, text_format)
+    index = BM25(key_texts)
+    similarity = np.stack([index.scores(q) for q in query_texts])
+  else:
+    keys, owners = key_embeddings(library, names, embedder, text_format)
+    similarity = embedder.embed(query_texts, QUERY_MAX_LENGTH) @ keys.T
+  return vote_ranking(similarity, owners, names)
