@@ -42,12 +42,15 @@ class SentencePieceVocabulary:
     return [self._sp.EncodeAsIds(t) for t in texts]
 
   def decode(self, ids: Sequence[int]) -> str:
-    """Ids -> text, stopping at the first EOS and skipping padding."""
+    """Ids -> text, stopping at the first EOS and skipping padding. Ids past the SentencePiece
+    model (a model's embedding is often padded, e.g. 32128 rows for 32100 pieces) decode as
+    unknown, as seqio does."""
     out = []
+    size, unk = self.vocab_size, self._sp.unk_id()
     for i in ids:
       i = int(i)
       if i == self.eos_id:
         break
       if i != 0:
-        out.append(i)
+        out.append(i if i < size else unk)
     return self._sp.DecodeIds(out)

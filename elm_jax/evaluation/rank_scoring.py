@@ -245,3 +245,19 @@ def score_all_experts(model: Transformer, backbone, experts, examples: Sequence[
 def predictions(scores: Iterable[np.ndarray]) -> list[int]:
   """Argmax per example (the first maximum on ties)."""
   return [int(np.argmax(s)) for s in scores]
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_decode_length", "beam_size"))
+def decode_all_experts(model: Transformer, backbone, experts, encoder_tokens: Array, *,
+                       max_decode_length: int, beam_size: int = 1) -> tuple[Array, Array]:
+  """Greedy (beam_size 1) or beam decoding by every expert at once: experts' leaves [E, ...],
+  encoder_tokens [N, Li] -> (tokens [E, N, max_decode_length], scores [E, N])."""
+  from elm_jax.models import decoding
+
+  def one(expert):
+    params = merge_params(backbone, expert)
+    if beam_size == 1:
+      return decoding.greedy_decode(model, params, encoder_tokens, max_decode_length=max_decode_length)
+    return decoding.beam_search(model, params, encoder_tokens, beam_size=beam_size,
+                                max_decode_length=max_decode_length)
+  return jax.vmap(one)(experts)

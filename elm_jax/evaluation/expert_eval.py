@@ -1,0 +1,209 @@
+"""Evaluating every selected expert on every (dataset, prompt) of a task or mixture at once.
+
+Tasks with answer choices are rank-classified by `score_all_experts` (one vmapped pass per
+batch); tasks without are decoded by every expert at once (`decode_all_experts`) and scored with
+ROUGE-1/2/L, BLEU and exact match. Results are summarised per dataset as the mean and median over
+its prompts (the ELM paper reports means, T0 medians).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import functools
+import io
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from elm_jax.errors import UserInputError
+from elm_jax.evaluation import generation_metrics
+from elm_jax.evaluation.rank_scoring import bucket, decode_all_experts
+from elm_jax.library import instances
+from elm_jax.library.loaded import LoadedExperts, score_instances
+
+
+@dataclasses.dataclass
+class TaskResult:
+  task: str
+  dataset: str
+  prompt: str
+  kind: str                                   # "rank" or "generation"
+  examples: int
+  metrics: dict[str, dict[str, float]]        # expert -> metric -> value (%)
+  predictions: list[dict[str, Any]]           # one record per example
+
+  @property
+  def primary(self) -> str:
+    return "accuracy" if self.kind == "rank" else "rougeL"
+
+
+@functools.lru_cache(maxsize=1)
+def _known_prompts() -> dict[str, tuple[str, str]]:
+  from tasks import builtin_suite, inventory
+  known = {}
+  for spec in builtin_suite.SUITE:
+    name = builtin_suite.task_name(spec.dataset, spec.prompt)
+    known[name] = known[name + "_score_eval"] = (spec.dataset, spec.prompt)
+  inv = inventory.load_inventory()
+  for entry in inv["prompt_experts"]:
+    known[entry["name"]] = (entry["dataset"] + (f"/{entry['subset']}" if entry["subset"] else ""), entry["prompt"])
+  for entry in inv["held_out"]:
+    known[inventory.held_out_task_name(entry)] = (
+        entry["dataset"] + (f"/{entry['subset']}" if entry["subset"] else ""), entry["prompt"])
+  return known
+
+
+def dataset_and_prompt(task: str) -> tuple[str, str]:
+  """(dataset, prompt) of a task name from the built-in suite or the ELM inventory; otherwise
+  the task is its own dataset with one prompt."""
+  return _known_prompts().get(task, (task, task))
+
+
+def member_tasks(name: str) -> list[str]:
+  import seqio
+  if name in seqio.MixtureRegistry.names():
+    return [t.name for t in seqio.MixtureRegistry.get(name).tasks]
+  if name not in seqio.TaskRegistry.names():
+    raise UserInputError(f"--task: {name!r} is not a registered task or mixture; register it with "
+                         "--setup (builtin, elm, module:function)")
+  return [name]
+
+
+def evaluate_task(loaded: LoadedExperts, task: str, *, split: str = "validation",
+                  max_examples: int = 1000, batch_size: int = 32, expert_chunk: Optional[int] = None,
+                  max_input_length: int = 512, max_target_length: int = 128,
+                  beam_size: int = 1) -> TaskResult:
+  rows = instances.task_instances(task, split, max_examples)
+  dataset, prompt = dataset_and_prompt(task)
+  if rows and all(r.get("answer_choices") and r.get("label") is not None for r in rows):
+    scores, _ = score_instances(loaded, rows, batch_size=batch_size, expert_chunk=expert_chunk,
+                                max_input_length=max_input_length, max_target_length=max_target_length,
+                                source=f"task {task}")
+    predicted = np.argmax(scores, axis=-1)                      # [E, N]
+    labels = np.array([r["label"] for r in rows])
+    metrics = {name: {"accuracy": float(100.0 * np.mean(predicted[e] == labels))}
+               for e, name in enumerate(loaded.names)}
+    predictions = [{"index": n, "label": int(labels[n]),
+                    "predictions": {name: int(predicted[e, n]) for e, name in enumerate(loaded.names)}}
+                   for n in range(len(rows))]
+    return TaskResult(task, dataset, prompt, "rank", len(rows), metrics, predictions)
+  if not rows or any(r.get("targets") is None for r in rows):
+    raise UserInputError(f"task {task!r} ({split}): examples carry neither answer choices with a "
+                         "label nor a target text, so there is nothing to evaluate against")
+  texts = decode_texts(loaded, [r["inputs"] for r in rows], batch_size=batch_size,
+                       expert_chunk=expert_chunk, max_input_length=max_input_length,
+                       max_decode_length=max_target_length, beam_size=beam_size)
+  references = [r["targets"] for r in rows]
+  metrics = {name: generation_metrics.generation_metrics(texts[e], references)
+             for e, name in enumerate(loaded.names)}
+  predictions = [{"index": n, "target": references[n],
+                  "predictions": {name: texts[e][n] for e, name in enumerate(loaded.names)}}
+                 for n in range(len(rows))]
+  return TaskResult(task, dataset, prompt, "generation", len(rows), metrics, predictions)
+
+
+def decode_texts(loaded: LoadedExperts, inputs: Sequence[str], *, batch_size: int = 32,
+                 expert_chunk: Optional[int] = None, max_input_length: int = 512,
+                 max_decode_length: int = 128, beam_size: int = 1) -> list[list[str]]:
+  """Every expert's decoded text for every input: [E][N] strings."""
+  vocabulary = loaded.vocabulary()
+  eos = loaded.config.eos_id
+  ids = [vocabulary.encode(t)[:max_input_length - 1] + [eos] for t in inputs]
+  num_experts = len(loaded.names)
+  chunk = min(expert_chunk or num_experts, num_experts)
+  out: list[list[str]] = [[""] * len(inputs) for _ in range(num_experts)]
+  order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+  for start_e in range(0, num_experts, chunk):
+    index = np.minimum(np.arange(start_e, start_e + chunk), num_experts - 1)
+    experts = {k: v for k, v in _take(loaded.experts, index).items()}
+    for start in range(0, len(order), batch_size):
+      rows = order[start:start + batch_size]
+      tokens = np.zeros((batch_size, bucket(max(len(ids[i]) for i in rows), 16, max_input_length)), np.int32)
+      for r, i in enumerate(rows):
+        tokens[r, :len(ids[i])] = ids[i]
+      decoded, _ = decode_all_experts(loaded.model, loaded.backbone, experts, tokens,
+                                      max_decode_length=max_decode_length, beam_size=beam_size)
+      decoded = np.asarray(decoded)
+      for e in range(min(chunk, num_experts - start_e)):
+        for r, i in enumerate(rows):
+          seq = decoded[e, r].tolist()
+          seq = seq[:seq.index(eos)] if eos in seq else seq
+          out[start_e + e][i] = vocabulary.decode([t for t in seq if t != loaded.config.pad_id])
+  return out
+
+
+def _take(tree, index):
+  import jax
+  return jax.tree_util.tree_map(lambda x: np.asarray(x)[index], tree)
+
+
+# ---------------------------------------------------------------------------- reports
+def summarize(results: Sequence[TaskResult], experts: Sequence[str]) -> dict[str, dict[str, dict[str, float]]]:
+  """expert -> dataset -> {"mean", "median", "prompts"} of each task's primary metric."""
+  out: dict[str, dict[str, dict[str, float]]] = {}
+  for expert in experts:
+    per_dataset: dict[str, list[float]] = {}
+    for r in results:
+      per_dataset.setdefault(r.dataset, []).append(r.metrics[expert][r.primary])
+    out[expert] = {d: {"mean": float(np.mean(v)), "median": float(np.median(v)), "prompts": len(v)}
+                   for d, v in per_dataset.items()}
+  return out
+
+
+def markdown_table(results: Sequence[TaskResult], experts: Sequence[str]) -> str:
+  """Rows: (dataset, prompt, metric) then each dataset's mean and median; columns: experts."""
+  header = "| dataset | prompt | metric | " + " | ".join(experts) + " |"
+  lines = [header, "|" + "---|" * (3 + len(experts))]
+  for r in results:
+    lines.append(f"| {r.dataset} | {r.prompt} | {r.primary} | " +
+                 " | ".join(f"{r.metrics[e][r.primary]:.1f}" for e in experts) + " |")
+  summary = summarize(results, experts)
+  for dataset in dict.fromkeys(r.dataset for r in results):
+    for stat in ("mean", "median"):
+      lines.append(f"| **{dataset}** | {stat} over prompts | | " +
+                   " | ".join(f"{summary[e][dataset][stat]:.1f}" for e in experts) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def write_reports(output_dir: str, results: Sequence[TaskResult], experts: Sequence[str],
+                  run: dict[str, Any], overwrite: bool = False) -> None:
+  """results.json, results.csv, results.md and predictions/<task>.jsonl, written to a temporary
+  sibling directory and renamed into place (an existing directory only with `overwrite`)."""
+  output_dir = os.path.abspath(output_dir)
+  if os.path.exists(output_dir) and os.listdir(output_dir) and not overwrite:
+    raise UserInputError(f"{output_dir}: exists and is not empty; pass --overwrite to replace it")
+  os.makedirs(os.path.dirname(output_dir), exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=".eval-", dir=os.path.dirname(output_dir))
+  try:
+    summary = summarize(results, experts)
+    with open(os.path.join(tmp, "results.json"), "w") as f:
+      json.dump({"run": run, "summary": summary,
+                 "tasks": [{k: v for k, v in dataclasses.asdict(r).items() if k != "predictions"}
+                           for r in results]}, f, indent=1)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["task", "dataset", "prompt", "expert", "metric", "value", "examples"])
+    for r in results:
+      for expert in experts:
+        for metric, value in r.metrics[expert].items():
+          writer.writerow([r.task, r.dataset, r.prompt, expert, metric, f"{value:.4f}", r.examples])
+    with open(os.path.join(tmp, "results.csv"), "w") as f:
+      f.write(buffer.getvalue())
+    with open(os.path.join(tmp, "results.md"), "w") as f:
+      f.write(markdown_table(results, experts))
+    os.makedirs(os.path.join(tmp, "predictions"))
+    for r in results:
+      with open(os.path.join(tmp, "predictions", f"{r.task}.jsonl"), "w") as f:
+        for record in r.predictions:
+          f.write(json.dumps(record) + "\n")
+    if os.path.exists(output_dir):
+      shutil.rmtree(output_dir)
+    os.rename(tmp, output_dir)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
