@@ -1,8 +1,10 @@
 """`elm-jax score`: rank classification of JSONL examples with any T5 checkpoint.
 
 Input lines: {"id": ..., "inputs": "text", "choices": ["a", "b", ...]}.
-Output lines: {"id": ..., "scores": [...], "prediction": index}. Nothing is written to
---output until every example has been scored.
+Output lines: {"id": ..., "scores": [...], "prediction": index}; with --library, every selected
+expert scores every example in one vmapped pass and the lines are {"id": ..., "scores":
+{expert: [...]}, "prediction": {expert: index}}. Nothing is written to --output until every
+example has been scored.
 """
 
 from __future__ import annotations
@@ -25,9 +27,14 @@ class InputError(UserInputError):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--checkpoint", required=True,
+  parser.add_argument("--checkpoint", default=None,
                       help="Hugging Face T5/mT5 directory (config.json, *.safetensors, spiece.model), "
-                           "or a T5X checkpoint (legacy or Orbax; needs a model --gin_file)")
+                           "or a T5X checkpoint (legacy or Orbax; needs a model --gin_file); with "
+                           "--library, the backbone (default: the one the library records)")
+  parser.add_argument("--library", default=None, help="Expert Library: score with its experts")
+  parser.add_argument("--experts", default="all", help="with --library: all or NAME,NAME,...")
+  parser.add_argument("--expert_chunk", type=int, default=None,
+                      help="with --library: experts per device pass (bounds memory)")
   parser.add_argument("--input", required=True, help="JSONL file of {id, inputs, choices}")
   parser.add_argument("--output", required=True, help="JSONL file to write {id, scores, prediction}")
   parser.add_argument("--batch_size", type=int, default=32)
@@ -94,11 +101,38 @@ def score_records(records, scorer: rank_scoring.RankScorer, vocabulary, *,
   return out
 
 
+def score_with_library(args: argparse.Namespace, records) -> list[dict[str, Any]]:
+  from elm_jax.library.loaded import load_experts, score_instances
+  loaded = load_experts(args.library, args.experts, checkpoint=args.checkpoint, dtype=args.dtype,
+                        vocabulary=args.vocabulary)
+  rows = [{"inputs": r["inputs"], "answer_choices": r["choices"]} for r in records]
+  scores, counts = score_instances(loaded, rows, batch_size=args.batch_size,
+                                   expert_chunk=args.expert_chunk, max_input_length=args.max_input_length,
+                                   max_target_length=args.max_target_length, source=args.input)
+  out = []
+  for n, record in enumerate(records):
+    num = len(record["choices"])
+    per_expert = scores[:, n, :num] / counts[n, :num] if args.length_normalize else scores[:, n, :num]
+    out.append({"id": record["id"],
+                "scores": {name: [float(v) for v in per_expert[e]] for e, name in enumerate(loaded.names)},
+                "prediction": {name: int(per_expert[e].argmax()) for e, name in enumerate(loaded.names)}})
+  return out
+
+
 def main(args: argparse.Namespace) -> int:
   from elm_jax.checkpoints import loading
   from elm_jax.vocabularies import SentencePieceVocabulary
 
   records = read_examples(args.input)
+  if args.library:
+    start = time.perf_counter()
+    out = score_with_library(args, records)
+    write_jsonl_atomically(args.output, out)
+    print(f"scored {len(out)} examples with {len(out[0]['scores'])} experts in "
+          f"{time.perf_counter() - start:.1f}s -> {args.output}", file=sys.stderr)
+    return 0
+  if not args.checkpoint:
+    raise InputError("pass --checkpoint=DIR (a T5 checkpoint) or --library=DIR (an Expert Library)")
   checkpoint = loading.load_model_checkpoint(args.checkpoint, dtype=args.dtype)
   vocab_path = args.vocabulary or checkpoint.vocab_path
   if vocab_path is None:
