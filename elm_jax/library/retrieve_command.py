@@ -47,6 +47,8 @@ def rank(args: argparse.Namespace) -> dict:
   queries = instances.query_instances(args.task, args.num_queries, args.split,
                                       labelled=args.method == "oracle")
   if args.method == "roe":
+    if args.experts == "all":  # merged experts, and any added with --keys=none, have no keys
+      names = [n for n in names if library.entry(n).get("keys")]
     embedder = None
     if args.embedder == "minilm":
       embedder = retrieval.MiniLMTextEmbedder()

@@ -262,8 +262,8 @@ class ExpertLibrary:
     """The stored training instances of `name`: [{"inputs", "answer_choices"?, ...}]."""
     path = self.keys_path(name)
     if not path.exists():
-      raise LibraryError(f"{path}: expert {name!r} has no retrieval keys; add them with "
-                         "`elm-jax library add --keys_from_task` or ExpertLibrary.add(keys=...)")
+      raise LibraryError(f"{path}: expert {name!r} has no retrieval keys; add it with "
+                         "`elm-jax library add --keys=auto|FILE` or ExpertLibrary.add(keys=...)")
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
   def embeddings_path(self, name: str, embedder: str, text_format: str) -> epath.Path:

@@ -87,3 +87,23 @@ def test_single_model_scores_keep_their_shape(setup, tiny_config):
   assert [s.shape for s in scores] == [(len(ex.choices),) for ex in examples]
   for s, expected in zip(scores, loop[3]):
     np.testing.assert_array_equal(s, expected)
+
+
+def test_one_pass_decoding_equals_each_expert_alone(setup, tiny_config):
+  from elm_jax.models import decoding
+  model, backbone, stacked, examples, _ = setup
+  tokens = np.zeros((4, 32), np.int32)
+  for r, ex in enumerate(examples[:4]):
+    tokens[r, :len(ex.inputs) + 1] = ex.inputs + [tiny_config.eos_id]
+  for beam_size in (1, 2):
+    together, scores = rank_scoring.decode_all_experts(model, backbone, stacked, tokens,
+                                                       max_decode_length=6, beam_size=beam_size)
+    for e in range(NUM_EXPERTS):
+      params = merge_params(backbone, unstack(stacked, e))
+      if beam_size == 1:
+        alone, alone_scores = decoding.greedy_decode(model, params, tokens, max_decode_length=6)
+      else:
+        alone, alone_scores = decoding.beam_search(model, params, tokens, beam_size=2, max_decode_length=6)
+      np.testing.assert_array_equal(np.asarray(together[e]), np.asarray(alone))
+      np.testing.assert_allclose(np.asarray(scores[e]), np.asarray(alone_scores), rtol=1e-5, atol=1e-5)
+  assert len({tuple(np.asarray(together[e]).ravel()) for e in range(NUM_EXPERTS)}) > 1
