@@ -21,6 +21,7 @@ from elm_jax.models.adapters import merge_params
 from elm_jax.models.t5 import Transformer
 
 Array = jax.Array
+CPU_EXPERT_CHUNK = 2
 
 
 def shift_right(targets: Array, start_id: int) -> Array:
@@ -106,7 +107,8 @@ class RankScorer:
 
   With `experts` (a tree of stacked expert parameters, leaves [E, ...]), `params` is the frozen
   backbone and every expert scores every batch in one vmapped program, `expert_chunk` experts at
-  a time (the last chunk padded by repeating an expert, so one program serves all chunks). With
+  a time (default: all on an accelerator, CPU_EXPERT_CHUNK on CPU; the last chunk is padded by
+  repeating an expert, so one program serves all chunks). With
   a `partitioner`, each chunk is split over the mesh's `expert` axis and the backbone by the
   model rules; `expert_chunk` must then be a multiple of the `expert` axis size.
   """
@@ -119,7 +121,10 @@ class RankScorer:
     self.model, self.params, self.experts = model, params, experts
     self.num_experts = None if experts is None else int(jax.tree_util.tree_leaves(experts)[0].shape[0])
     if experts is not None:
-      expert_chunk = min(expert_chunk or self.num_experts, self.num_experts)
+      if expert_chunk is None:  # all at once on accelerators; on CPU, small chunks keep the
+        # per-expert activations in cache (BENCHMARKS.md: chunks of 16 ran 1.3-2x slower than 2)
+        expert_chunk = CPU_EXPERT_CHUNK if jax.default_backend() == "cpu" else self.num_experts
+      expert_chunk = min(expert_chunk, self.num_experts)
       if partitioner is not None:
         ways = partitioner.mesh.shape["expert"]
         expert_chunk = -(-expert_chunk // ways) * ways

@@ -88,28 +88,35 @@ class MiniLMTextEmbedder:
 
 class BM25:
   """Okapi BM25 over lower-cased whitespace tokens (k1 1.5, b 0.75; negative idf floored at
-  epsilon x mean idf, as rank_bm25.BM25Okapi)."""
+  epsilon x mean idf, as rank_bm25.BM25Okapi), with an inverted index so a query touches only
+  the documents that share a token with it."""
 
   def __init__(self, documents: Sequence[str], k1: float = 1.5, b: float = 0.75, epsilon: float = 0.25):
-    self.docs = [collections.Counter(d.lower().split()) for d in documents]
-    self.lengths = np.array([sum(d.values()) for d in self.docs], np.float64)
-    self.avgdl = float(self.lengths.mean()) if len(self.docs) else 0.0
-    self.k1, self.b = k1, b
-    frequency = collections.Counter(t for d in self.docs for t in d)
-    n = len(self.docs)
-    idf = {t: math.log(n - f + 0.5) - math.log(f + 0.5) for t, f in frequency.items()}
+    counts = [collections.Counter(d.lower().split()) for d in documents]
+    self.num_docs = len(counts)
+    lengths = np.array([sum(c.values()) for c in counts], np.float64)
+    avgdl = float(lengths.mean()) if self.num_docs else 0.0
+    self.k1 = k1
+    self.norm = k1 * (1 - b + b * lengths / max(avgdl, 1e-12))   # [documents]
+    postings: dict[str, tuple[list[int], list[int]]] = {}
+    for doc, c in enumerate(counts):
+      for token, tf in c.items():
+        ids, tfs = postings.setdefault(token, ([], []))
+        ids.append(doc)
+        tfs.append(tf)
+    self.postings = {t: (np.array(ids), np.array(tfs, np.float64)) for t, (ids, tfs) in postings.items()}
+    idf = {t: math.log(self.num_docs - len(ids) + 0.5) - math.log(len(ids) + 0.5)
+           for t, (ids, _) in self.postings.items()}
     floor = epsilon * (sum(idf.values()) / len(idf)) if idf else 0.0
     self.idf = {t: (v if v >= 0 else floor) for t, v in idf.items()}
 
   def scores(self, query: str) -> np.ndarray:
-    """[documents] BM25 score of each document for `query`."""
-    out = np.zeros(len(self.docs))
-    norm = self.k1 * (1 - self.b + self.b * self.lengths / max(self.avgdl, 1e-12))
+    """[documents] BM25 score of each document for `query` (query tokens count each time they occur)."""
+    out = np.zeros(self.num_docs)
     for token in query.lower().split():
-      if token not in self.idf:
-        continue
-      tf = np.array([d.get(token, 0) for d in self.docs], np.float64)
-      out += self.idf[token] * tf * (self.k1 + 1) / (tf + norm)
+      if token in self.postings:
+        ids, tf = self.postings[token]
+        out[ids] += self.idf[token] * tf * (self.k1 + 1) / (tf + self.norm[ids])
     return out
 
 
