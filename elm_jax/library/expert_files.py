@@ -16,7 +16,7 @@ import tempfile
 from typing import Optional
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
 from elm_jax import tree_paths
 from elm_jax.errors import UserInputError
@@ -85,16 +85,18 @@ def save_expert(directory: str, params: dict, metadata: ExpertMetadata, overwrit
 
 
 def load_expert(directory: str, backbone_fingerprint: Optional[str] = None,
-                force: bool = False) -> tuple[dict, ExpertMetadata]:
-  """(expert parameter tree, metadata); checks the backbone fingerprint unless `force`."""
-  meta_path = os.path.join(directory, METADATA_FILE)
-  tensors_path = os.path.join(directory, TENSORS_FILE)
+                 force: bool = False) -> tuple[dict, ExpertMetadata]:
+  """(expert parameter tree, metadata); checks the backbone fingerprint unless `force`.
+  `directory` may be any path etils.epath reads (local, gs://, ...)."""
+  from etils import epath
+  from safetensors.numpy import load as load_bytes
+  root = epath.Path(directory)
+  meta_path, tensors_path = root / METADATA_FILE, root / TENSORS_FILE
   for path in (meta_path, tensors_path):
-    if not os.path.isfile(path):
+    if not path.is_file():
       raise ExpertFileError(f"{path}: not found; an expert directory holds {METADATA_FILE} and {TENSORS_FILE}")
   try:
-    with open(meta_path) as f:
-      metadata = ExpertMetadata.from_json(json.load(f), meta_path)
+    metadata = ExpertMetadata.from_json(json.loads(meta_path.read_text()), str(meta_path))
   except json.JSONDecodeError as e:
     raise ExpertFileError(f"{meta_path}: not valid JSON ({e})") from None
   ExpertConfig(**metadata.expert_config)  # validates the stored config
@@ -102,9 +104,9 @@ def load_expert(directory: str, backbone_fingerprint: Optional[str] = None,
     raise ExpertFileError(
         f"{meta_path}: expert {metadata.name!r} was trained on backbone "
         f"{metadata.backbone_fingerprint}, not on this one ({backbone_fingerprint}); pass force=True "
-        "to load it anyway")
+        "(--force) to load it anyway")
   try:
-    params = tree_paths.unflatten({tree_paths.split(k): v for k, v in load_file(tensors_path).items()})
+    params = tree_paths.unflatten({tree_paths.split(k): v for k, v in load_bytes(tensors_path.read_bytes()).items()})
   except Exception as e:  # safetensors raises its own error type for damaged files
     raise ExpertFileError(f"{tensors_path}: not a readable safetensors file ({e})") from None
   return params, metadata

@@ -42,14 +42,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def expert_dirs(paths) -> list[str]:
-  """Expert directories from arguments that may also be training run directories."""
+  """Expert directories from arguments that may also be training run directories (any epath)."""
+  from etils import epath
   found = []
-  for path in paths:
-    if os.path.isfile(os.path.join(path, expert_files.METADATA_FILE)):
-      found.append(path)
-    elif os.path.isdir(os.path.join(path, "experts")):
-      inside = sorted(os.path.join(path, "experts", d) for d in os.listdir(os.path.join(path, "experts"))
-                      if os.path.isfile(os.path.join(path, "experts", d, expert_files.METADATA_FILE)))
+  for path in map(epath.Path, paths):
+    if (path / expert_files.METADATA_FILE).is_file():
+      found.append(os.fspath(path))
+    elif (path / "experts").is_dir():
+      inside = sorted(os.fspath(d) for d in (path / "experts").iterdir()
+                      if (d / expert_files.METADATA_FILE).is_file())
       if not inside:
         raise LibraryError(f"{path}/experts: holds no expert directories")
       found.extend(inside)

@@ -106,3 +106,32 @@ def test_library_retrieve_merge_eval_and_continual_addition(tmp_path, capsys):
   out = _run(capsys, "retrieve", f"--library={lib}", "--task=builtin_paraphrase_paraphrase_or_not",
              "--method=roe", "--top_k=1")
   assert out.split("\t")[1] == "builtin_paraphrase_same_meaning"
+
+
+def test_embed_command_minilm_and_t5(tmp_path, capsys):
+  from elm_jax.checkpoints import loading
+  from elm_jax.models.minilm import MiniLMEmbedder
+  from elm_jax.models.t5 import Transformer
+  from elm_jax.vocabularies import SentencePieceVocabulary
+  from tests.conftest import GOLDEN_DIR
+  lines = ["The telescope found a planet.", "Bake the bread for forty minutes.", ""]
+  (tmp_path / "in.txt").write_text("\n".join(lines) + "\n")
+  _run(capsys, "embed", f"--input={tmp_path / 'in.txt'}", f"--output={tmp_path / 'minilm.npy'}")
+  got = np.load(tmp_path / "minilm.npy")
+  assert got.shape == (3, 384) and got.dtype == np.float32
+  np.testing.assert_allclose(got, MiniLMEmbedder().embed(lines, max_length=256), atol=1e-6)
+
+  checkpoint = GOLDEN_DIR / "t5_v1_1"
+  _run(capsys, "embed", "--embedder=t5", f"--checkpoint={checkpoint}", f"--input={tmp_path / 'in.txt'}",
+       f"--output={tmp_path / 't5.npy'}")
+  got = np.load(tmp_path / "t5.npy")
+  loaded = loading.load_model_checkpoint(str(checkpoint))
+  vocabulary = SentencePieceVocabulary(loaded.vocab_path)
+  for row, text in zip(got, lines):  # mean of the encoder outputs over the text's tokens + EOS
+    ids = np.array([vocabulary.encode(text) + [1]], np.int32)
+    hidden = np.asarray(loaded.model.apply({"params": loaded.params}, ids, ids > 0, method=Transformer.encode))[0]
+    expected = hidden.mean(0) / np.linalg.norm(hidden.mean(0))
+    np.testing.assert_allclose(row, expected, atol=1e-5)
+  capsys.readouterr()
+  assert cli.main(["embed", f"--input={tmp_path / 'missing.txt'}", f"--output={tmp_path / 'x.npy'}"]) == 2
+  assert "missing.txt: input file not found" in capsys.readouterr().err
