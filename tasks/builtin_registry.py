@@ -10,6 +10,7 @@ when a dataset is requested.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import tempfile
@@ -19,6 +20,8 @@ from tasks import builtin_suite, prompted
 from tasks.mixtures import add_mixture
 
 VOCAB_SIZE = 1000
+_REGISTERED = None  # (settings, mixture names, task names) of the current registration
+_task_names: set = set()
 _SPM_SETTINGS = dict(model_type="unigram", character_coverage=1.0, pad_id=0, eos_id=1, unk_id=2,
                      bos_id=-1, hard_vocab_limit=False, input_sentence_size=100_000,
                      shuffle_input_sentence=False, num_threads=1)
@@ -51,11 +54,26 @@ def builtin_vocabulary(cache_dir: Optional[str] = None, vocab_size: int = VOCAB_
   return path
 
 
+@functools.lru_cache(maxsize=512)
+def _generated(dataset: str, prompt: str, split: str, count: int, seed: int) -> tuple:
+  """Examples are generated once per process: training, retrieval keys and evaluation all read them."""
+  return tuple(builtin_suite.generate(dataset, prompt, split, count, seed))
+
+
 def register_builtin_suite(num_train: int = 2000, num_eval: int = 200, seed: int = 0,
                            cache_dir: Optional[str] = None) -> dict[str, list[str]]:
-  """Registers every built-in task and mixture (idempotent); returns mixture -> members."""
+  """Registers every built-in task and mixture; returns mixture -> members. Idempotent for the
+  same settings; other settings replace the earlier registration."""
   import seqio
 
+  global _REGISTERED
+  settings = (num_train, num_eval, seed, cache_dir)
+  if _REGISTERED is not None and _REGISTERED[0] != settings:
+    for name in _REGISTERED[1]:
+      seqio.MixtureRegistry.remove(name)
+    for name in list(seqio.TaskRegistry.names()):
+      if name.startswith("builtin_") and name in _REGISTERED[2]:
+        seqio.TaskRegistry.remove(name)
   vocabulary = seqio.SentencePieceVocabulary(builtin_vocabulary(cache_dir))
   counts = {"train": num_train, "validation": num_eval}
   mixtures: dict[str, list[str]] = {"builtin_train": [], "builtin_held_out": [],
@@ -64,10 +82,11 @@ def register_builtin_suite(num_train: int = 2000, num_eval: int = 200, seed: int
     name = builtin_suite.task_name(spec.dataset, spec.prompt)
 
     def rows_fn(split, spec=spec):
-      return builtin_suite.generate(spec.dataset, spec.prompt, split, counts[split], seed)
+      return list(_generated(spec.dataset, spec.prompt, split, counts[split], seed))
 
     names = prompted.register_prompted_task(name, rows_fn, vocabulary, score_eval=spec.multiple_choice,
                                             source=f"built-in suite {spec.dataset}/{spec.prompt}")
+    _task_names.update(names)
     if spec.role == "train":
       mixtures["builtin_train"].append(name)
       mixtures.setdefault(f"builtin_{spec.dataset}_all_prompts", []).append(name)
@@ -77,4 +96,5 @@ def register_builtin_suite(num_train: int = 2000, num_eval: int = 200, seed: int
       mixtures[f"builtin_{spec.role}"].append(name)
   for mixture, members in mixtures.items():
     add_mixture(mixture, members, source="built-in suite")
+  _REGISTERED = (settings, list(mixtures), set(_task_names))
   return mixtures

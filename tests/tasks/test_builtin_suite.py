@@ -107,3 +107,15 @@ def test_listed_by_the_tasks_command(capsys):
   out = capsys.readouterr().out
   assert "builtin_nli_can_we_infer: held_out, multiple choice" in out
   assert "builtin_titled_sentiment_title_then_reaction: composed, generative (composes title_generation, sentiment)" in out
+
+
+def test_registering_again_with_other_settings_replaces_the_tasks(tmp_path):
+  def count():
+    task = seqio.TaskRegistry.get("builtin_sentiment_is_positive")
+    return len(list(task.get_dataset(split="train", sequence_length=None, shuffle=False).as_numpy_iterator()))
+  builtin_registry.register_builtin_suite(num_train=12, num_eval=4, cache_dir=str(tmp_path))
+  assert count() == 12
+  builtin_registry.register_builtin_suite(num_train=20, num_eval=4, cache_dir=str(tmp_path))
+  assert count() == 20
+  assert len(seqio.MixtureRegistry.get("builtin_train").tasks) == len(
+      [s for s in suite.SUITE if s.role == "train"])
