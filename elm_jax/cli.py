@@ -15,6 +15,8 @@ from typing import Optional, Sequence
 from elm_jax.errors import UserInputError
 
 SUBCOMMANDS = {
+    "demo": ("elm_jax.demo.demo_command",
+             "the paper's experiments in miniature on the built-in suite, with a report"),
     "score": ("elm_jax.evaluation.score_command",
               "rank-classify JSONL examples with a T5 checkpoint"),
     "train": ("elm_jax.training.train_command",

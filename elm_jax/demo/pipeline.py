@@ -1,0 +1,401 @@
+"""The paper's experiments in miniature, on the built-in task suite, as resumable stages.
+
+Each stage writes `<out>/stages/<name>.json` when it finishes; a rerun loads finished stages
+instead of redoing them (training stages also resume from their Orbax checkpoints).
+
+  pretrain   a small T5 pretrained with span corruption on the suite's text -> the frozen backbone
+  experts    every prompt expert and dataset expert, trained vmapped in one program
+  baseline   the multitask (T0-style) model: full fine-tuning on all training prompts, with as
+             many training examples as all prompt experts together
+  library    the experts in an Expert Library with 100 retrieval keys each
+  held_out   every expert and the baseline on the held-out prompts (one pass per prompt)
+  retrieval  RoE, likelihood and oracle selection per held-out prompt; top-1 and merged top-k
+  seen       seen prompts: each prompt expert and dataset expert against the baseline
+  continual  experts for the kept-back tasks added; seen results unchanged; baseline fine-tuned
+             further on the new tasks (forgetting)
+  composed   the composed instruction answered by merging its two skills' experts
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from elm_jax.models.adapters import ExpertConfig
+from elm_jax.models.t5_config import T5Config
+from elm_jax.training import train_step as ts
+
+STAGES = ("pretrain", "experts", "baseline", "library", "held_out", "retrieval", "seen", "continual",
+          "composed")
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+  """How much compute each stage gets."""
+  emb_dim: int = 64
+  layers: int = 2
+  pretrain_steps: int = 400
+  pretrain_batch: int = 32
+  expert_steps: int = 120
+  expert_batch: int = 8
+  eval_examples: int = 64
+  continual_steps: int = 80
+  input_length: int = 64
+  target_length: int = 16
+  top_k: int = 3
+  learning_rate: float = 1e-3
+  num_train: int = 2000
+  num_eval: int = 200
+
+  def model_config(self) -> T5Config:
+    return T5Config(vocab_size=1024, emb_dim=self.emb_dim, num_heads=4, head_dim=self.emb_dim // 4,
+                    mlp_dim=2 * self.emb_dim, num_encoder_layers=self.layers,
+                    num_decoder_layers=self.layers, mlp_activations=("gelu", "linear"),
+                    logits_via_embedding=False)
+
+
+BUDGETS = {
+    "full": Budget(),
+    "quick": Budget(pretrain_steps=150, expert_steps=40, eval_examples=32, continual_steps=30),
+    # For tests: every stage runs, nothing is learned.
+    "test": Budget(emb_dim=32, layers=1, pretrain_steps=2, pretrain_batch=4, expert_steps=2,
+                   expert_batch=2, eval_examples=4, continual_steps=2, input_length=48,
+                   target_length=8, top_k=2, num_train=40, num_eval=12),
+}
+
+
+class Demo:
+  """Runs the stages into `out`; `results[stage]` holds each finished stage's JSON."""
+
+  def __init__(self, out: str, budget: Budget, progress: bool = True, log: Callable[[str], None] = None):
+    self.out, self.budget, self.progress = os.path.abspath(out), budget, progress
+    self.log = log or (lambda message: print(message, file=sys.stderr, flush=True))
+    self.results: dict[str, Any] = {}
+    self.timings: dict[str, float] = {}
+    os.makedirs(os.path.join(self.out, "stages"), exist_ok=True)
+
+  # ------------------------------------------------------------------ plumbing
+  def path(self, *parts: str) -> str:
+    return os.path.join(self.out, *parts)
+
+  def run(self, stages=STAGES) -> dict[str, Any]:
+    from tasks.builtin_registry import register_builtin_suite
+    register_builtin_suite(num_train=self.budget.num_train, num_eval=self.budget.num_eval)
+    for number, name in enumerate(stages, 1):
+      record = self.path("stages", f"{name}.json")
+      if os.path.isfile(record):
+        with open(record) as f:
+          saved = json.load(f)
+        self.results[name], self.timings[name] = saved["result"], saved["seconds"]
+        self.log(f"[{number}/{len(stages)}] {name}: finished earlier, loaded from {record}")
+        continue
+      self.log(f"[{number}/{len(stages)}] {name}: {_first_line(getattr(self, 'stage_' + name).__doc__)}")
+      start = time.perf_counter()
+      result = getattr(self, f"stage_{name}")()
+      seconds = time.perf_counter() - start
+      self.results[name], self.timings[name] = result, seconds
+      tmp = record + ".tmp"
+      with open(tmp, "w") as f:
+        json.dump({"result": result, "seconds": seconds}, f, indent=1)
+      os.replace(tmp, record)
+      self.log(f"[{number}/{len(stages)}] {name}: done in {seconds:.1f}s")
+    return self.results
+
+  def _train(self, run: str, tasks: list[str], steps: int, *, kind: str = "adapter",
+             backbone: Optional[str] = None, names: Optional[list[str]] = None, batch: Optional[int] = None,
+             learning_rate: Optional[float] = None) -> dict[str, dict[str, float]]:
+    from elm_jax.training import train_command
+    b = self.budget
+    expert_config = ExpertConfig(kind=kind, reduction_factor=4)
+    optimizer = ts.OptimizerConfig(name="adamw", learning_rate=learning_rate or b.learning_rate,
+                                   schedule="linear", max_grad_norm=1.0)
+    return train_command.train(
+        self.path(run), tasks, steps, model_config=b.model_config(), backbone_checkpoint=backbone,
+        expert_names=names, batch_size=batch or b.expert_batch, input_length=b.input_length,
+        target_length=b.target_length, seed=0, save_every=max(steps // 2, 1), keep=1,
+        log_every=max(steps // 4, 1), expert_config=expert_config, optimizer_config=optimizer,
+        progress=self.progress)
+
+  def _bar(self, total: int, desc: str):
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, file=sys.stderr, disable=not self.progress, dynamic_ncols=True)
+
+  # ------------------------------------------------------------------ task lists
+  @staticmethod
+  def specs(role: str):
+    from tasks import builtin_suite
+    return [s for s in builtin_suite.SUITE if s.role == role]
+
+  @staticmethod
+  def task(spec, score: bool = False) -> str:
+    from tasks import builtin_suite
+    name = builtin_suite.task_name(spec.dataset, spec.prompt)
+    return name + "_score_eval" if score and spec.multiple_choice else name
+
+  def prompt_experts(self) -> list[str]:
+    return [self.task(s) for s in self.specs("train")]
+
+  def dataset_experts(self) -> list[str]:
+    return sorted({f"builtin_{s.dataset}_all_prompts" for s in self.specs("train")})
+
+  # ------------------------------------------------------------------ stages
+  def stage_pretrain(self) -> dict[str, Any]:
+    """span-corruption pretraining of the backbone on the suite's text"""
+    from elm_jax.checkpoints import hf
+    from elm_jax.library import expert_files
+    from tasks.builtin_registry import builtin_vocabulary
+    from tasks.span_corruption import register_builtin_span_corruption
+    b = self.budget
+    task = register_builtin_span_corruption(b.model_config().vocab_size)
+    final = self._train("pretrain", [task], b.pretrain_steps, kind="full", batch=b.pretrain_batch)
+    params, _ = expert_files.load_expert(self.path("pretrain", "experts", task))
+    hf.save_hf_checkpoint(params, b.model_config(), self.path("backbone"), vocab_path=builtin_vocabulary(),
+                          overwrite=True)
+    return {"task": task, "steps": b.pretrain_steps, "batch": b.pretrain_batch,
+            "final_loss": final[task]["loss"], "parameters": int(sum(np.size(v) for v in _leaves(params)))}
+
+  def stage_experts(self) -> dict[str, Any]:
+    """every prompt expert and dataset expert, vmapped in one program"""
+    tasks = self.prompt_experts() + self.dataset_experts()
+    final = self._train("experts", tasks, self.budget.expert_steps, backbone=self.path("backbone"))
+    return {"prompt_experts": self.prompt_experts(), "dataset_experts": self.dataset_experts(),
+            "steps": self.budget.expert_steps, "batch": self.budget.expert_batch,
+            "final_loss": {n: m["loss"] for n, m in final.items()}}
+
+  def stage_baseline(self) -> dict[str, Any]:
+    """the multitask baseline: full fine-tuning on every training prompt"""
+    b = self.budget
+    examples = len(self.prompt_experts()) * b.expert_steps * b.expert_batch
+    batch = 4 * b.expert_batch
+    steps = max(1, examples // batch)
+    final = self._train("baseline", ["builtin_train"], steps, kind="full", backbone=self.path("backbone"),
+                        names=["multitask"], batch=batch, learning_rate=b.learning_rate / 3)
+    self._single_library("baseline_library", self.path("baseline", "experts", "multitask"))
+    return {"steps": steps, "batch": batch, "examples": steps * batch,
+            "prompt_expert_examples": examples, "final_loss": final["multitask"]["loss"]}
+
+  def _single_library(self, name: str, expert_dir: str) -> None:
+    from elm_jax.library.store import ExpertLibrary
+    library = ExpertLibrary(self.path(name), create=True)
+    if not library.names():
+      library.add(expert_dir)
+
+  def stage_library(self) -> dict[str, Any]:
+    """the Expert Library with 100 retrieval keys per expert"""
+    from elm_jax.library import instances
+    from elm_jax.library.store import ExpertLibrary
+    library = ExpertLibrary(self.path("library"), create=True)
+    dirs = sorted(os.listdir(self.path("experts", "experts")))
+    bar = self._bar(len(dirs), "library")
+    for name in dirs:
+      if name not in library.names():
+        library.add(self.path("experts", "experts", name), keys=instances.training_keys(name))
+      bar.update(1)
+    bar.close()
+    return {"experts": library.names(), "keys_per_expert": instances.NUM_KEYS}
+
+  def _evaluate(self, library: str, tasks: list[str], experts="all", split: str = "validation"):
+    from elm_jax.evaluation import expert_eval
+    from elm_jax.library.loaded import load_experts
+    loaded = load_experts(self.path(library), experts)
+    out = {}
+    bar = self._bar(len(tasks), f"eval {library}")
+    for task in tasks:
+      result = expert_eval.evaluate_task(loaded, task, split=split, max_examples=self.budget.eval_examples,
+                                         batch_size=16, max_input_length=self.budget.input_length * 2,
+                                         max_target_length=self.budget.target_length)
+      out[task] = {"dataset": result.dataset, "prompt": result.prompt, "metric": result.primary,
+                   "scores": {e: m[result.primary] for e, m in result.metrics.items()}}
+      bar.update(1)
+    bar.close()
+    return out
+
+  def stage_held_out(self) -> dict[str, Any]:
+    """every expert and the baseline on the held-out prompts"""
+    tasks = [self.task(s, score=True) for s in self.specs("held_out")]
+    experts = self._evaluate("library", tasks)
+    baseline = self._evaluate("baseline_library", tasks)
+    names = sorted(next(iter(experts.values()))["scores"])
+    mean = {e: float(np.mean([experts[t]["scores"][e] for t in tasks])) for e in names}
+    return {"tasks": tasks, "experts": experts, "baseline": {t: baseline[t]["scores"]["multitask"] for t in tasks},
+            "expert_mean": mean,
+            "baseline_mean": float(np.mean([baseline[t]["scores"]["multitask"] for t in tasks]))}
+
+  def stage_retrieval(self) -> dict[str, Any]:
+    """RoE, likelihood and oracle selection per held-out prompt; top-1 and merged top-k"""
+    from elm_jax.library import instances, merging, retrieval
+    from elm_jax.library.loaded import load_experts, score_instances
+    from elm_jax.library.store import ExpertLibrary
+    held = self.results["held_out"]
+    library = ExpertLibrary(self.path("library"))
+    names = [n for n in library.names() if not n.endswith("_all_prompts")]  # prompt experts, as the paper
+    embedder, embedder_name = _retrieval_embedder(self, library)
+    loaded = load_experts(self.path("library"), names)
+    out: dict[str, Any] = {"embedder": embedder_name, "candidates": names, "prompts": {}}
+    merged_trees, merged_for = [], []
+    bar = self._bar(len(held["tasks"]), "retrieval")
+    for task in held["tasks"]:
+      queries = instances.query_instances(task, instances.NUM_QUERIES)
+      labelled = instances.query_instances(task, instances.NUM_QUERIES, labelled=True)
+      rankings = {"roe": retrieval.roe_ranking(library, names, queries, embedder=embedder)}
+      scores, _ = score_instances(loaded, queries, batch_size=16, max_input_length=self.budget.input_length * 2,
+                                  max_target_length=self.budget.target_length)
+      rankings["likelihood"] = retrieval.likelihood_ranking(scores, names, "entropy")
+      rankings["oracle"] = retrieval.oracle_ranking(scores, [q["label"] for q in labelled], names)
+      accuracy = held["experts"][task]["scores"]
+      entry = {}
+      for method, ranking in rankings.items():
+        top = [r["expert"] for r in ranking[:self.budget.top_k]]
+        entry[method] = {"top1": top[0], "top1_accuracy": accuracy[top[0]], "top_k": top}
+        merged_trees.append(merging.merge_uniform([library.load(n)[0] for n in top]))
+        merged_for.append((task, method))
+      out["prompts"][task] = entry
+      bar.update(1)
+    bar.close()
+    merged_accuracy = _evaluate_merged(self, loaded, merged_trees, merged_for)
+    for (task, method), value in merged_accuracy.items():
+      out["prompts"][task][method]["merged_accuracy"] = value
+    for method in ("roe", "likelihood", "oracle"):
+      out[f"{method}_top1_mean"] = float(np.mean([p[method]["top1_accuracy"] for p in out["prompts"].values()]))
+      out[f"{method}_merged_mean"] = float(np.mean([p[method]["merged_accuracy"] for p in out["prompts"].values()]))
+    return out
+
+  def stage_seen(self) -> dict[str, Any]:
+    """seen prompts: prompt and dataset experts against the baseline"""
+    specs = [s for s in self.specs("train") if s.multiple_choice]
+    tasks = [self.task(s, score=True) for s in specs]
+    experts = self._evaluate("library", tasks)
+    baseline = self._evaluate("baseline_library", tasks)
+    rows = {}
+    for spec, task in zip(specs, tasks):
+      scores = experts[task]["scores"]
+      rows[task] = {"prompt_expert": scores[self.task(spec)],
+                    "dataset_expert": scores[f"builtin_{spec.dataset}_all_prompts"],
+                    "baseline": baseline[task]["scores"]["multitask"]}
+    return {"tasks": tasks, "rows": rows, "all_experts": {t: experts[t]["scores"] for t in tasks},
+            **{f"{k}_mean": float(np.mean([r[k] for r in rows.values()]))
+               for k in ("prompt_expert", "dataset_expert", "baseline")}}
+
+  def stage_continual(self) -> dict[str, Any]:
+    """new experts for the kept-back tasks; the baseline fine-tuned further on them"""
+    from elm_jax.checkpoints import hf
+    from elm_jax.library import expert_files, instances
+    from elm_jax.library.store import ExpertLibrary
+    from tasks.builtin_registry import builtin_vocabulary
+    b = self.budget
+    new_tasks = [self.task(s) for s in self.specs("continual")]
+    self._train("continual_experts", new_tasks, b.continual_steps, backbone=self.path("backbone"))
+    library = ExpertLibrary(self.path("library"))
+    for task in new_tasks:
+      if task not in library.names():
+        library.add(self.path("continual_experts", "experts", task), keys=instances.training_keys(task))
+    seen_tasks = self.results["seen"]["tasks"]
+    old = sorted(self.results["library"]["experts"])
+    seen_after = self._evaluate("library", seen_tasks, experts=old)
+    unchanged = all(seen_after[t]["scores"] == self.results["seen"]["all_experts"][t] for t in seen_tasks)
+    # The baseline keeps training, on the new tasks only (sequential fine-tuning).
+    params, _ = expert_files.load_expert(self.path("baseline", "experts", "multitask"))
+    hf.save_hf_checkpoint(params, b.model_config(), self.path("baseline_checkpoint"),
+                          vocab_path=builtin_vocabulary(), overwrite=True)
+    self._train("baseline_continual", ["builtin_continual"], b.continual_steps * len(new_tasks), kind="full",
+                backbone=self.path("baseline_checkpoint"), names=["multitask_continual"],
+                learning_rate=b.learning_rate / 3)
+    # Its own library: it was trained from the baseline's weights, not from the backbone.
+    self._single_library("baseline_continual_library",
+                         self.path("baseline_continual", "experts", "multitask_continual"))
+    baseline_seen = self._evaluate("baseline_continual_library", seen_tasks)
+    new_experts = self._evaluate("library", new_tasks, experts=new_tasks)
+    new_baseline = self._evaluate("baseline_library", new_tasks)
+    new_continual = self._evaluate("baseline_continual_library", new_tasks)
+    return {
+        "new_tasks": new_tasks, "old_experts_unchanged": unchanged,
+        "expert_seen_mean_before": self.results["seen"]["prompt_expert_mean"],
+        "expert_seen_mean_after": float(np.mean([seen_after[t]["scores"][_expert_for(t)] for t in seen_tasks])),
+        "baseline_seen_mean_before": self.results["seen"]["baseline_mean"],
+        "baseline_seen_mean_after": float(np.mean([baseline_seen[t]["scores"]["multitask_continual"]
+                                                   for t in seen_tasks])),
+        "new_task_scores": {t: {"metric": new_experts[t]["metric"], "expert": new_experts[t]["scores"][t],
+                                "baseline": new_baseline[t]["scores"]["multitask"],
+                                "baseline_continual": new_continual[t]["scores"]["multitask_continual"]}
+                            for t in new_tasks}}
+
+  def stage_composed(self) -> dict[str, Any]:
+    """the composed instruction, by merging the two matching experts"""
+    from elm_jax.library import merging
+    from elm_jax.library.loaded import load_experts
+    from elm_jax.library.store import ExpertLibrary
+    from tasks import builtin_suite
+    spec = self.specs("composed")[0]
+    task = self.task(spec)
+    skills = [f"builtin_{d}_all_prompts" for d in builtin_suite.COMPOSED_FROM[spec.dataset]]
+    library = ExpertLibrary(self.path("library"))
+    loaded = load_experts(self.path("library"), skills)
+    merged = merging.merge_uniform([library.load(n)[0] for n in skills])
+    scores = _evaluate_trees(self, loaded, [merged] + [library.load(n)[0] for n in skills], task)
+    baseline = self._evaluate("baseline_library", [task], experts=["multitask"])[task]
+    return {"task": task, "skills": skills, "metric": "rougeL", "merged": scores[0],
+            **{f"single:{n}": s for n, s in zip(skills, scores[1:])},
+            "baseline": baseline["scores"]["multitask"]}
+
+
+# ---------------------------------------------------------------------------- helpers
+def _first_line(text: Optional[str]) -> str:
+  return (text or "").strip().splitlines()[0] if text else ""
+
+
+def _leaves(tree):
+  import jax
+  return jax.tree_util.tree_leaves(tree)
+
+
+def _expert_for(task: str) -> str:
+  return task[:-len("_score_eval")] if task.endswith("_score_eval") else task
+
+
+def _retrieval_embedder(demo: Demo, library):
+  """MiniLM when its package is installed, else the backbone's own encoder."""
+  from elm_jax.library import retrieval
+  try:
+    return retrieval.MiniLMTextEmbedder(), "minilm"
+  except Exception as e:  # the package is optional at run time
+    demo.log(f"note: MiniLM unavailable ({e}); retrieving with the backbone's encoder")
+    from elm_jax.library.retrieve_command import t5_embedder
+    return t5_embedder(library, None), "t5"
+
+
+def _evaluate_trees(demo: Demo, loaded, trees, task: str) -> list[float]:
+  """Primary metric of each expert tree (same config as `loaded`) on one task."""
+  import dataclasses as dc
+
+  from elm_jax.evaluation import expert_eval
+  stacked = {k: np.stack([t[k] for t in map(_flat, trees)]) for k in _flat(trees[0])}
+  from elm_jax import tree_paths
+  custom = dc.replace(loaded, names=[f"m{i}" for i in range(len(trees))],
+                      experts=tree_paths.unflatten(stacked))
+  result = expert_eval.evaluate_task(custom, task, max_examples=demo.budget.eval_examples, batch_size=16,
+                                     max_input_length=demo.budget.input_length * 2,
+                                     max_target_length=demo.budget.target_length)
+  return [result.metrics[f"m{i}"][result.primary] for i in range(len(trees))]
+
+
+def _flat(tree):
+  from elm_jax import tree_paths
+  return tree_paths.flatten(tree)
+
+
+def _evaluate_merged(demo: Demo, loaded, trees, merged_for) -> dict[tuple[str, str], float]:
+  out = {}
+  by_task: dict[str, list[int]] = {}
+  for i, (task, _) in enumerate(merged_for):
+    by_task.setdefault(task, []).append(i)
+  for task, indices in by_task.items():
+    scores = _evaluate_trees(demo, loaded, [trees[i] for i in indices], task)
+    for i, score in zip(indices, scores):
+      out[merged_for[i]] = score
+  return out
