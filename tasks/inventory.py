@@ -59,3 +59,27 @@ def mixtures() -> dict[str, list[str]]:
       for b in inv["bigbench"] for s in (b["subtasks"] or [""])]
   out[CONTINUAL_MIXTURE] = [c["task"] for c in inv["continual"]]
   return out
+
+
+def expert_group(kind: str, group: int, group_size: int) -> list[str]:
+  """The `group`-th block of `group_size` experts to train together (vmapped): kind 'prompt'
+  (the 296 prompt experts, as SeqIO task names) or 'dataset' (the 36 `<dataset>_all_prompts`
+  mixtures), in inventory order. The last group may be smaller."""
+  from elm_jax.errors import UserInputError
+  inv = load_inventory()
+  if kind == "prompt":
+    names = [p["name"] for p in inv["prompt_experts"]]
+  elif kind == "dataset":
+    names = [f"{d['name']}_all_prompts" for d in inv["dataset_experts"]]
+  else:
+    raise UserInputError(f"expert_group.kind: expected 'prompt' or 'dataset', got {kind!r}")
+  groups = -(-len(names) // group_size) if group_size > 0 else 0
+  if group_size < 1 or not 0 <= group < groups:
+    raise UserInputError(f"expert_group: group {group} of size {group_size}; the {len(names)} {kind} "
+                         f"experts make groups 0..{groups - 1}")
+  return names[group * group_size:(group + 1) * group_size]
+
+
+def continual_tasks() -> list[str]:
+  """The 8 continual-learning tasks' SeqIO names (the `continual_8` mixture's members)."""
+  return list(mixtures()[CONTINUAL_MIXTURE])

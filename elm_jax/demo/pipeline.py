@@ -49,6 +49,8 @@ class Budget:
   input_length: int = 64
   target_length: int = 16
   top_k: int = 3
+  keys_per_expert: int = 100      # retrieval keys per expert (the paper: 100)
+  choice_length: int = 32         # answer-choice tokens scored in evaluation
   learning_rate: float = 1e-3
   num_train: int = 2000
   num_eval: int = 200
@@ -62,11 +64,13 @@ class Budget:
 
 BUDGETS = {
     "full": Budget(),
-    "quick": Budget(pretrain_steps=150, expert_steps=40, eval_examples=32, continual_steps=30),
+    "quick": Budget(pretrain_steps=150, expert_steps=40, eval_examples=32, continual_steps=30,
+                    keys_per_expert=20),
     # For tests: every stage runs, nothing is learned.
     "test": Budget(emb_dim=32, layers=1, pretrain_steps=2, pretrain_batch=4, expert_steps=2,
                    expert_batch=2, eval_examples=4, continual_steps=2, input_length=48,
-                   target_length=8, top_k=2, num_train=40, num_eval=12),
+                   target_length=8, top_k=2, num_train=40, num_eval=12, keys_per_expert=4,
+                   choice_length=16),
 }
 
 
@@ -195,10 +199,15 @@ class Demo:
     bar = self._bar(len(dirs), "library")
     for name in dirs:
       if name not in library.names():
-        library.add(self.path("experts", "experts", name), keys=instances.training_keys(name))
+        library.add(self.path("experts", "experts", name),
+                    keys=instances.training_keys(name, self.budget.keys_per_expert))
       bar.update(1)
     bar.close()
-    return {"experts": library.names(), "keys_per_expert": instances.NUM_KEYS}
+    return {"experts": library.names(), "keys_per_expert": self.budget.keys_per_expert}
+
+  def _eval_target_length(self, task: str) -> int:
+    """Choices are scored up to `choice_length` tokens; generation decodes `target_length`."""
+    return self.budget.choice_length if task.endswith("_score_eval") else self.budget.target_length
 
   def _evaluate(self, library: str, tasks: list[str], experts="all", split: str = "validation"):
     from elm_jax.evaluation import expert_eval
@@ -209,7 +218,7 @@ class Demo:
     for task in tasks:
       result = expert_eval.evaluate_task(loaded, task, split=split, max_examples=self.budget.eval_examples,
                                          batch_size=16, max_input_length=self.budget.input_length * 2,
-                                         max_target_length=self.budget.target_length)
+                                         max_target_length=self._eval_target_length(task), fixed_shapes=True)
       out[task] = {"dataset": result.dataset, "prompt": result.prompt, "metric": result.primary,
                    "scores": {e: m[result.primary] for e, m in result.metrics.items()}}
       bar.update(1)
@@ -245,7 +254,7 @@ class Demo:
       labelled = instances.query_instances(task, instances.NUM_QUERIES, labelled=True)
       rankings = {"roe": retrieval.roe_ranking(library, names, queries, embedder=embedder)}
       scores, _ = score_instances(loaded, queries, batch_size=16, max_input_length=self.budget.input_length * 2,
-                                  max_target_length=self.budget.target_length)
+                                  max_target_length=self.budget.choice_length, fixed_shapes=True)
       rankings["likelihood"] = retrieval.likelihood_ranking(scores, names, "entropy")
       rankings["oracle"] = retrieval.oracle_ranking(scores, [q["label"] for q in labelled], names)
       accuracy = held["experts"][task]["scores"]
@@ -294,7 +303,8 @@ class Demo:
     library = ExpertLibrary(self.path("library"))
     for task in new_tasks:
       if task not in library.names():
-        library.add(self.path("continual_experts", "experts", task), keys=instances.training_keys(task))
+        library.add(self.path("continual_experts", "experts", task),
+                    keys=instances.training_keys(task, self.budget.keys_per_expert))
     seen_tasks = self.results["seen"]["tasks"]
     old = sorted(self.results["library"]["experts"])
     seen_after = self._evaluate("library", seen_tasks, experts=old)
@@ -380,7 +390,7 @@ def _evaluate_trees(demo: Demo, loaded, trees, task: str) -> list[float]:
                       experts=tree_paths.unflatten(stacked))
   result = expert_eval.evaluate_task(custom, task, max_examples=demo.budget.eval_examples, batch_size=16,
                                      max_input_length=demo.budget.input_length * 2,
-                                     max_target_length=demo.budget.target_length)
+                                     max_target_length=demo._eval_target_length(task), fixed_shapes=True)
   return [result.metrics[f"m{i}"][result.primary] for i in range(len(trees))]
 
 

@@ -77,13 +77,15 @@ def member_tasks(name: str) -> list[str]:
 def evaluate_task(loaded: LoadedExperts, task: str, *, split: str = "validation",
                   max_examples: int = 1000, batch_size: int = 32, expert_chunk: Optional[int] = None,
                   max_input_length: int = 512, max_target_length: int = 128,
-                  beam_size: int = 1) -> TaskResult:
+                  beam_size: int = 1, fixed_shapes: bool = False) -> TaskResult:
+  """Every loaded expert on up to `max_examples` examples of `task`. `fixed_shapes` pads every
+  batch to the maximum lengths, so a sweep over many tasks compiles one program."""
   rows = instances.task_instances(task, split, max_examples)
   dataset, prompt = dataset_and_prompt(task)
   if rows and all(r.get("answer_choices") and r.get("label") is not None for r in rows):
     scores, _ = score_instances(loaded, rows, batch_size=batch_size, expert_chunk=expert_chunk,
                                 max_input_length=max_input_length, max_target_length=max_target_length,
-                                source=f"task {task}")
+                                source=f"task {task}", fixed_shapes=fixed_shapes)
     predicted = np.argmax(scores, axis=-1)                      # [E, N]
     labels = np.array([r["label"] for r in rows])
     metrics = {name: {"accuracy": float(100.0 * np.mean(predicted[e] == labels))}
@@ -97,7 +99,8 @@ def evaluate_task(loaded: LoadedExperts, task: str, *, split: str = "validation"
                          "label nor a target text, so there is nothing to evaluate against")
   texts = decode_texts(loaded, [r["inputs"] for r in rows], batch_size=batch_size,
                        expert_chunk=expert_chunk, max_input_length=max_input_length,
-                       max_decode_length=max_target_length, beam_size=beam_size)
+                       max_decode_length=max_target_length, beam_size=beam_size,
+                       fixed_shapes=fixed_shapes)
   references = [r["targets"] for r in rows]
   metrics = {name: generation_metrics.generation_metrics(texts[e], references)
              for e, name in enumerate(loaded.names)}
@@ -109,7 +112,8 @@ def evaluate_task(loaded: LoadedExperts, task: str, *, split: str = "validation"
 
 def decode_texts(loaded: LoadedExperts, inputs: Sequence[str], *, batch_size: int = 32,
                  expert_chunk: Optional[int] = None, max_input_length: int = 512,
-                 max_decode_length: int = 128, beam_size: int = 1) -> list[list[str]]:
+                 max_decode_length: int = 128, beam_size: int = 1, fixed_shapes: bool = False
+                 ) -> list[list[str]]:
   """Every expert's decoded text for every input: [E][N] strings."""
   vocabulary = loaded.vocabulary()
   eos = loaded.config.eos_id
@@ -123,7 +127,8 @@ def decode_texts(loaded: LoadedExperts, inputs: Sequence[str], *, batch_size: in
     experts = {k: v for k, v in _take(loaded.experts, index).items()}
     for start in range(0, len(order), batch_size):
       rows = order[start:start + batch_size]
-      tokens = np.zeros((batch_size, bucket(max(len(ids[i]) for i in rows), 16, max_input_length)), np.int32)
+      length = max_input_length if fixed_shapes else bucket(max(len(ids[i]) for i in rows), 16, max_input_length)
+      tokens = np.zeros((batch_size, length), np.int32)
       for r, i in enumerate(rows):
         tokens[r, :len(ids[i])] = ids[i]
       decoded, _ = decode_all_experts(loaded.model, loaded.backbone, experts, tokens,

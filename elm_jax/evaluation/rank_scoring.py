@@ -115,7 +115,7 @@ class RankScorer:
 
   def __init__(self, model: Transformer, params, *, experts=None, expert_chunk: Optional[int] = None,
                partitioner=None, batch_size: int = 32, max_input_length: int = 512,
-               max_target_length: int = 128):
+               max_target_length: int = 128, fixed_shapes: bool = False):
     if batch_size < 1:
       raise ValueError(f"batch_size: expected a positive integer, got {batch_size}")
     self.model, self.params, self.experts = model, params, experts
@@ -134,6 +134,7 @@ class RankScorer:
     self.partitioner = partitioner
     self.batch_size = batch_size
     self.max_input_length, self.max_target_length = max_input_length, max_target_length
+    self.fixed_shapes = fixed_shapes  # pad every batch to the maximum lengths: one compiled program
     self.truncated = TruncationReport()
     self.shapes_compiled: set[tuple[int, ...]] = set()
     if partitioner is not None:
@@ -177,8 +178,10 @@ class RankScorer:
 
   def _pad_batch(self, batch: Sequence[tuple[list[int], list[list[int]]]]) -> tuple[np.ndarray, np.ndarray]:
     li = bucket(max(len(x) for x, _ in batch), 16, self.max_input_length)
-    c = bucket(max(len(ch) for _, ch in batch), 2)
+    c = bucket(max(len(ch) for _, ch in batch), 4 if self.fixed_shapes else 2)
     lt = bucket(max(len(t) for _, ch in batch for t in ch), 8, self.max_target_length)
+    if self.fixed_shapes:
+      li, lt = self.max_input_length, self.max_target_length
     inputs = np.zeros((self.batch_size, li), np.int32)
     targets = np.zeros((self.batch_size, c, lt), np.int32)
     for row, (x, choices) in enumerate(batch):
@@ -226,8 +229,8 @@ class RankScorer:
 
 def score_all_experts(model: Transformer, backbone, experts, examples: Sequence[Example], *,
                       batch_size: int = 32, expert_chunk: Optional[int] = None, partitioner=None,
-                      max_input_length: int = 512, max_target_length: int = 128
-                      ) -> tuple[np.ndarray, np.ndarray, "RankScorer"]:
+                      max_input_length: int = 512, max_target_length: int = 128,
+                      fixed_shapes: bool = False) -> tuple[np.ndarray, np.ndarray, "RankScorer"]:
   """Every expert on every example in one vmapped pass per (expert chunk, batch).
 
   experts: leaves [E, ...]; examples: N examples with ragged choice counts. Returns
@@ -236,7 +239,8 @@ def score_all_experts(model: Transformer, backbone, experts, examples: Sequence[
   """
   scorer = RankScorer(model, backbone, experts=experts, expert_chunk=expert_chunk,
                       partitioner=partitioner, batch_size=batch_size,
-                      max_input_length=max_input_length, max_target_length=max_target_length)
+                      max_input_length=max_input_length, max_target_length=max_target_length,
+                      fixed_shapes=fixed_shapes)
   per_example, per_counts = scorer.score(examples)
   num_choices = max((len(ex.choices) for ex in examples), default=0)
   scores = np.full((scorer.num_experts, len(examples), num_choices), -np.inf, np.float32)

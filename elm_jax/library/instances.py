@@ -117,12 +117,12 @@ def task_instances(name: str, split: str, limit: int) -> list[dict[str, Any]]:
                         "--setup=module:function) or list the registered ones with `elm-jax tasks`")
   eval_twin = f"{name}_score_eval"
   task = seqio.TaskRegistry.get(eval_twin if eval_twin in seqio.TaskRegistry.names() else name)
-  probe = _source_rows(task, split, 1)
-  if probe and "idx" in probe[0]:
-    # Rank rows: an example spans several rows; read enough rows for `limit` examples.
-    rows = _source_rows(task, split, limit * 64)
+  # Rank rows (one per choice) are expected from score-eval tasks: read enough for `limit` examples.
+  expect_rank = task.name.endswith("_score_eval")
+  rows = _source_rows(task, split, limit * 64 if expect_rank else limit)
+  if rows and "idx" in rows[0]:
     return _from_rank_rows(rows, task.name)[:limit]
-  return _from_text_rows(_source_rows(task, split, limit), task.name)
+  return _from_text_rows(rows[:limit], task.name)
 
 
 def training_keys(task: str, num_keys: int = NUM_KEYS, seed: int = KEY_SEED,

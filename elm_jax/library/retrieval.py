@@ -78,9 +78,9 @@ def encoder_mean_pool(model, params, tokens: jax.Array) -> jax.Array:
 class MiniLMTextEmbedder:
   name = "minilm"
 
-  def __init__(self, model_dir: Optional[str] = None):
+  def __init__(self, model_dir: Optional[str] = None, batch_size: int = 32):
     from elm_jax.models.minilm import MiniLMEmbedder
-    self._embedder = MiniLMEmbedder(model_dir)
+    self._embedder = MiniLMEmbedder(model_dir, batch_size=batch_size)  # 32: one RoE query set
 
   def embed(self, texts: Sequence[str], max_length: int = KEY_MAX_LENGTH) -> np.ndarray:
     return self._embedder.embed(list(texts), max_length=max_length)

@@ -1,0 +1,70 @@
+"""`elm-jax demo` end to end on the 'test' budget (every stage runs; nothing is learned): the
+report is complete, report.md agrees with report.json, and a rerun resumes instead of redoing."""
+
+import json
+import os
+
+import pytest
+
+from elm_jax import cli
+from elm_jax.demo import pipeline
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+  out = tmp_path_factory.mktemp("demo") / "out"
+  assert cli.main(["demo", f"--out={out}", "--budget=test", "--no_progress"]) == 0
+  return out
+
+
+def test_report_is_complete(demo_dir):
+  report = json.loads((demo_dir / "report.json").read_text())
+  assert report["miniature"] is True
+  assert list(report["stages"]) == list(pipeline.STAGES)
+  assert set(report["timings_s"]) == set(pipeline.STAGES)
+  for plot in ("held_out.png", "retrieval.png", "continual.png"):
+    assert (demo_dir / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  s = report["stages"]
+  experts = s["experts"]["prompt_experts"] + s["experts"]["dataset_experts"]
+  assert len(s["experts"]["prompt_experts"]) == 16 and len(s["experts"]["dataset_experts"]) == 8
+  assert sorted(s["library"]["experts"]) == sorted(experts)
+  assert len(s["held_out"]["tasks"]) == 12 and set(s["held_out"]["expert_mean"]) == set(experts)
+  assert set(s["retrieval"]["prompts"]) == set(s["held_out"]["tasks"])
+  assert s["continual"]["old_experts_unchanged"] is True
+  assert s["baseline"]["examples"] == s["baseline"]["prompt_expert_examples"]  # comparable budget
+
+
+def test_markdown_agrees_with_json(demo_dir):
+  report = json.loads((demo_dir / "report.json").read_text())
+  md = (demo_dir / "report.md").read_text()
+  s = report["stages"]
+  assert "This is a miniature" in md
+  assert f"Multitask baseline: **{s['held_out']['baseline_mean']:.1f}**" in md
+  for task in s["held_out"]["tasks"]:
+    scores = s["held_out"]["experts"][task]["scores"]
+    best = max(scores, key=scores.get)
+    assert f"| {task} | {s['held_out']['baseline'][task]:.1f} | {best} | {scores[best]:.1f} |" in md
+  for method in ("roe", "likelihood", "oracle"):
+    row = f"| {s['retrieval'][method + '_top1_mean']:.1f} | {s['retrieval'][method + '_merged_mean']:.1f} |"
+    assert row in md
+  for task, row in s["seen"]["rows"].items():
+    assert (f"| {task} | {row['prompt_expert']:.1f} | {row['dataset_expert']:.1f} | "
+            f"{row['baseline']:.1f} |") in md
+  assert f"| merged experts | {s['composed']['merged']:.1f} |" in md
+  # Top-1 accuracies in the retrieval stage are the held-out table's numbers for that expert.
+  for task, entry in s["retrieval"]["prompts"].items():
+    for method in ("roe", "likelihood", "oracle"):
+      assert entry[method]["top1_accuracy"] == s["held_out"]["experts"][task]["scores"][entry[method]["top1"]]
+
+
+def test_rerun_resumes_finished_stages(demo_dir, capsys):
+  before = (demo_dir / "report.json").read_text()
+  os.remove(demo_dir / "stages" / "composed.json")  # as if interrupted during the last stage
+  capsys.readouterr()
+  assert cli.main(["demo", f"--out={demo_dir}", "--budget=test", "--no_progress"]) == 0
+  err = capsys.readouterr().err
+  assert err.count("finished earlier") == len(pipeline.STAGES) - 1
+  assert "[9/9] composed: done" in err
+  after = json.loads((demo_dir / "report.json").read_text())
+  previous = json.loads(before)
+  assert after["stages"] == previous["stages"]  # the redone stage measures the same numbers
