@@ -218,7 +218,7 @@ class Demo:
     for task in tasks:
       result = expert_eval.evaluate_task(loaded, task, split=split, max_examples=self.budget.eval_examples,
                                          batch_size=16, max_input_length=self.budget.input_length * 2,
-                                         max_target_length=self._eval_target_length(task), fixed_shapes=True)
+                                         max_target_length=self._eval_target_length(task))
       out[task] = {"dataset": result.dataset, "prompt": result.prompt, "metric": result.primary,
                    "scores": {e: m[result.primary] for e, m in result.metrics.items()}}
       bar.update(1)
@@ -254,7 +254,7 @@ class Demo:
       labelled = instances.query_instances(task, instances.NUM_QUERIES, labelled=True)
       rankings = {"roe": retrieval.roe_ranking(library, names, queries, embedder=embedder)}
       scores, _ = score_instances(loaded, queries, batch_size=16, max_input_length=self.budget.input_length * 2,
-                                  max_target_length=self.budget.choice_length, fixed_shapes=True)
+                                  max_target_length=self.budget.choice_length)
       rankings["likelihood"] = retrieval.likelihood_ranking(scores, names, "entropy")
       rankings["oracle"] = retrieval.oracle_ranking(scores, [q["label"] for q in labelled], names)
       accuracy = held["experts"][task]["scores"]
@@ -390,7 +390,7 @@ def _evaluate_trees(demo: Demo, loaded, trees, task: str) -> list[float]:
                       experts=tree_paths.unflatten(stacked))
   result = expert_eval.evaluate_task(custom, task, max_examples=demo.budget.eval_examples, batch_size=16,
                                      max_input_length=demo.budget.input_length * 2,
-                                     max_target_length=demo._eval_target_length(task), fixed_shapes=True)
+                                     max_target_length=demo._eval_target_length(task))
   return [result.metrics[f"m{i}"][result.primary] for i in range(len(trees))]
 
 
