@@ -30,6 +30,7 @@ import numpy as np
 from elm_jax.models.adapters import ExpertConfig
 from elm_jax.models.t5_config import T5Config
 from elm_jax.training import train_step as ts
+from elm_jax.training.trainer import unstack
 
 STAGES = ("pretrain", "experts", "baseline", "library", "held_out", "retrieval", "seen", "continual",
           "composed")
@@ -262,7 +263,7 @@ class Demo:
       for method, ranking in rankings.items():
         top = [r["expert"] for r in ranking[:self.budget.top_k]]
         entry[method] = {"top1": top[0], "top1_accuracy": accuracy[top[0]], "top_k": top}
-        merged_trees.append(merging.merge_uniform([library.load(n)[0] for n in top]))
+        merged_trees.append(merging.merge_uniform([unstack(loaded.experts, names.index(n)) for n in top]))
         merged_for.append((task, method))
       out["prompts"][task] = entry
       bar.update(1)
@@ -339,15 +340,13 @@ class Demo:
     """the composed instruction, by merging the two matching experts"""
     from elm_jax.library import merging
     from elm_jax.library.loaded import load_experts
-    from elm_jax.library.store import ExpertLibrary
     from tasks import builtin_suite
     spec = self.specs("composed")[0]
     task = self.task(spec)
     skills = [f"builtin_{d}_all_prompts" for d in builtin_suite.COMPOSED_FROM[spec.dataset]]
-    library = ExpertLibrary(self.path("library"))
     loaded = load_experts(self.path("library"), skills)
-    merged = merging.merge_uniform([library.load(n)[0] for n in skills])
-    scores = _evaluate_trees(self, loaded, [merged] + [library.load(n)[0] for n in skills], task)
+    singles = [unstack(loaded.experts, i) for i in range(len(skills))]
+    scores = _evaluate_trees(self, loaded, [merging.merge_uniform(singles)] + singles, task)
     baseline = self._evaluate("baseline_library", [task], experts=["multitask"])[task]
     return {"task": task, "skills": skills, "metric": "rougeL", "merged": scores[0],
             **{f"single:{n}": s for n, s in zip(skills, scores[1:])},
@@ -380,23 +379,16 @@ def _retrieval_embedder(demo: Demo, library):
 
 
 def _evaluate_trees(demo: Demo, loaded, trees, task: str) -> list[float]:
-  """Primary metric of each expert tree (same config as `loaded`) on one task."""
-  import dataclasses as dc
+  """Primary metric of each expert tree (same config as `loaded`) on one task, in one pass."""
+  import jax
 
   from elm_jax.evaluation import expert_eval
-  stacked = {k: np.stack([t[k] for t in map(_flat, trees)]) for k in _flat(trees[0])}
-  from elm_jax import tree_paths
-  custom = dc.replace(loaded, names=[f"m{i}" for i in range(len(trees))],
-                      experts=tree_paths.unflatten(stacked))
+  stacked = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *trees)
+  custom = dataclasses.replace(loaded, names=[f"m{i}" for i in range(len(trees))], experts=stacked)
   result = expert_eval.evaluate_task(custom, task, max_examples=demo.budget.eval_examples, batch_size=16,
                                      max_input_length=demo.budget.input_length * 2,
                                      max_target_length=demo._eval_target_length(task))
   return [result.metrics[f"m{i}"][result.primary] for i in range(len(trees))]
-
-
-def _flat(tree):
-  from elm_jax import tree_paths
-  return tree_paths.flatten(tree)
 
 
 def _evaluate_merged(demo: Demo, loaded, trees, merged_for) -> dict[tuple[str, str], float]:

@@ -18,11 +18,13 @@ import shutil
 import tempfile
 from typing import Any, Optional, Sequence
 
+import jax
 import numpy as np
 
 from elm_jax.errors import UserInputError
 from elm_jax.evaluation import generation_metrics
-from elm_jax.evaluation.rank_scoring import bucket, decode_all_experts
+from elm_jax.evaluation.rank_scoring import (bucket, decode_all_experts, default_expert_chunk,
+                                             expert_chunks)
 from elm_jax.library import instances
 from elm_jax.library.loaded import LoadedExperts, score_instances
 
@@ -77,15 +79,14 @@ def member_tasks(name: str) -> list[str]:
 def evaluate_task(loaded: LoadedExperts, task: str, *, split: str = "validation",
                   max_examples: int = 1000, batch_size: int = 32, expert_chunk: Optional[int] = None,
                   max_input_length: int = 512, max_target_length: int = 128,
-                  beam_size: int = 1, fixed_shapes: bool = False) -> TaskResult:
-  """Every loaded expert on up to `max_examples` examples of `task`. `fixed_shapes` pads every
-  batch to the maximum lengths, so a sweep over many tasks compiles one program."""
+                  beam_size: int = 1) -> TaskResult:
+  """Every loaded expert on up to `max_examples` examples of `task`."""
   rows = instances.task_instances(task, split, max_examples)
   dataset, prompt = dataset_and_prompt(task)
   if rows and all(r.get("answer_choices") and r.get("label") is not None for r in rows):
     scores, _ = score_instances(loaded, rows, batch_size=batch_size, expert_chunk=expert_chunk,
                                 max_input_length=max_input_length, max_target_length=max_target_length,
-                                source=f"task {task}", fixed_shapes=fixed_shapes)
+                                source=f"task {task}")
     predicted = np.argmax(scores, axis=-1)                      # [E, N]
     labels = np.array([r["label"] for r in rows])
     metrics = {name: {"accuracy": float(100.0 * np.mean(predicted[e] == labels))}
@@ -99,8 +100,7 @@ def evaluate_task(loaded: LoadedExperts, task: str, *, split: str = "validation"
                          "label nor a target text, so there is nothing to evaluate against")
   texts = decode_texts(loaded, [r["inputs"] for r in rows], batch_size=batch_size,
                        expert_chunk=expert_chunk, max_input_length=max_input_length,
-                       max_decode_length=max_target_length, beam_size=beam_size,
-                       fixed_shapes=fixed_shapes)
+                       max_decode_length=max_target_length, beam_size=beam_size)
   references = [r["targets"] for r in rows]
   metrics = {name: generation_metrics.generation_metrics(texts[e], references)
              for e, name in enumerate(loaded.names)}
@@ -112,39 +112,35 @@ def evaluate_task(loaded: LoadedExperts, task: str, *, split: str = "validation"
 
 def decode_texts(loaded: LoadedExperts, inputs: Sequence[str], *, batch_size: int = 32,
                  expert_chunk: Optional[int] = None, max_input_length: int = 512,
-                 max_decode_length: int = 128, beam_size: int = 1, fixed_shapes: bool = False
-                 ) -> list[list[str]]:
+                 max_decode_length: int = 128, beam_size: int = 1) -> list[list[str]]:
   """Every expert's decoded text for every input: [E][N] strings."""
   vocabulary = loaded.vocabulary()
   eos = loaded.config.eos_id
   ids = [vocabulary.encode(t)[:max_input_length - 1] + [eos] for t in inputs]
   num_experts = len(loaded.names)
-  chunk = min(expert_chunk or num_experts, num_experts)
+  chunk = min(expert_chunk or default_expert_chunk(num_experts), num_experts)
   out: list[list[str]] = [[""] * len(inputs) for _ in range(num_experts)]
   order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-  for start_e in range(0, num_experts, chunk):
-    index = np.minimum(np.arange(start_e, start_e + chunk), num_experts - 1)
-    experts = {k: v for k, v in _take(loaded.experts, index).items()}
-    for start in range(0, len(order), batch_size):
-      rows = order[start:start + batch_size]
-      length = max_input_length if fixed_shapes else bucket(max(len(ids[i]) for i in rows), 16, max_input_length)
-      tokens = np.zeros((batch_size, length), np.int32)
-      for r, i in enumerate(rows):
-        tokens[r, :len(ids[i])] = ids[i]
-      decoded, _ = decode_all_experts(loaded.model, loaded.backbone, experts, tokens,
-                                      max_decode_length=max_decode_length, beam_size=beam_size)
-      decoded = np.asarray(decoded)
-      for e in range(min(chunk, num_experts - start_e)):
+  batches = []
+  for start in range(0, len(order), batch_size):
+    rows = order[start:start + batch_size]
+    tokens = np.zeros((batch_size, bucket(max(len(ids[i]) for i in rows), 16, max_input_length)), np.int32)
+    for r, i in enumerate(rows):
+      tokens[r, :len(ids[i])] = ids[i]
+    batches.append((rows, tokens))
+  for start_e, stop_e, experts in expert_chunks(loaded.experts, chunk):
+    experts = jax.device_put(experts)  # once per chunk, not per batch
+    decoded = [decode_all_experts(loaded.model, loaded.backbone, experts, tokens,
+                                  max_decode_length=max_decode_length, beam_size=beam_size)[0]
+               for _, tokens in batches]
+    for (rows, _), tokens_out in zip(batches, decoded):
+      tokens_out = np.asarray(tokens_out)
+      for e in range(stop_e - start_e):
         for r, i in enumerate(rows):
-          seq = decoded[e, r].tolist()
+          seq = tokens_out[e, r].tolist()
           seq = seq[:seq.index(eos)] if eos in seq else seq
           out[start_e + e][i] = vocabulary.decode([t for t in seq if t != loaded.config.pad_id])
   return out
-
-
-def _take(tree, index):
-  import jax
-  return jax.tree_util.tree_map(lambda x: np.asarray(x)[index], tree)
 
 
 # ---------------------------------------------------------------------------- reports

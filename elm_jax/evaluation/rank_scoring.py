@@ -115,16 +115,13 @@ class RankScorer:
 
   def __init__(self, model: Transformer, params, *, experts=None, expert_chunk: Optional[int] = None,
                partitioner=None, batch_size: int = 32, max_input_length: int = 512,
-               max_target_length: int = 128, fixed_shapes: bool = False):
+               max_target_length: int = 128):
     if batch_size < 1:
       raise ValueError(f"batch_size: expected a positive integer, got {batch_size}")
     self.model, self.params, self.experts = model, params, experts
     self.num_experts = None if experts is None else int(jax.tree_util.tree_leaves(experts)[0].shape[0])
     if experts is not None:
-      if expert_chunk is None:  # all at once on accelerators; on CPU, small chunks keep the
-        # per-expert activations in cache (BENCHMARKS.md: chunks of 16 ran 1.3-2x slower than 2)
-        expert_chunk = CPU_EXPERT_CHUNK if jax.default_backend() == "cpu" else self.num_experts
-      expert_chunk = min(expert_chunk, self.num_experts)
+      expert_chunk = min(expert_chunk or default_expert_chunk(self.num_experts), self.num_experts)
       if partitioner is not None:
         ways = partitioner.mesh.shape["expert"]
         expert_chunk = -(-expert_chunk // ways) * ways
@@ -134,7 +131,6 @@ class RankScorer:
     self.partitioner = partitioner
     self.batch_size = batch_size
     self.max_input_length, self.max_target_length = max_input_length, max_target_length
-    self.fixed_shapes = fixed_shapes  # pad every batch to the maximum lengths: one compiled program
     self.truncated = TruncationReport()
     self.shapes_compiled: set[tuple[int, ...]] = set()
     if partitioner is not None:
@@ -164,7 +160,9 @@ class RankScorer:
     batches = [order[start:start + self.batch_size] for start in range(0, len(order), self.batch_size)]
     arrays = [self._pad_batch([prepared[i] for i in chunk]) for chunk in batches]
     if self.experts is None:
-      results = [np.asarray(choice_log_likelihoods(self.model, self.params, *a)) for a in arrays]
+      # Dispatch every batch first; reading results back is the only host sync.
+      results = [choice_log_likelihoods(self.model, self.params, *a) for a in arrays]
+      results = [np.asarray(r) for r in results]
     else:
       results = self._score_with_experts(arrays)
     scores: list = [None] * len(prepared)
@@ -178,10 +176,8 @@ class RankScorer:
 
   def _pad_batch(self, batch: Sequence[tuple[list[int], list[list[int]]]]) -> tuple[np.ndarray, np.ndarray]:
     li = bucket(max(len(x) for x, _ in batch), 16, self.max_input_length)
-    c = bucket(max(len(ch) for _, ch in batch), 4 if self.fixed_shapes else 2)
+    c = bucket(max(len(ch) for _, ch in batch), 2)
     lt = bucket(max(len(t) for _, ch in batch for t in ch), 8, self.max_target_length)
-    if self.fixed_shapes:
-      li, lt = self.max_input_length, self.max_target_length
     inputs = np.zeros((self.batch_size, li), np.int32)
     targets = np.zeros((self.batch_size, c, lt), np.int32)
     for row, (x, choices) in enumerate(batch):
@@ -194,11 +190,8 @@ class RankScorer:
   def _score_with_experts(self, arrays) -> list[np.ndarray]:
     """[experts, batch, choices] per batch; experts are the outer loop so each chunk of expert
     parameters is moved to the device once."""
-    results: list[list[np.ndarray]] = [[] for _ in arrays]
-    for start in range(0, self.num_experts, self.expert_chunk):
-      stop = min(start + self.expert_chunk, self.num_experts)
-      index = np.minimum(np.arange(start, start + self.expert_chunk), self.num_experts - 1)
-      chunk = jax.tree_util.tree_map(lambda x: np.asarray(x)[index], self.experts)
+    results: list[list] = [[] for _ in arrays]
+    for start, stop, chunk in expert_chunks(self.experts, self.expert_chunk):
       chunk = self._place_experts(chunk)
       for k, (inputs, targets) in enumerate(arrays):
         if self.partitioner is None:
@@ -206,8 +199,8 @@ class RankScorer:
         else:
           with self.partitioner.context():
             out = expert_choice_log_likelihoods(self.model, self.params, chunk, inputs, targets)
-        results[k].append(np.asarray(out)[:stop - start])
-    return [np.concatenate(parts, axis=0) for parts in results]
+        results[k].append((out, stop - start))
+    return [np.concatenate([np.asarray(out)[:n] for out, n in parts], axis=0) for parts in results]
 
   def _place_backbone(self) -> None:
     from elm_jax.models.adapters import split_params
@@ -227,10 +220,26 @@ class RankScorer:
     return self.partitioner.place(chunk, self._expert_specs)
 
 
+def default_expert_chunk(num_experts: int) -> int:
+  """All experts in one program on accelerators; CPU_EXPERT_CHUNK on CPU, where small chunks
+  keep the per-expert activations in cache (BENCHMARKS.md: chunks of 16 ran 1.3-2x slower than 2)."""
+  return min(CPU_EXPERT_CHUNK if jax.default_backend() == "cpu" else num_experts, num_experts)
+
+
+def expert_chunks(experts, chunk: int):
+  """Yields (start, stop, chunk) over stacked experts (leaves [E, ...]): chunk leaves are
+  [chunk, ...] host arrays, the last chunk padded by repeating the last expert so every chunk
+  has one shape (and one compiled program)."""
+  num_experts = int(jax.tree_util.tree_leaves(experts)[0].shape[0])
+  for start in range(0, num_experts, chunk):
+    index = np.minimum(np.arange(start, start + chunk), num_experts - 1)
+    yield start, min(start + chunk, num_experts), jax.tree_util.tree_map(lambda x: np.asarray(x)[index], experts)
+
+
 def score_all_experts(model: Transformer, backbone, experts, examples: Sequence[Example], *,
                       batch_size: int = 32, expert_chunk: Optional[int] = None, partitioner=None,
                       max_input_length: int = 512, max_target_length: int = 128,
-                      fixed_shapes: bool = False) -> tuple[np.ndarray, np.ndarray, "RankScorer"]:
+                      ) -> tuple[np.ndarray, np.ndarray, "RankScorer"]:
   """Every expert on every example in one vmapped pass per (expert chunk, batch).
 
   experts: leaves [E, ...]; examples: N examples with ragged choice counts. Returns
@@ -239,8 +248,7 @@ def score_all_experts(model: Transformer, backbone, experts, examples: Sequence[
   """
   scorer = RankScorer(model, backbone, experts=experts, expert_chunk=expert_chunk,
                       partitioner=partitioner, batch_size=batch_size,
-                      max_input_length=max_input_length, max_target_length=max_target_length,
-                      fixed_shapes=fixed_shapes)
+                      max_input_length=max_input_length, max_target_length=max_target_length)
   per_example, per_counts = scorer.score(examples)
   num_choices = max((len(ex.choices) for ex in examples), default=0)
   scores = np.full((scorer.num_experts, len(examples), num_choices), -np.inf, np.float32)

@@ -60,14 +60,12 @@ def expert_dirs(paths) -> list[str]:
   return found
 
 
-def _keys_for(option: str, task: str, setup_done: set) -> list | None:
+def _keys_for(option: str, task: str) -> list | None:
   if option == "none":
     return None
   if option != "auto":
     return [record for _, record in jsonl.read_objects(option)]
-  if not setup_done:
-    instances.ensure_registered([task])
-    setup_done.add(True)
+  instances.ensure_registered([task])  # a no-op once the task is registered
   return instances.training_keys(task)
 
 
@@ -78,10 +76,9 @@ def main(args: argparse.Namespace) -> int:
     dirs = expert_dirs(args.experts)
     if args.name and len(dirs) != 1:
       raise LibraryError(f"--name: names one expert, but {len(dirs)} were given")
-    setup_done: set = set()
     for directory in dirs:
       _, meta = expert_files.load_expert(directory)
-      keys = _keys_for(args.keys, meta.task, setup_done)
+      keys = _keys_for(args.keys, meta.task)
       name = library.add(directory, name=args.name, keys=keys)
       print(f"added {name} ({meta.task}; {len(keys) if keys else 0} retrieval keys)")
     return 0

@@ -70,7 +70,7 @@ def load_experts(library_dir: str, selection: str | Sequence[str] = "all", *,
 
 def score_instances(loaded: LoadedExperts, rows: Sequence[dict[str, Any]], *, batch_size: int = 32,
                     expert_chunk: Optional[int] = None, partitioner=None, max_input_length: int = 512,
-                    max_target_length: int = 128, source: str = "instances", fixed_shapes: bool = False):
+                    max_target_length: int = 128, source: str = "instances"):
   """Every loaded expert on every instance's answer choices in one pass: (scores [E, N, C] with
   -inf on padded choices, token counts [N, C]). Instances without choices are an error."""
   from elm_jax.evaluation import rank_scoring
@@ -85,6 +85,6 @@ def score_instances(loaded: LoadedExperts, rows: Sequence[dict[str, Any]], *, ba
   scores, counts, scorer = rank_scoring.score_all_experts(
       loaded.model, loaded.backbone, loaded.experts, examples, batch_size=batch_size,
       expert_chunk=expert_chunk, partitioner=partitioner, max_input_length=max_input_length,
-      max_target_length=max_target_length, fixed_shapes=fixed_shapes)
+      max_target_length=max_target_length)
   scorer.truncated.report(max_input_length, max_target_length)
   return scores, counts
