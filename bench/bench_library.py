@@ -149,7 +149,7 @@ def retrieval_latency(args):
     start = time.perf_counter()
     retrieval.vote_ranking(query_vectors @ keys.T, owners, names)
     search = time.perf_counter() - start
-  print(f"| experts x keys | queries | step | time (s) |\n|---|---|---|---|")
+  print("| experts x keys | queries | step | time (s) |\n|---|---|---|---|")
   k = args.num_experts * args.keys_per_expert
   print(f"| {args.num_experts} x {args.keys_per_expert} | - | build the library (add + write key caches) | {build:.2f} |")
   print(f"| - | - | embed 1000 keys with MiniLM (max len 256), one-off per expert | {per_1000_keys:.2f} |")

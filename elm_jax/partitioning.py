@@ -37,7 +37,24 @@ DEFAULT_RULES: tuple[tuple[str, Optional[str]], ...] = (
     ("relpos_buckets", None),
     ("bottleneck", None),
     ("choices", None),
+    # Mixture-of-Experts layers (models/moe.py): their experts go on `expert` unless a stacked
+    # expert axis (above, listed first) has taken it; routed token groups stay on `data`.
+    ("moe_expert", "expert"),
+    ("moe_group", "data"),
+    ("unmodeled", None),
 )
+
+# Expert parallelism for one Mixture-of-Experts model, as t5x's MoE partitioner lays it out:
+# the batch is split over both `data` and `expert` (the expert axis doubles as data parallelism
+# outside the MoE layers); inside them each device holds its experts and the tokens routed to
+# them (two all-to-alls per layer). The stacked-expert axis of the trainer is not split.
+MOE_RULES: tuple[tuple[str, Optional[object]], ...] = (
+    ("batch", ("data", "expert")),
+    ("moe_expert", "expert"),
+    ("moe_group", "data"),
+    ("expert", None),
+) + tuple(rule for rule in DEFAULT_RULES
+          if rule[0] not in ("batch", "moe_expert", "moe_group", "expert"))
 
 
 class PartitioningError(UserInputError):
@@ -93,7 +110,8 @@ class Partitioner:
     self.mesh = Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
     self.rules = tuple(logical_axis_rules)
     for logical, mesh_axis in self.rules:
-      if mesh_axis is not None and mesh_axis not in MESH_AXES:
+      axes = mesh_axis if isinstance(mesh_axis, (tuple, list)) else (mesh_axis,)
+      if any(axis is not None and axis not in MESH_AXES for axis in axes):
         raise PartitioningError(
             f"logical_axis_rules: rule ({logical!r}, {mesh_axis!r}) names an unknown mesh axis; "
             f"expected one of {MESH_AXES} or None")

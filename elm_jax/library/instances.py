@@ -30,6 +30,7 @@ NUM_KEYS = 100          # training instances stored per expert (seen_target_trai
 NUM_QUERIES = 32        # unlabeled inputs of the target task (the first 32, in file order)
 KEY_SEED = 42
 MAX_SCAN = 20_000       # the key sample is drawn from at most this many rows of a split
+_READ_BATCH = 1024
 
 
 class InstanceError(UserInputError):
@@ -60,8 +61,18 @@ def _source_rows(task, split: str, limit: int) -> list[dict[str, Any]]:
   tf_input.tensorflow()
   if split not in task.source.splits:
     raise InstanceError(f"task {task.name!r}: no split {split!r}; it has {list(task.source.splits)}")
-  dataset = task.source.get_dataset(split=split, shuffle=False)
-  return list(dataset.take(limit).as_numpy_iterator())
+  dataset = task.source.get_dataset(split=split, shuffle=False).take(limit)
+  tf = tf_input.tensorflow()
+  specs = tf.nest.flatten(dataset.element_spec)
+  if not isinstance(dataset.element_spec, dict) or not all(
+      isinstance(s, tf.TensorSpec) and s.shape.is_fully_defined() for s in specs):
+    return list(dataset.as_numpy_iterator())
+  # Fixed-shape features: read in batches (per-element iteration costs ~0.4 ms a row).
+  rows = []
+  for batch in dataset.batch(_READ_BATCH).as_numpy_iterator():
+    size = len(next(iter(batch.values())))
+    rows.extend({k: v[i] for k, v in batch.items()} for i in range(size))
+  return rows
 
 
 def _from_rank_rows(rows: list[dict[str, Any]], task_name: str) -> list[dict[str, Any]]:

@@ -62,10 +62,29 @@ def load_experts(library_dir: str, selection: str | Sequence[str] = "all", *,
   fingerprint = expert_files.backbone_fingerprint(loaded.params)
   stacked, metadata = library.load_stacked(names, None if force else fingerprint)
   expert_config = ExpertConfig(**metadata[0].expert_config)
+  config = _model_config(library, names, metadata, loaded.config, expert_config)
   backbone, _ = split_params(loaded.params, expert_config)
-  return LoadedExperts(library, names, metadata, loaded.config, expert_config,
-                       Transformer(loaded.config, expert_config), loaded.params, backbone, stacked,
+  return LoadedExperts(library, names, metadata, config, expert_config,
+                       Transformer(config, expert_config), loaded.params, backbone, stacked,
                        vocabulary or loaded.vocab_path, fingerprint)
+
+
+def _model_config(library, names, metadata, config: T5Config, expert_config: ExpertConfig) -> T5Config:
+  """The backbone's config, or the Mixture-of-Experts config that fully fine-tuned experts
+  upcycled from it were trained with (all selected experts must agree)."""
+  moe = {n: (m.training_config.get("model") or {}).get("moe") for n, m in zip(names, metadata)}
+  kinds = {str(v) for v in moe.values()}
+  if len(kinds) > 1:
+    raise LibraryError(f"{library.root}: experts {names} mix dense and Mixture-of-Experts models "
+                       "(field training_config.model.moe); select one kind at a time")
+  first = next(iter(moe.values()))
+  if first is None:
+    return config
+  if expert_config.kind != "full":
+    raise LibraryError(f"{library.root}: expert {names[0]!r} has a Mixture-of-Experts model but "
+                       f"kind {expert_config.kind!r}; only fully fine-tuned (upcycled) MoE models "
+                       "can be loaded over a dense backbone")
+  return config.replace(moe=first)
 
 
 def score_instances(loaded: LoadedExperts, rows: Sequence[dict[str, Any]], *, batch_size: int = 32,

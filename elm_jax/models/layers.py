@@ -189,7 +189,7 @@ class MultiHeadAttention(nn.Module):
     return constrain(out, ("batch", "length", "embed"))
 
 
-def _activation(name: str) -> Callable[[Array], Array]:
+def activation_fn(name: str) -> Callable[[Array], Array]:
   if name == "relu":
     return jax.nn.relu
   if name == "gelu":
@@ -212,7 +212,7 @@ class MlpBlock(nn.Module):
     hidden = None
     for name, act in zip(names, self.activations):
       kernel = lora_kernel(name, (emb, self.mlp_dim), ("embed", "mlp"), self.lora)()
-      h = _activation(act)(jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype)))
+      h = activation_fn(act)(jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype)))
       hidden = h if hidden is None else hidden * h
     hidden = constrain(hidden, ("batch", "length", "mlp"))
     hidden = nn.Dropout(self.dropout_rate)(hidden, deterministic=deterministic)

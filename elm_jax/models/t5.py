@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from elm_jax.models import layers
 from elm_jax.models.adapters import BottleneckAdapter, ExpertConfig
+from elm_jax.models.moe import MoeLayer
 from elm_jax.models.t5_config import T5Config
 
 Array = jax.Array
@@ -55,12 +56,25 @@ def _lora(expert: Optional[ExpertConfig]) -> Optional[ExpertConfig]:
   return expert if expert is not None and expert.kind == "lora" else None
 
 
+def _feed_forward(cfg: T5Config, sparse: bool, expert: Optional[ExpertConfig], h: Array,
+                  token_mask: Optional[Array], deterministic: bool) -> Array:
+  """The block's `mlp`: dense (`MlpBlock`, LoRA-able) or, in a sparse layer, a `MoeLayer` that
+  routes the tokens of `token_mask` ([batch, length] bool; None: all)."""
+  if sparse:
+    return MoeLayer(cfg.moe, cfg.mlp_dim, cfg.mlp_activations, cfg.jnp_dtype, cfg.dropout_rate,
+                    name="mlp")(h, token_mask, deterministic=deterministic)
+  return layers.MlpBlock(cfg.mlp_dim, cfg.mlp_activations, cfg.jnp_dtype, cfg.dropout_rate,
+                         _lora(expert), name="mlp")(h, deterministic=deterministic)
+
+
 class EncoderLayer(nn.Module):
   config: T5Config
   expert: Optional[ExpertConfig] = None
+  sparse: bool = False  # a Mixture-of-Experts feed-forward
 
   @nn.compact
-  def __call__(self, x: Array, bias: Array, deterministic: bool = True) -> Array:
+  def __call__(self, x: Array, bias: Array, deterministic: bool = True,
+               token_mask: Optional[Array] = None) -> Array:
     cfg = self.config
     dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
     h = layers.RMSNorm(cfg.layer_norm_epsilon, cfg.jnp_dtype, name="pre_attention_layer_norm")(x)
@@ -70,8 +84,7 @@ class EncoderLayer(nn.Module):
     h = _adapt(self.expert, cfg, "attention_adapter", h)
     x = x + dropout(h, deterministic=deterministic)
     h = layers.RMSNorm(cfg.layer_norm_epsilon, cfg.jnp_dtype, name="pre_mlp_layer_norm")(x)
-    h = layers.MlpBlock(cfg.mlp_dim, cfg.mlp_activations, cfg.jnp_dtype, cfg.dropout_rate,
-                        _lora(self.expert), name="mlp")(h, deterministic=deterministic)
+    h = _feed_forward(cfg, self.sparse, self.expert, h, token_mask, deterministic)
     h = _adapt(self.expert, cfg, "mlp_adapter", h)
     x = x + dropout(h, deterministic=deterministic)
     return layers.constrain(x, ("batch", "length", "embed"))
@@ -80,10 +93,12 @@ class EncoderLayer(nn.Module):
 class DecoderLayer(nn.Module):
   config: T5Config
   expert: Optional[ExpertConfig] = None
+  sparse: bool = False  # a Mixture-of-Experts feed-forward
 
   @nn.compact
   def __call__(self, x: Array, encoded: Array, self_bias: Array, cross_bias: Array,
-               deterministic: bool = True, decode: bool = False) -> Array:
+               deterministic: bool = True, decode: bool = False,
+               token_mask: Optional[Array] = None) -> Array:
     cfg = self.config
     dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
     attention = lambda name: layers.MultiHeadAttention(
@@ -97,8 +112,7 @@ class DecoderLayer(nn.Module):
     h = attention("encoder_decoder_attention")(h, encoded, cross_bias, deterministic=deterministic)
     x = x + dropout(h, deterministic=deterministic)
     h = norm("pre_mlp_layer_norm")(x)
-    h = layers.MlpBlock(cfg.mlp_dim, cfg.mlp_activations, cfg.jnp_dtype, cfg.dropout_rate,
-                        _lora(self.expert), name="mlp")(h, deterministic=deterministic)
+    h = _feed_forward(cfg, self.sparse, self.expert, h, token_mask, deterministic)
     h = _adapt(self.expert, cfg, "mlp_adapter", h)
     x = x + dropout(h, deterministic=deterministic)
     return layers.constrain(x, ("batch", "length", "embed"))
@@ -121,7 +135,8 @@ class Encoder(nn.Module):
         bidirectional=True, name="relpos_bias")(length, length)
     bias = position_bias + _key_mask_bias(mask)
     for i in range(cfg.num_encoder_layers):
-      x = EncoderLayer(cfg, self.expert, name=f"layers_{i}")(x, bias, deterministic)
+      x = EncoderLayer(cfg, self.expert, cfg.is_sparse(i), name=f"layers_{i}")(
+          x, bias, deterministic, mask)
     x = layers.RMSNorm(cfg.layer_norm_epsilon, cfg.jnp_dtype, name="encoder_norm")(x)
     return nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=deterministic)
 
@@ -147,9 +162,14 @@ class Decoder(nn.Module):
       causal = jnp.tril(jnp.ones((length, length), jnp.bool_))
       self_bias = self_bias + jnp.where(causal, 0.0, layers.NEG_INF)[None, None]
     cross_bias = _key_mask_bias(encoder_mask)
+    # MoE layers route real tokens only: the start token and non-padding targets (teacher
+    # forcing); one step at a time when decoding.
+    token_mask = None
+    if cfg.moe is not None and not decode:
+      token_mask = (tokens != cfg.pad_id) | (jnp.arange(tokens.shape[1]) == 0)[None, :]
     for i in range(cfg.num_decoder_layers):
-      x = DecoderLayer(cfg, self.expert, name=f"layers_{i}")(x, encoded, self_bias, cross_bias,
-                                                              deterministic, decode)
+      x = DecoderLayer(cfg, self.expert, cfg.is_sparse(i), name=f"layers_{i}")(
+          x, encoded, self_bias, cross_bias, deterministic, decode, token_mask)
     x = layers.RMSNorm(cfg.layer_norm_epsilon, cfg.jnp_dtype, name="decoder_norm")(x)
     x = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=deterministic)
     if cfg.logits_via_embedding:

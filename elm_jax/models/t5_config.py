@@ -8,11 +8,12 @@ T5X and Hugging Face checkpoints map onto it by a table.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import jax.numpy as jnp
 
 from elm_jax.errors import UserInputError
+from elm_jax.models.moe import MoeConfig
 
 
 class ConfigError(UserInputError):
@@ -35,6 +36,8 @@ class T5Config:
   `mlp_activations` of length 2 means a gated feed-forward (`wi_0`, `wi_1`) as in T5 v1.1 and
   mT5; length 1 means the original T5's single `wi`. `logits_via_embedding` ties the output
   projection to the token embedding and scales the decoder output by 1/sqrt(emb_dim).
+  `moe` makes the feed-forward of every `moe.layer_interval`-th layer of both stacks a sparse
+  Mixture-of-Experts layer (`models/moe.py`); None is the dense model.
   """
 
   vocab_size: int = 32128
@@ -54,8 +57,13 @@ class T5Config:
   pad_id: int = 0
   eos_id: int = 1
   decoder_start_id: int = 0
+  moe: Optional[MoeConfig] = None
 
   def __post_init__(self):
+    if isinstance(self.moe, Mapping):  # as written to JSON metadata
+      object.__setattr__(self, "moe", MoeConfig(**self.moe))
+    if self.moe is not None and not isinstance(self.moe, MoeConfig):
+      raise ConfigError(f"T5Config.moe: expected a MoeConfig or None, got {self.moe!r}")
     for name in ("vocab_size", "emb_dim", "num_heads", "head_dim", "mlp_dim",
                  "num_encoder_layers", "num_decoder_layers",
                  "relative_attention_num_buckets", "relative_attention_max_distance"):
@@ -80,6 +88,10 @@ class T5Config:
   @property
   def is_gated(self) -> bool:
     return len(self.mlp_activations) == 2
+
+  def is_sparse(self, layer_index: int) -> bool:
+    """Whether layer `layer_index` of either stack has a Mixture-of-Experts feed-forward."""
+    return self.moe is not None and self.moe.is_sparse(layer_index)
 
   def replace(self, **changes) -> "T5Config":
     return dataclasses.replace(self, **changes)
@@ -138,6 +150,9 @@ class T5Config:
 
   def to_hf_config(self, model_type: str = "t5") -> dict[str, Any]:
     """The Hugging Face `config.json` dictionary for this config."""
+    if self.moe is not None:
+      raise ConfigError("T5Config.moe: a Mixture-of-Experts T5 has no Hugging Face T5 config.json; "
+                        "it is saved as an expert file (all parameters) over its dense checkpoint")
     acts = self.mlp_activations
     if acts == ("gelu",):
       raise ConfigError("T5Config.mlp_activations ('gelu',): Hugging Face T5 runs a non-gated "
@@ -182,6 +197,19 @@ def _attention_shapes(config: T5Config) -> dict[str, Any]:
           "value": {"kernel": (e, hk)}, "out": {"kernel": (hk, e)}}
 
 
+def _moe_shapes(config: T5Config) -> dict[str, Any]:
+  e, x = config.emb_dim, config.moe.num_experts
+  m = config.moe.expert_mlp_dim or config.mlp_dim
+  names = ("wi_0", "wi_1") if config.is_gated else ("wi",)
+  expert = {name: {"kernel": (x, e, m)} for name in names}
+  expert["wo"] = {"kernel": (x, m, e)}
+  return {"router": {"kernel": (e, x)}, "expert": expert}
+
+
+def _feed_forward_shapes(config: T5Config, layer_index: int) -> dict[str, Any]:
+  return _moe_shapes(config) if config.is_sparse(layer_index) else _mlp_shapes(config)
+
+
 def param_shapes(config: T5Config) -> dict[str, Any]:
   """The nested dict of parameter shapes in the T5X layout, the contract every loader checks."""
   e = config.emb_dim
@@ -191,14 +219,14 @@ def param_shapes(config: T5Config) -> dict[str, Any]:
   for i in range(config.num_encoder_layers):
     encoder[f"layers_{i}"] = {
         "pre_attention_layer_norm": scale, "attention": _attention_shapes(config),
-        "pre_mlp_layer_norm": scale, "mlp": _mlp_shapes(config)}
+        "pre_mlp_layer_norm": scale, "mlp": _feed_forward_shapes(config, i)}
   decoder = {"relpos_bias": relpos, "decoder_norm": scale}
   for i in range(config.num_decoder_layers):
     decoder[f"layers_{i}"] = {
         "pre_self_attention_layer_norm": scale, "self_attention": _attention_shapes(config),
         "pre_cross_attention_layer_norm": scale,
         "encoder_decoder_attention": _attention_shapes(config),
-        "pre_mlp_layer_norm": scale, "mlp": _mlp_shapes(config)}
+        "pre_mlp_layer_norm": scale, "mlp": _feed_forward_shapes(config, i)}
   if not config.logits_via_embedding:
     decoder["logits_dense"] = {"kernel": (e, config.vocab_size)}
   return {"token_embedder": {"embedding": (config.vocab_size, e)},

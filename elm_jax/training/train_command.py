@@ -37,16 +37,35 @@ def train(model_dir: str, expert_tasks: Sequence[str], steps: int, *,
           expert_config: ExpertConfig = ExpertConfig(),
           optimizer_config: ts.OptimizerConfig = ts.OptimizerConfig(),
           setup: Sequence[Callable] = (), progress: bool = True,
-          mesh_config: Optional[partitioning.MeshConfig] = None):
+          mesh_config: Optional[partitioning.MeshConfig] = None,
+          shuffle_buffer_size: Optional[int] = None, upcycle: bool = False,
+          logical_axis_rules: Optional[Sequence] = None):
   """Trains one expert per entry of `expert_tasks` over the backbone in `backbone_checkpoint`
   (Hugging Face or T5X directory), or over a randomly initialised `model_config` when none is
   given (useful only for smoke tests and the demo's own pretraining). With `mesh_config`, the
-  experts are sharded over the mesh's `expert` axis and each expert's batch over `data`."""
+  experts are sharded over the mesh's `expert` axis and each expert's batch over `data`
+  (`logical_axis_rules`, e.g. `partitioning.MOE_RULES`, replaces the default table).
+
+  `upcycle=True` trains a Mixture-of-Experts `model_config` (with `moe` set) built from the
+  dense `backbone_checkpoint` by sparse upcycling; use it with `expert_config.kind='full'`."""
   del setup  # gin evaluates `@register_fn()` references in it before this body runs
+  fingerprint = None
+  if upcycle and (not backbone_checkpoint or model_config.moe is None):
+    raise trainer.TrainingError("train.upcycle: needs a dense BACKBONE_CHECKPOINT and a model "
+                                "config with `moe` set")
   if backbone_checkpoint:
     from elm_jax.checkpoints import loading
-    loaded = loading.load_model_checkpoint(backbone_checkpoint, config=model_config)
-    model_config, backbone = loaded.config, loaded.params
+    from elm_jax.library import expert_files
+    loaded = loading.load_model_checkpoint(
+        backbone_checkpoint, config=model_config.replace(moe=None) if upcycle else model_config)
+    backbone = loaded.params
+    if upcycle:
+      from elm_jax.models.upcycling import upcycle_params
+      fingerprint = expert_files.backbone_fingerprint(backbone)
+      model_config = loaded.config.replace(moe=model_config.moe, dtype=model_config.dtype)
+      backbone = upcycle_params(backbone, model_config, jax.random.PRNGKey(seed))
+    else:
+      model_config = loaded.config
     backbone_checkpoint = os.path.abspath(backbone_checkpoint)
   else:
     backbone = nn.unbox(init_params(model_config, jax.random.PRNGKey(seed)))
@@ -57,11 +76,14 @@ def train(model_dir: str, expert_tasks: Sequence[str], steps: int, *,
       model_dir=model_dir, expert_tasks=tuple(expert_tasks), steps=steps, batch_size=batch_size,
       input_length=input_length, target_length=target_length,
       expert_names=tuple(expert_names) if expert_names else None, seed=seed,
-      save_every=save_every, keep=keep, log_every=log_every, backbone_checkpoint=backbone_checkpoint)
-  partitioner = partitioning.Partitioner(mesh_config) if mesh_config is not None else None
+      save_every=save_every, keep=keep, log_every=log_every, backbone_checkpoint=backbone_checkpoint,
+      shuffle_buffer_size=shuffle_buffer_size)
+  partitioner = None
+  if mesh_config is not None:
+    partitioner = partitioning.Partitioner(mesh_config, logical_axis_rules or partitioning.DEFAULT_RULES)
   return trainer.train_experts(config, model_config, backbone, expert_config=expert_config,
                                optimizer_config=optimizer_config, progress=progress,
-                               partitioner=partitioner)
+                               partitioner=partitioner, backbone_fingerprint=fingerprint)
 
 
 def save_random_backbone(model_dir: str, model_config: T5Config, params, expert_tasks) -> str:

@@ -17,6 +17,7 @@ import optax
 
 from elm_jax.errors import UserInputError
 from elm_jax.models.adapters import merge_params
+from elm_jax.models.moe import router_losses_and_metrics
 from elm_jax.models.t5 import Transformer
 
 Array = jax.Array
@@ -86,17 +87,33 @@ def cross_entropy(logits: Array, targets: Array, weights: Array) -> tuple[Array,
 def expert_loss(expert_params, backbone, batch: dict[str, Array], model: Transformer,
                 dropout_rng: Optional[Array] = None):
   """Loss of one expert on its batch ({encoder_input_tokens, decoder_input_tokens,
-  decoder_target_tokens, [decoder_loss_weights]}, each [batch, length])."""
+  decoder_target_tokens, [decoder_loss_weights]}, each [batch, length]). For a Mixture-of-Experts
+  model the weighted router losses are added and the metrics gain `cross_entropy`, the
+  unweighted router losses, `fraction_dropped` and per-layer drop and load figures."""
   params = merge_params(backbone, expert_params)
-  deterministic = dropout_rng is None
-  rngs = {} if deterministic else {"dropout": dropout_rng}
-  logits = model.apply({"params": params}, batch["encoder_input_tokens"],
-                       batch["decoder_input_tokens"], deterministic=deterministic, rngs=rngs)
+  # Training mode throughout (MoE layers use their training capacity factor); dropout and
+  # router jitter draw from `dropout_rng`, which the model needs only when they are on.
+  deterministic = False
+  rngs = {} if dropout_rng is None else {"dropout": dropout_rng}
+  inputs = (batch["encoder_input_tokens"], batch["decoder_input_tokens"])
+  moe_config = model.config.moe
+  if moe_config is None:
+    logits = model.apply({"params": params}, *inputs, deterministic=deterministic, rngs=rngs)
+  else:
+    logits, state = model.apply({"params": params}, *inputs, deterministic=deterministic, rngs=rngs,
+                                mutable=["intermediates"])
   targets = batch["decoder_target_tokens"]
   weights = batch.get("decoder_loss_weights")
   weights = (targets > 0).astype(jnp.float32) if weights is None else weights.astype(jnp.float32)
   loss, correct, tokens = cross_entropy(logits, targets, weights)
-  return loss, {"loss": loss, "accuracy": correct / jnp.maximum(tokens, 1.0), "tokens": tokens}
+  metrics = {"loss": loss, "accuracy": correct / jnp.maximum(tokens, 1.0), "tokens": tokens}
+  if moe_config is not None:
+    # Switch load balancing + ST-MoE z-loss, weighted, on top of the cross-entropy.
+    auxiliary, router_metrics = router_losses_and_metrics(state, moe_config)
+    metrics.update(router_metrics, cross_entropy=loss)
+    loss = loss + auxiliary
+    metrics["loss"] = loss
+  return loss, metrics
 
 
 @dataclasses.dataclass
