@@ -14,6 +14,8 @@ instead of redoing them (training stages also resume from their Orbax checkpoint
   continual  experts for the kept-back tasks added; seen results unchanged; baseline fine-tuned
              further on the new tasks (forgetting)
   composed   the composed instruction answered by merging its two skills' experts
+  moe        the baseline's recipe on a sparse Mixture-of-Experts T5 upcycled from the backbone
+             (Switch top-1, equal active FLOPs), against the dense baseline (Flan-MoE)
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from elm_jax.training import train_step as ts
 from elm_jax.training.trainer import unstack
 
 STAGES = ("pretrain", "experts", "baseline", "library", "held_out", "retrieval", "seen", "continual",
-          "composed")
+          "composed", "moe")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,12 +57,20 @@ class Budget:
   learning_rate: float = 1e-3
   num_train: int = 2000
   num_eval: int = 200
+  moe_experts: int = 8            # experts per sparse layer (every other layer) of the MoE model
 
   def model_config(self) -> T5Config:
     return T5Config(vocab_size=1024, emb_dim=self.emb_dim, num_heads=4, head_dim=self.emb_dim // 4,
                     mlp_dim=2 * self.emb_dim, num_encoder_layers=self.layers,
                     num_decoder_layers=self.layers, mlp_activations=("gelu", "linear"),
                     logits_via_embedding=False)
+
+  def moe_config(self) -> T5Config:
+    """Switch-style: top-1 routing, experts as wide as the dense MLP (equal active FLOPs)."""
+    from elm_jax.models.moe import MoeConfig
+    # Every other layer (layer 1, 3, ...), or the only layer of a one-layer model.
+    return self.model_config().replace(moe=MoeConfig(num_experts=self.moe_experts,
+                                                     layer_interval=min(2, self.layers)))
 
 
 BUDGETS = {
@@ -114,18 +124,19 @@ class Demo:
 
   def _train(self, run: str, tasks: list[str], steps: int, *, kind: str = "adapter",
              backbone: Optional[str] = None, names: Optional[list[str]] = None, batch: Optional[int] = None,
-             learning_rate: Optional[float] = None) -> dict[str, dict[str, float]]:
+             learning_rate: Optional[float] = None, model_config: Optional[T5Config] = None,
+             upcycle: bool = False) -> dict[str, dict[str, float]]:
     from elm_jax.training import train_command
     b = self.budget
     expert_config = ExpertConfig(kind=kind, reduction_factor=4)
     optimizer = ts.OptimizerConfig(name="adamw", learning_rate=learning_rate or b.learning_rate,
                                    schedule="linear", max_grad_norm=1.0)
     return train_command.train(
-        self.path(run), tasks, steps, model_config=b.model_config(), backbone_checkpoint=backbone,
+        self.path(run), tasks, steps, model_config=model_config or b.model_config(), backbone_checkpoint=backbone,
         expert_names=names, batch_size=batch or b.expert_batch, input_length=b.input_length,
         target_length=b.target_length, seed=0, save_every=max(steps // 2, 1), keep=1,
         log_every=max(steps // 4, 1), expert_config=expert_config, optimizer_config=optimizer,
-        progress=self.progress, shuffle_buffer_size=256)
+        progress=self.progress, shuffle_buffer_size=256, upcycle=upcycle)
 
   def _bar(self, total: int, desc: str):
     from tqdm import tqdm
@@ -173,12 +184,17 @@ class Demo:
             "steps": self.budget.expert_steps, "batch": self.budget.expert_batch,
             "final_loss": {n: m["loss"] for n, m in final.items()}}
 
-  def stage_baseline(self) -> dict[str, Any]:
-    """the multitask baseline: full fine-tuning on every training prompt"""
+  def _baseline_budget(self) -> tuple[int, int, int]:
+    """(steps, batch, examples): as many examples as all prompt experts together."""
     b = self.budget
     examples = len(self.prompt_experts()) * b.expert_steps * b.expert_batch
     batch = 4 * b.expert_batch
-    steps = max(1, examples // batch)
+    return max(1, examples // batch), batch, examples
+
+  def stage_baseline(self) -> dict[str, Any]:
+    """the multitask baseline: full fine-tuning on every training prompt"""
+    b = self.budget
+    steps, batch, examples = self._baseline_budget()
     final = self._train("baseline", ["builtin_train"], steps, kind="full", backbone=self.path("backbone"),
                         names=["multitask"], batch=batch, learning_rate=b.learning_rate / 3)
     self._single_library("baseline_library", self.path("baseline", "experts", "multitask"))
@@ -351,6 +367,41 @@ class Demo:
     return {"task": task, "skills": skills, "metric": "rougeL", "merged": scores[0],
             **{f"single:{n}": s for n, s in zip(skills, scores[1:])},
             "baseline": baseline["scores"]["multitask"]}
+
+
+  def stage_moe(self) -> dict[str, Any]:
+    """the multitask recipe on a Mixture-of-Experts T5 upcycled from the backbone"""
+    from elm_jax import tree_paths
+    from elm_jax.models.t5_config import param_shapes
+    b = self.budget
+    steps, batch, _ = self._baseline_budget()
+    config = b.moe_config()
+    final = self._train("moe", ["builtin_train"], steps, kind="full", backbone=self.path("backbone"),
+                        names=["multitask_moe"], batch=batch, learning_rate=b.learning_rate / 3,
+                        model_config=config, upcycle=True)["multitask_moe"]
+    self._single_library("moe_library", self.path("moe", "experts", "multitask_moe"))
+    held_tasks, seen_tasks = self.results["held_out"]["tasks"], self.results["seen"]["tasks"]
+    scores = self._evaluate("moe_library", held_tasks + seen_tasks)
+    moe = {t: scores[t]["scores"]["multitask_moe"] for t in held_tasks + seen_tasks}
+    dense_seen = {t: r["baseline"] for t, r in self.results["seen"]["rows"].items()}
+    count = lambda c: int(sum(np.prod(s) for s in tree_paths.flatten(param_shapes(c)).values()))
+    total, dense_total = count(config), count(b.model_config())
+    sparse_layers = sum(config.is_sparse(i) for i in range(b.layers)) * 2
+    expert_ffn = 3 * config.emb_dim * config.mlp_dim  # wi_0, wi_1, wo of one expert
+    # Active per token: the dense parameters plus one router per sparse layer (top-1 routing).
+    active = dense_total + sparse_layers * config.emb_dim * config.moe.num_experts
+    return {"experts_per_layer": config.moe.num_experts, "sparse_layers": sparse_layers,
+            "router": "top-1 (Switch)", "steps": steps, "batch": batch,
+            "parameters": total, "active_parameters": active, "dense_parameters": dense_total,
+            "expert_ffn_parameters": expert_ffn,
+            "final_cross_entropy": final.get("cross_entropy", final["loss"]),
+            "fraction_dropped": final.get("fraction_dropped"),
+            "load_balancing_loss": final.get("load_balancing_loss"),
+            "held_out": {t: moe[t] for t in held_tasks}, "seen": {t: moe[t] for t in seen_tasks},
+            "held_out_mean": float(np.mean([moe[t] for t in held_tasks])),
+            "seen_mean": float(np.mean([moe[t] for t in seen_tasks])),
+            "dense_held_out_mean": self.results["held_out"]["baseline_mean"],
+            "dense_seen_mean": float(np.mean(list(dense_seen.values())))}
 
 
 # ---------------------------------------------------------------------------- helpers

@@ -99,8 +99,21 @@ def markdown(report: dict[str, Any], plots: list[str]) -> str:
             f"| merged experts | {_pct(comp['merged'])} |"]
   for skill in comp["skills"]:
     lines.append(f"| {skill} alone | {_pct(comp['single:' + skill])} |")
-  lines += [f"| multitask baseline | {_pct(comp['baseline'])} |", "",
-            "## Run", "", "| stage | seconds |", "|---|---|"]
+  lines += [f"| multitask baseline | {_pct(comp['baseline'])} |", ""]
+  if "moe" in s:
+    moe = s["moe"]
+    dropped = "" if moe["fraction_dropped"] is None else (
+        f" At the end of training the routers dropped {100 * moe['fraction_dropped']:.1f}% of token "
+        "choices (capacity factor 1.25).")
+    lines += ["## Dense versus Mixture-of-Experts (instruction tuning, equal active FLOPs)", "",
+              f"The multitask recipe ({moe['steps']} steps of batch {moe['batch']}) on a sparse T5 upcycled from "
+              f"the backbone: {moe['experts_per_layer']} experts in each of {moe['sparse_layers']} feed-forward "
+              f"layers, {moe['router']} routing; {moe['parameters']:,} parameters, "
+              f"{moe['active_parameters']:,} active per token (dense: {moe['dense_parameters']:,})." + dropped, "",
+              "| model | held-out accuracy | seen accuracy |", "|---|---|---|",
+              f"| dense multitask | {_pct(moe['dense_held_out_mean'])} | {_pct(moe['dense_seen_mean'])} |",
+              f"| MoE multitask | {_pct(moe['held_out_mean'])} | {_pct(moe['seen_mean'])} |", ""]
+  lines += ["## Run", "", "| stage | seconds |", "|---|---|"]
   for stage, seconds in report["timings_s"].items():
     lines.append(f"| {stage} | {seconds:.1f} |")
   m = report["machine"]

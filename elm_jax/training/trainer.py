@@ -288,9 +288,30 @@ def train_experts(config: TrainConfig, model_config: T5Config, backbone_params: 
     metrics = check(*pending)
   if bar is not None:
     bar.close()
+  if not metrics:
+    # Restored at the last step (a finished run started again): its experts were exported
+    # with their final metrics; keep them rather than overwrite them with none.
+    exported = _exported_metrics(config, names)
+    if exported is not None:
+      return exported
   fingerprint = backbone_fingerprint or expert_files.backbone_fingerprint(backbone_params)
   _export(config, names, model_config, expert_config, optimizer_config, fingerprint, state, metrics)
   return {n: {k: float(v[i]) for k, v in metrics.items()} for i, n in enumerate(names)} if metrics else {}
+
+
+def _exported_metrics(config: TrainConfig, names) -> Optional[dict[str, dict[str, float]]]:
+  """Each expert's recorded final metrics, if all were exported after `config.steps` steps."""
+  out = {}
+  for name in names:
+    directory = os.path.join(config.model_dir, "experts", name.replace("/", "_"))
+    try:
+      _, meta = expert_files.load_expert(directory)
+    except expert_files.ExpertFileError:
+      return None
+    if meta.steps != config.steps:
+      return None
+    out[name] = dict(meta.metrics)
+  return out
 
 
 def _progress_bar(start: int, total: int, names: Sequence[str]):

@@ -32,6 +32,16 @@ def test_report_is_complete(demo_dir):
   assert set(s["retrieval"]["prompts"]) == set(s["held_out"]["tasks"])
   assert s["continual"]["old_experts_unchanged"] is True
   assert s["baseline"]["examples"] == s["baseline"]["prompt_expert_examples"]  # comparable budget
+  moe = s["moe"]
+  assert (moe["steps"], moe["batch"]) == (s["baseline"]["steps"], s["baseline"]["batch"])
+  assert set(moe["held_out"]) == set(s["held_out"]["tasks"]) and set(moe["seen"]) == set(s["seen"]["tasks"])
+  # Top-1 routing with experts as wide as the dense MLP: one router per sparse layer is the only
+  # extra active parameter; every expert beyond the first is extra total capacity.
+  extra = moe["sparse_layers"] * (moe["experts_per_layer"] - 1) * moe["expert_ffn_parameters"]
+  routers = moe["sparse_layers"] * pipeline.BUDGETS["test"].emb_dim * moe["experts_per_layer"]
+  assert moe["parameters"] == moe["dense_parameters"] + extra + routers
+  assert moe["active_parameters"] == moe["dense_parameters"] + routers
+  assert 0.0 <= moe["fraction_dropped"] < 1.0
 
 
 def test_markdown_agrees_with_json(demo_dir):
@@ -51,6 +61,10 @@ def test_markdown_agrees_with_json(demo_dir):
     assert (f"| {task} | {row['prompt_expert']:.1f} | {row['dataset_expert']:.1f} | "
             f"{row['baseline']:.1f} |") in md
   assert f"| merged experts | {s['composed']['merged']:.1f} |" in md
+  moe = s["moe"]
+  assert f"| dense multitask | {moe['dense_held_out_mean']:.1f} | {moe['dense_seen_mean']:.1f} |" in md
+  assert f"| MoE multitask | {moe['held_out_mean']:.1f} | {moe['seen_mean']:.1f} |" in md
+  assert moe["dense_held_out_mean"] == s["held_out"]["baseline_mean"]
   # Top-1 accuracies in the retrieval stage are the held-out table's numbers for that expert.
   for task, entry in s["retrieval"]["prompts"].items():
     for method in ("roe", "likelihood", "oracle"):
@@ -59,12 +73,12 @@ def test_markdown_agrees_with_json(demo_dir):
 
 def test_rerun_resumes_finished_stages(demo_dir, capsys):
   before = (demo_dir / "report.json").read_text()
-  os.remove(demo_dir / "stages" / "composed.json")  # as if interrupted during the last stage
+  os.remove(demo_dir / "stages" / "moe.json")  # as if interrupted during the last stage
   capsys.readouterr()
   assert cli.main(["demo", f"--out={demo_dir}", "--budget=test", "--no_progress"]) == 0
   err = capsys.readouterr().err
   assert err.count("finished earlier") == len(pipeline.STAGES) - 1
-  assert "[9/9] composed: done" in err
+  assert f"[{len(pipeline.STAGES)}/{len(pipeline.STAGES)}] moe: done" in err
   after = json.loads((demo_dir / "report.json").read_text())
   previous = json.loads(before)
   assert after["stages"] == previous["stages"]  # the redone stage measures the same numbers
