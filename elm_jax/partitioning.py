@@ -57,6 +57,11 @@ MOE_RULES: tuple[tuple[str, Optional[object]], ...] = (
           if rule[0] not in ("batch", "moe_expert", "moe_group", "expert"))
 
 
+def moe_rules() -> tuple[tuple[str, Optional[object]], ...]:
+  """MOE_RULES, for gin: `train.logical_axis_rules = @partitioning.moe_rules()`."""
+  return MOE_RULES
+
+
 class PartitioningError(UserInputError):
   """A mesh or rule the devices or the arrays cannot satisfy."""
 

@@ -23,7 +23,7 @@ TINY = ["t5_config.T5Config.emb_dim = 32", "t5_config.T5Config.num_heads = 4", "
 def test_every_experiment_file_is_covered():
   assert {os.path.basename(p) for p in EXPERIMENTS} == {
       "elm_prompt_experts_xl.gin", "elm_dataset_experts_xl.gin", "t0_multitask_xl.gin",
-      "elm_continual_experts_xl.gin"}
+      "elm_continual_experts_xl.gin", "flan_moe_t0_xl.gin"}
 
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=os.path.basename)
@@ -51,6 +51,13 @@ def test_recipe_parses_and_builds_a_tiny_model(path):
     assert tasks == inventory.continual_tasks() and len(tasks) == 8
   else:
     assert tasks == ["t0_train"] and kind == "full"
+  if "moe" in os.path.basename(path):
+    assert config.moe.num_experts == 8 and config.moe.num_selected_experts == 1
+    assert gin.query_parameter("train_command.train.upcycle") is True
+    assert mesh.resolve(32) == (4, 8, 1) and mesh.resolve(8) == (1, 8, 1)
+    assert len(params["encoder"]["layers_1"]["mlp"]["expert"]["wi_0"]["kernel"]) == 8
+  else:
+    assert config.moe is None
 
 
 def test_groups_cover_every_prompt_expert_once():
@@ -59,3 +66,24 @@ def test_groups_cover_every_prompt_expert_once():
   with pytest.raises(Exception, match="groups 0..36"):
     inventory.expert_group("prompt", 37, 8)
   assert isinstance(partitioning.MeshConfig(), partitioning.MeshConfig)
+
+
+MOE_MODELS = sorted(glob.glob(os.path.join(gin_utils.GIN_CONFIGS_DIR, "models", "moe", "t5_1_1_*.gin")))
+
+
+def test_moe_model_files_cover_every_size_and_router():
+  names = {os.path.basename(p) for p in MOE_MODELS}
+  assert names == {f"t5_1_1_{size}_{router}.gin" for size in ("small", "base", "large", "xl")
+                   for router in ("switch", "top2", "expert_choice")}
+
+
+@pytest.mark.parametrize("path", MOE_MODELS, ids=os.path.basename)
+def test_moe_model_file_builds_a_tiny_model(path):
+  gin_utils.parse_gin(gin_utils.GinFlags(files=[path], bindings=TINY[:-1]))
+  config = gin.query_parameter("%MODEL_CONFIG").scoped_configurable_fn()
+  router = os.path.basename(path)[:-4].split("_", 4)[-1]
+  want = {"switch": ("top_k", 1), "top2": ("top_k", 2), "expert_choice": ("expert_choice", 1)}[router]
+  assert (config.moe.router, config.moe.num_selected_experts) == want
+  shapes = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
+  kernel = shapes["decoder"]["layers_1"]["mlp"]["expert"]["wo"]["kernel"]
+  assert kernel.value.shape == (8, 64, 32)
