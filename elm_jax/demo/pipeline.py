@@ -69,8 +69,11 @@ class Budget:
     """Switch-style: top-1 routing, experts as wide as the dense MLP (equal active FLOPs)."""
     from elm_jax.models.moe import MoeConfig
     # Every other layer (layer 1, 3, ...), or the only layer of a one-layer model.
+    # Token groups of 256 (4 sequences): the one-hot dispatch costs O(group size) per token, and
+    # small groups are what a CPU runs fastest (accelerators use thousands).
     return self.model_config().replace(moe=MoeConfig(num_experts=self.moe_experts,
-                                                     layer_interval=min(2, self.layers)))
+                                                     layer_interval=min(2, self.layers),
+                                                     max_group_size=256))
 
 
 BUDGETS = {
