@@ -21,6 +21,7 @@ instead of redoing them (training stages also resume from their Orbax checkpoint
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import os
 import sys
@@ -116,6 +117,7 @@ class Demo:
       self.log(f"[{number}/{len(stages)}] {name}: {_first_line(getattr(self, 'stage_' + name).__doc__)}")
       start = time.perf_counter()
       result = getattr(self, f"stage_{name}")()
+      gc.collect()  # input pipelines and programs of the stage are not needed by the next
       seconds = time.perf_counter() - start
       self.results[name], self.timings[name] = result, seconds
       tmp = record + ".tmp"

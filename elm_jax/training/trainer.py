@@ -199,6 +199,10 @@ class _Logs:
     with open(self.json_path, "a") as f:
       f.write(json.dumps(record) + "\n")
 
+  def close(self) -> None:
+    for writer in self.writers.values():
+      writer.close()
+
 
 def train_experts(config: TrainConfig, model_config: T5Config, backbone_params: dict, *,
                   expert_config: ExpertConfig = ExpertConfig(),
@@ -288,6 +292,7 @@ def train_experts(config: TrainConfig, model_config: T5Config, backbone_params: 
     metrics = check(*pending)
   if bar is not None:
     bar.close()
+  logs.close()
   if not metrics:
     # Restored at the last step (a finished run started again): its experts were exported
     # with their final metrics; keep them rather than overwrite them with none.
