@@ -84,6 +84,20 @@ def save_expert(directory: str, params: dict, metadata: ExpertMetadata, overwrit
     raise
 
 
+def load_metadata(directory: str) -> ExpertMetadata:
+  """The expert's metadata alone (validated), without reading its tensors."""
+  from etils import epath
+  meta_path = epath.Path(directory) / METADATA_FILE
+  if not meta_path.is_file():
+    raise ExpertFileError(f"{meta_path}: not found; an expert directory holds {METADATA_FILE} and {TENSORS_FILE}")
+  try:
+    metadata = ExpertMetadata.from_json(json.loads(meta_path.read_text()), str(meta_path))
+  except json.JSONDecodeError as e:
+    raise ExpertFileError(f"{meta_path}: not valid JSON ({e})") from None
+  ExpertConfig(**metadata.expert_config)  # validates the stored config
+  return metadata
+
+
 def load_expert(directory: str, backbone_fingerprint: Optional[str] = None,
                  force: bool = False) -> tuple[dict, ExpertMetadata]:
   """(expert parameter tree, metadata); checks the backbone fingerprint unless `force`.
@@ -95,11 +109,7 @@ def load_expert(directory: str, backbone_fingerprint: Optional[str] = None,
   for path in (meta_path, tensors_path):
     if not path.is_file():
       raise ExpertFileError(f"{path}: not found; an expert directory holds {METADATA_FILE} and {TENSORS_FILE}")
-  try:
-    metadata = ExpertMetadata.from_json(json.loads(meta_path.read_text()), str(meta_path))
-  except json.JSONDecodeError as e:
-    raise ExpertFileError(f"{meta_path}: not valid JSON ({e})") from None
-  ExpertConfig(**metadata.expert_config)  # validates the stored config
+  metadata = load_metadata(directory)
   if backbone_fingerprint is not None and metadata.backbone_fingerprint != backbone_fingerprint and not force:
     raise ExpertFileError(
         f"{meta_path}: expert {metadata.name!r} was trained on backbone "

@@ -310,10 +310,10 @@ def _exported_metrics(config: TrainConfig, names) -> Optional[dict[str, dict[str
   for name in names:
     directory = os.path.join(config.model_dir, "experts", name.replace("/", "_"))
     try:
-      _, meta = expert_files.load_expert(directory)
+      meta = expert_files.load_metadata(directory)
     except expert_files.ExpertFileError:
       return None
-    if meta.steps != config.steps:
+    if meta.steps != config.steps or not os.path.isfile(os.path.join(directory, expert_files.TENSORS_FILE)):
       return None
     out[name] = dict(meta.metrics)
   return out
