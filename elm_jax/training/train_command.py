@@ -68,7 +68,10 @@ def train(model_dir: str, expert_tasks: Sequence[str], steps: int, *,
       model_config = loaded.config
     backbone_checkpoint = os.path.abspath(backbone_checkpoint)
   else:
-    backbone = nn.unbox(init_params(model_config, jax.random.PRNGKey(seed)))
+    # Compiled: eager initialisation dispatches (and compiles) every op on its own (4 s for
+    # the demo's 2-layer model, minutes for XL).
+    backbone = jax.jit(lambda key: nn.unbox(init_params(model_config, key)))(jax.random.PRNGKey(seed))
+    backbone = jax.device_get(backbone)
     backbone_checkpoint = save_random_backbone(model_dir, model_config, backbone, expert_tasks)
     print(f"note: no BACKBONE_CHECKPOINT given; training over a randomly initialised backbone, "
           f"saved to {backbone_checkpoint}", file=sys.stderr)

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -76,15 +77,12 @@ class TrainConfig:
 
 def expert_batches(config: TrainConfig, vocab_size: Optional[int] = None
                    ) -> Iterator[dict[str, np.ndarray]]:
-  """An endless, deterministic stream of stacked batches [E, batch, length]. With `vocab_size`
-  (the model's), a task whose vocabulary is larger is refused."""
+  """An endless, deterministic stream of stacked batches [E, batch, length]. Every task is
+  checked now (with `vocab_size`, the model's, a task whose vocabulary is larger is refused);
+  the input pipelines are built when the first batch is asked for."""
   import seqio
-  tf_input.tensorflow()
-  lengths = {"inputs": config.input_length, "targets": config.target_length}
-  converter = seqio.EncDecFeatureConverter(pack=False)
-  options = _input_options(config.input_prefetch)
-  iterators = []
-  for e, name in enumerate(config.expert_tasks):
+  providers = []
+  for name in config.expert_tasks:
     try:
       provider = seqio.get_mixture_or_task(name)
     except ValueError:
@@ -94,15 +92,79 @@ def expert_batches(config: TrainConfig, vocab_size: Optional[int] = None
     if vocab_size is not None and task_vocab > vocab_size:
       raise TrainingError(f"TrainConfig.expert_tasks: {name!r} uses a vocabulary of {task_vocab} "
                           f"tokens, more than the model's vocab_size {vocab_size}")
+    providers.append(provider)
+  return _stacked_stream(config, providers)
+
+
+def _stacked_stream(config: TrainConfig, providers) -> Iterator[dict[str, np.ndarray]]:
+  import seqio
+  tf_input.tensorflow()
+  lengths = {"inputs": config.input_length, "targets": config.target_length}
+  options = _input_options(config.input_prefetch)
+  iterators = []
+  for e, (name, provider) in enumerate(zip(config.expert_tasks, providers)):
     shuffle = {}
     if config.shuffle_buffer_size is not None and isinstance(provider, seqio.Task):
       shuffle["shuffle_buffer_size"] = config.shuffle_buffer_size  # mixtures keep SeqIO's default
     ds = provider.get_dataset(sequence_length=lengths, split=config.split, shuffle=True,
                               seed=config.seed + e, num_epochs=None, **shuffle)
-    ds = converter(ds, lengths).batch(config.batch_size, drop_remainder=True)
+    ds = unpacked_encdec_features(ds, lengths, name).batch(config.batch_size, drop_remainder=True)
     iterators.append(ds.with_options(options).as_numpy_iterator())
   for batches in zip(*iterators):
     yield {k: np.stack([b[k] for b in batches]) for k in FEATURES}
+
+
+def batch_shapes(config: TrainConfig) -> dict[str, jax.ShapeDtypeStruct]:
+  """The shapes and dtypes of one `expert_batches` element."""
+  num = len(config.expert_tasks)
+  return {k: jax.ShapeDtypeStruct((num, config.batch_size, config.input_length if k == "encoder_input_tokens"
+                                   else config.target_length), np.int32) for k in FEATURES}
+
+
+class _CompileAhead(threading.Thread):
+  """Compiles `fn` for `args` (arrays or ShapeDtypeStructs) on a background thread, so the
+  compilation (XLA releases the GIL) overlaps building the input pipelines (Python and
+  TensorFlow). The later call with arguments of the same shapes finds the program compiled. A
+  failure here is ignored: that call compiles again and reports it."""
+
+  def __init__(self, fn, *args):
+    super().__init__(daemon=True, name="elm-jax-compile-ahead")
+    self._fn, self._args = fn, args
+    self.start()
+
+  def run(self) -> None:
+    try:
+      self._fn.lower(*self._args).compile()
+    except Exception as e:  # reported by the real call
+      logging.info("ahead-of-time compilation failed (%s: %s); compiling at the first step",
+                   type(e).__name__, e)
+
+
+def unpacked_encdec_features(ds, lengths: dict[str, int], name: str):
+  """What `seqio.EncDecFeatureConverter(pack=False)` makes of a task's dataset, in one map:
+  inputs and targets trimmed and zero-padded to `lengths`, decoder inputs the targets shifted
+  right after a 0 (BOS), loss weights 1 on non-padding targets; all int32 (the test compares
+  the two). SeqIO's converter builds a dozen validation and conversion maps per call, about
+  0.2 s of graph tracing for each of hundreds of experts."""
+  tf = tf_input.tensorflow()
+  for key in ("inputs", "targets"):
+    spec = ds.element_spec.get(key) if isinstance(ds.element_spec, dict) else None
+    if spec is None or spec.shape.rank != 1 or not spec.dtype.is_integer:
+      raise TrainingError(f"TrainConfig.expert_tasks: {name!r} yields {key!r} as "
+                          f"{spec if spec is not None else 'nothing'}; expected a rank-1 integer "
+                          "tensor of token ids (a tokenized text-to-text task)")
+  li, lt = lengths["inputs"], lengths["targets"]
+
+  def pad(tokens, length):
+    tokens = tf.cast(tokens[:length], tf.int32)
+    return tf.ensure_shape(tf.pad(tokens, [[0, length - tf.shape(tokens)[0]]]), [length])
+
+  def convert(example):
+    inputs, targets = pad(example["inputs"], li), pad(example["targets"], lt)
+    return {"encoder_input_tokens": inputs, "decoder_target_tokens": targets,
+            "decoder_input_tokens": tf.concat([tf.zeros([1], tf.int32), targets[:-1]], 0),
+            "decoder_loss_weights": tf.cast(tf.not_equal(targets, 0), tf.int32)}
+  return ds.map(convert)
 
 
 def _input_options(prefetch: Optional[bool]):
@@ -246,7 +308,10 @@ def train_experts(config: TrainConfig, model_config: T5Config, backbone_params: 
     step_fn = partitioner.partition(
         step, (state_specs, backbone_specs, {k: PartitionSpec("expert", "batch", "length") for k in FEATURES}),
         (state_specs, PartitionSpec("expert")))
-  batches = itertools.islice(expert_batches(config, model_config.vocab_size), start, None)  # replay to the saved position
+  stream = expert_batches(config, model_config.vocab_size)
+  # The step compiles while the first batch builds the input pipelines.
+  ahead = _CompileAhead(step_fn, state, backbone, batch_shapes(config)) if start < config.steps else None
+  batches = itertools.islice(stream, start, None)  # replay to the saved position
   logs = _Logs(config.model_dir, names)
   bar = _progress_bar(start, config.steps, names) if progress else None
   # Metrics of step s are read back while step s+1 runs (one step of lag), so the host never
@@ -275,7 +340,11 @@ def train_experts(config: TrainConfig, model_config: T5Config, backbone_params: 
 
   for step in range(start, config.steps):
     before = state
-    state, step_metrics = step_fn(state, backbone, next(batches))
+    batch = next(batches)
+    if ahead is not None:
+      ahead.join()
+      ahead = None
+    state, step_metrics = step_fn(state, backbone, batch)
     if pending is not None:
       metrics = check(*pending)
     done = step + 1

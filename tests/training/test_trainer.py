@@ -141,3 +141,29 @@ def test_sharded_trainer_equals_single_device(setup, tmp_path):
   for name in a:
     for x, y in zip(a[name], b[name]):
       np.testing.assert_allclose(x, y, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("lengths", [{"inputs": 16, "targets": 8}, {"inputs": 6, "targets": 3}])
+def test_unpacked_features_equal_seqio_converter(setup, lengths):
+  """The trainer's one-map conversion gives exactly SeqIO's EncDecFeatureConverter(pack=False)
+  output (values and dtypes), with and without truncation (6/3 tokens cut most examples)."""
+  task = seqio.get_mixture_or_task("test_trainer_reverse")
+  ds = task.get_dataset(sequence_length=lengths, split="train", shuffle=False)
+  ours = list(trainer.unpacked_encdec_features(ds, lengths, "test_trainer_reverse").as_numpy_iterator())
+  theirs = list(seqio.EncDecFeatureConverter(pack=False)(ds, lengths).as_numpy_iterator())
+  assert len(ours) == len(theirs) == 64
+  truncated = 0
+  for a, b in zip(ours, theirs):
+    assert set(a) == set(b) == set(trainer.FEATURES)
+    for key in trainer.FEATURES:
+      assert a[key].dtype == b[key].dtype and np.array_equal(a[key], b[key]), key
+    truncated += int(a["decoder_loss_weights"].all())
+  assert (truncated == 64) == (lengths["targets"] == 3)
+
+
+def test_unpacked_features_refuse_untokenized_task():
+  from elm_jax import tf_input
+  tf = tf_input.tensorflow()
+  ds = tf.data.Dataset.from_tensor_slices({"inputs": ["a b"], "targets": ["c"]})
+  with pytest.raises(trainer.TrainingError, match=r"'raw_task' yields 'inputs'.*rank-1 integer"):
+    trainer.unpacked_encdec_features(ds, {"inputs": 4, "targets": 2}, "raw_task")
