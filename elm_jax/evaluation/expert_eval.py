@@ -23,8 +23,8 @@ import numpy as np
 
 from elm_jax.errors import UserInputError
 from elm_jax.evaluation import generation_metrics
-from elm_jax.evaluation.rank_scoring import (bucket, decode_all_experts, default_expert_chunk,
-                                             expert_chunks)
+from elm_jax.evaluation.rank_scoring import (MIN_INPUT_BUCKET, bucket, decode_all_experts,
+                                             default_expert_chunk, expert_chunks)
 from elm_jax.library import instances
 from elm_jax.library.loaded import LoadedExperts, score_instances
 
@@ -124,7 +124,8 @@ def decode_texts(loaded: LoadedExperts, inputs: Sequence[str], *, batch_size: in
   batches = []
   for start in range(0, len(order), batch_size):
     rows = order[start:start + batch_size]
-    tokens = np.zeros((batch_size, bucket(max(len(ids[i]) for i in rows), 16, max_input_length)), np.int32)
+    length = bucket(max(len(ids[i]) for i in rows), MIN_INPUT_BUCKET, max_input_length)
+    tokens = np.zeros((batch_size, length), np.int32)
     for r, i in enumerate(rows):
       tokens[r, :len(ids[i])] = ids[i]
     batches.append((rows, tokens))

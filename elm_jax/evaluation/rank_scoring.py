@@ -22,6 +22,12 @@ from elm_jax.models.t5 import Transformer
 
 Array = jax.Array
 CPU_EXPERT_CHUNK = 2
+# Smallest padded input and choice lengths. Every distinct batch shape is one compilation
+# (about 1 s on a CPU even for a tiny model; far more for XL on an accelerator), while padding a
+# short input to 64 tokens or a short choice to 16 costs little: coarse buckets mean few
+# programs (the demo's held-out and seen prompts: 4 shapes per model instead of 8).
+MIN_INPUT_BUCKET = 64
+MIN_TARGET_BUCKET = 16
 
 
 def shift_right(targets: Array, start_id: int) -> Array:
@@ -175,9 +181,9 @@ class RankScorer:
     return scores, counts
 
   def _pad_batch(self, batch: Sequence[tuple[list[int], list[list[int]]]]) -> tuple[np.ndarray, np.ndarray]:
-    li = bucket(max(len(x) for x, _ in batch), 16, self.max_input_length)
+    li = bucket(max(len(x) for x, _ in batch), MIN_INPUT_BUCKET, self.max_input_length)
     c = bucket(max(len(ch) for _, ch in batch), 2)
-    lt = bucket(max(len(t) for _, ch in batch for t in ch), 8, self.max_target_length)
+    lt = bucket(max(len(t) for _, ch in batch for t in ch), MIN_TARGET_BUCKET, self.max_target_length)
     inputs = np.zeros((self.batch_size, li), np.int32)
     targets = np.zeros((self.batch_size, c, lt), np.int32)
     for row, (x, choices) in enumerate(batch):
