@@ -265,7 +265,8 @@ class Demo:
     from elm_jax.library.store import ExpertLibrary
     held = self.results["held_out"]
     library = ExpertLibrary(self.path("library"))
-    names = [n for n in library.names() if not n.endswith("_all_prompts")]  # prompt experts, as the paper
+    # The prompt experts of the library stage, as the paper (not those the continual stage adds).
+    names = [n for n in self.results["library"]["experts"] if not n.endswith("_all_prompts")]
     embedder, embedder_name = _retrieval_embedder(self, library)
     loaded = load_experts(self.path("library"), names)
     out: dict[str, Any] = {"embedder": embedder_name, "candidates": names, "prompts": {}}
