@@ -85,6 +85,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   module.add_arguments(sub_parser)
   position = argv.index(command)
   args = sub_parser.parse_args(argv[:position] + argv[position + 1:])
+  from elm_jax import host_memory
+  host_memory.keep_freed_memory()  # before the first large allocation
   try:
     gin_utils.parse_gin(gin_flags)
     run = main_version if command == "version" else module.main
