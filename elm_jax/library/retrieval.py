@@ -137,21 +137,32 @@ def library_keys(library: ExpertLibrary, names: Sequence[str], text_format: str
 def key_embeddings(library: ExpertLibrary, names: Sequence[str], embedder, text_format: str
                    ) -> tuple[np.ndarray, np.ndarray]:
   """(embeddings [K, dim], owners [K]); each expert's are cached in the library the first time
-  they are computed (new files only: an expert added later never changes another's)."""
-  vectors, owners = [], []
-  for e, name in enumerate(names):
+  they are computed (new files only: an expert added later never changes another's). The keys
+  of every expert not cached yet are embedded in one call, so batches are full and sorted by
+  length across experts (one call per expert padded each expert's few keys to a whole batch)."""
+  blocks: dict[str, np.ndarray] = {}
+  missing: list[str] = []
+  for name in names:
     path = library.embeddings_path(name, embedder.name, text_format)
     if path.exists():
-      block = np.load(io.BytesIO(path.read_bytes()))
+      blocks[name] = np.load(io.BytesIO(path.read_bytes()))
     else:
-      texts = [instances.format_text(k, text_format) for k in library.keys(name)]
-      block = embedder.embed(texts, KEY_MAX_LENGTH)
+      missing.append(name)
+  if missing:
+    texts = [[instances.format_text(k, text_format) for k in library.keys(name)] for name in missing]
+    embedded = embedder.embed([t for group in texts for t in group], KEY_MAX_LENGTH)
+    start = 0
+    for name, group in zip(missing, texts):
+      block = embedded[start:start + len(group)].astype(np.float32)
+      start += len(group)
+      path = library.embeddings_path(name, embedder.name, text_format)
       path.parent.mkdir(parents=True, exist_ok=True)
       buffer = io.BytesIO()
-      np.save(buffer, block.astype(np.float32))
+      np.save(buffer, block)
       write_atomically(path, buffer.getvalue())
-    vectors.append(block)
-    owners.extend([e] * len(block))
+      blocks[name] = block
+  vectors = [blocks[name] for name in names]
+  owners = [e for e, block in enumerate(vectors) for _ in range(len(block))]
   return np.concatenate(vectors), np.asarray(owners, np.int64)
 
 
