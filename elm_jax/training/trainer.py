@@ -121,23 +121,26 @@ def batch_shapes(config: TrainConfig) -> dict[str, jax.ShapeDtypeStruct]:
                                    else config.target_length), np.int32) for k in FEATURES}
 
 
-class _CompileAhead(threading.Thread):
-  """Compiles `fn` for `args` (arrays or ShapeDtypeStructs) on a background thread, so the
-  compilation (XLA releases the GIL) overlaps building the input pipelines (Python and
-  TensorFlow). The later call with arguments of the same shapes finds the program compiled. A
-  failure here is ignored: that call compiles again and reports it."""
+class _Ahead(threading.Thread):
+  """Runs `fn()` on a background thread; `result()` waits, then returns its value or raises
+  what it raised."""
 
-  def __init__(self, fn, *args):
-    super().__init__(daemon=True, name="elm-jax-compile-ahead")
-    self._fn, self._args = fn, args
+  def __init__(self, fn: Callable[[], Any]):
+    super().__init__(daemon=True, name="elm-jax-input-ahead")
+    self._fn, self._value, self._error = fn, None, None
     self.start()
 
   def run(self) -> None:
     try:
-      self._fn.lower(*self._args).compile()
-    except Exception as e:  # reported by the real call
-      logging.info("ahead-of-time compilation failed (%s: %s); compiling at the first step",
-                   type(e).__name__, e)
+      self._value = self._fn()
+    except BaseException as e:  # re-raised in the caller's thread
+      self._error = e
+
+  def result(self) -> Any:
+    self.join()
+    if self._error is not None:
+      raise self._error
+    return self._value
 
 
 def unpacked_encdec_features(ds, lengths: dict[str, int], name: str):
@@ -284,11 +287,17 @@ def train_experts(config: TrainConfig, model_config: T5Config, backbone_params: 
   if config.steps < 1 or config.batch_size < 1:
     raise TrainingError("TrainConfig.steps and batch_size must be positive integers")
   os.makedirs(config.model_dir, exist_ok=True)
+  stream = expert_batches(config, model_config.vocab_size)  # every task is checked here
+  checkpoints = _Checkpoints(os.path.join(config.model_dir, "checkpoints"), config.keep)
+  # The input pipelines (Python and TensorFlow) build on another thread while this one
+  # initialises the experts and compiles the step (XLA, which releases the GIL).
+  first = None
+  if max(checkpoints.manager.all_steps(), default=0) < config.steps:
+    first = _Ahead(lambda: next(stream))
   model = Transformer(model_config, expert_config)
   backbone, stacked = initial_experts(model_config, expert_config, backbone_params, len(names), config.seed)
   optimizer = ts.make_optimizer(optimizer_config, config.steps)
   state = ts.init_train_state(stacked, optimizer)
-  checkpoints = _Checkpoints(os.path.join(config.model_dir, "checkpoints"), config.keep)
   restored = checkpoints.restore_latest(state)
   if restored is not None:
     state = restored
@@ -308,9 +317,13 @@ def train_experts(config: TrainConfig, model_config: T5Config, backbone_params: 
     step_fn = partitioner.partition(
         step, (state_specs, backbone_specs, {k: PartitionSpec("expert", "batch", "length") for k in FEATURES}),
         (state_specs, PartitionSpec("expert")))
-  stream = expert_batches(config, model_config.vocab_size)
-  # The step compiles while the first batch builds the input pipelines.
-  ahead = _CompileAhead(step_fn, state, backbone, batch_shapes(config)) if start < config.steps else None
+  if start < config.steps:
+    try:
+      step_fn.lower(state, backbone, batch_shapes(config)).compile()  # the first step finds it
+    except Exception as e:  # the first step compiles again and reports it
+      logging.info("ahead-of-time compilation failed (%s: %s)", type(e).__name__, e)
+  if first is not None:
+    stream = itertools.chain([first.result()], stream)
   batches = itertools.islice(stream, start, None)  # replay to the saved position
   logs = _Logs(config.model_dir, names)
   bar = _progress_bar(start, config.steps, names) if progress else None
@@ -340,11 +353,7 @@ def train_experts(config: TrainConfig, model_config: T5Config, backbone_params: 
 
   for step in range(start, config.steps):
     before = state
-    batch = next(batches)
-    if ahead is not None:
-      ahead.join()
-      ahead = None
-    state, step_metrics = step_fn(state, backbone, batch)
+    state, step_metrics = step_fn(state, backbone, next(batches))
     if pending is not None:
       metrics = check(*pending)
     done = step + 1
