@@ -236,20 +236,17 @@ class Demo:
     return self.budget.choice_length if task.endswith("_score_eval") else self.budget.target_length
 
   def _evaluate(self, library: str, tasks: list[str], experts="all", split: str = "validation"):
+    """Every selected expert of `library` on `tasks`, the rank-classification ones in one pass."""
     from elm_jax.evaluation import expert_eval
     from elm_jax.library.loaded import load_experts
     loaded = load_experts(self.path(library), experts)
-    out = {}
-    bar = self._bar(len(tasks), f"eval {library}")
-    for task in tasks:
-      result = expert_eval.evaluate_task(loaded, task, split=split, max_examples=self.budget.eval_examples,
-                                         batch_size=16, max_input_length=self.budget.input_length * 2,
-                                         max_target_length=self._eval_target_length(task))
-      out[task] = {"dataset": result.dataset, "prompt": result.prompt, "metric": result.primary,
-                   "scores": {e: m[result.primary] for e, m in result.metrics.items()}}
-      bar.update(1)
-    bar.close()
-    return out
+    results = expert_eval.evaluate_tasks(
+        loaded, tasks, split=split, max_examples=self.budget.eval_examples, batch_size=16,
+        max_input_length=self.budget.input_length * 2, max_target_length=self.budget.choice_length,
+        max_decode_length=self.budget.target_length)
+    return {task: {"dataset": r.dataset, "prompt": r.prompt, "metric": r.primary,
+                   "scores": {e: m[r.primary] for e, m in r.metrics.items()}}
+            for task, r in zip(tasks, results)}
 
   def stage_held_out(self) -> dict[str, Any]:
     """every expert and the baseline on the held-out prompts"""

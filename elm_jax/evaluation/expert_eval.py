@@ -81,26 +81,67 @@ def evaluate_task(loaded: LoadedExperts, task: str, *, split: str = "validation"
                   max_input_length: int = 512, max_target_length: int = 128,
                   beam_size: int = 1) -> TaskResult:
   """Every loaded expert on up to `max_examples` examples of `task`."""
-  rows = instances.task_instances(task, split, max_examples)
+  return evaluate_tasks(loaded, [task], split=split, max_examples=max_examples, batch_size=batch_size,
+                        expert_chunk=expert_chunk, max_input_length=max_input_length,
+                        max_target_length=max_target_length, beam_size=beam_size)[0]
+
+
+def evaluate_tasks(loaded: LoadedExperts, tasks: Sequence[str], *, split: str = "validation",
+                   max_examples: int = 1000, batch_size: int = 32, expert_chunk: Optional[int] = None,
+                   max_input_length: int = 512, max_target_length: int = 128,
+                   max_decode_length: Optional[int] = None, beam_size: int = 1) -> list[TaskResult]:
+  """`evaluate_task` for each of `tasks` (results in that order). The examples of every
+  rank-classification task are scored in one pass: batches are sorted by length across tasks
+  (fewer, fuller batches and fewer shapes to compile, compiled in parallel), and each chunk of
+  experts is moved to the device once. `max_target_length` bounds choices; generation decodes
+  `max_decode_length` tokens (default: `max_target_length`)."""
+  rows = {task: instances.task_instances(task, split, max_examples) for task in tasks}
+  ranked = [t for t in tasks if rows[t] and all(r.get("answer_choices") and r.get("label") is not None
+                                                 for r in rows[t])]
+  for task in tasks:
+    if task not in ranked and (not rows[task] or any(r.get("targets") is None for r in rows[task])):
+      raise UserInputError(f"task {task!r} ({split}): examples carry neither answer choices with a "
+                           "label nor a target text, so there is nothing to evaluate against")
+  results: dict[str, TaskResult] = {}
+  if ranked:
+    scores, _ = score_instances(loaded, [r for t in ranked for r in rows[t]], batch_size=batch_size,
+                                expert_chunk=expert_chunk, max_input_length=max_input_length,
+                                max_target_length=max_target_length, source=f"task {ranked[0]}"
+                                if len(ranked) == 1 else f"tasks {', '.join(ranked)}")
+    offset = 0
+    for task in ranked:
+      n = len(rows[task])
+      results[task] = _rank_result(loaded, task, rows[task], scores[:, offset:offset + n])
+      offset += n
+  for task in tasks:
+    if task not in results:
+      results[task] = _generation_result(
+          loaded, task, rows[task], batch_size=batch_size, expert_chunk=expert_chunk,
+          max_input_length=max_input_length, max_decode_length=max_decode_length or max_target_length,
+          beam_size=beam_size)
+  return [results[t] for t in tasks]
+
+
+def _rank_result(loaded: LoadedExperts, task: str, rows, scores: np.ndarray) -> TaskResult:
+  """scores [E, N, C]: every expert's choice log-likelihoods for the task's N examples."""
   dataset, prompt = dataset_and_prompt(task)
-  if rows and all(r.get("answer_choices") and r.get("label") is not None for r in rows):
-    scores, _ = score_instances(loaded, rows, batch_size=batch_size, expert_chunk=expert_chunk,
-                                max_input_length=max_input_length, max_target_length=max_target_length,
-                                source=f"task {task}")
-    predicted = np.argmax(scores, axis=-1)                      # [E, N]
-    labels = np.array([r["label"] for r in rows])
-    metrics = {name: {"accuracy": float(100.0 * np.mean(predicted[e] == labels))}
-               for e, name in enumerate(loaded.names)}
-    predictions = [{"index": n, "label": int(labels[n]),
-                    "predictions": {name: int(predicted[e, n]) for e, name in enumerate(loaded.names)}}
-                   for n in range(len(rows))]
-    return TaskResult(task, dataset, prompt, "rank", len(rows), metrics, predictions)
-  if not rows or any(r.get("targets") is None for r in rows):
-    raise UserInputError(f"task {task!r} ({split}): examples carry neither answer choices with a "
-                         "label nor a target text, so there is nothing to evaluate against")
+  predicted = np.argmax(scores, axis=-1)                      # [E, N]
+  labels = np.array([r["label"] for r in rows])
+  metrics = {name: {"accuracy": float(100.0 * np.mean(predicted[e] == labels))}
+             for e, name in enumerate(loaded.names)}
+  predictions = [{"index": n, "label": int(labels[n]),
+                  "predictions": {name: int(predicted[e, n]) for e, name in enumerate(loaded.names)}}
+                 for n in range(len(rows))]
+  return TaskResult(task, dataset, prompt, "rank", len(rows), metrics, predictions)
+
+
+def _generation_result(loaded: LoadedExperts, task: str, rows, *, batch_size: int,
+                       expert_chunk: Optional[int], max_input_length: int, max_decode_length: int,
+                       beam_size: int) -> TaskResult:
+  dataset, prompt = dataset_and_prompt(task)
   texts = decode_texts(loaded, [r["inputs"] for r in rows], batch_size=batch_size,
                        expert_chunk=expert_chunk, max_input_length=max_input_length,
-                       max_decode_length=max_target_length, beam_size=beam_size)
+                       max_decode_length=max_decode_length, beam_size=beam_size)
   references = [r["targets"] for r in rows]
   metrics = {name: generation_metrics.generation_metrics(texts[e], references)
              for e, name in enumerate(loaded.names)}

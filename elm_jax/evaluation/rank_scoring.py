@@ -8,8 +8,10 @@ compiles a handful of programs, not one per batch.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
+import os
 import sys
 from typing import Iterable, Optional, Sequence
 
@@ -165,6 +167,7 @@ class RankScorer:
     order = sorted(range(len(prepared)), key=lambda i: (len(prepared[i][0]), len(prepared[i][1])))
     batches = [order[start:start + self.batch_size] for start in range(0, len(order), self.batch_size)]
     arrays = [self._pad_batch([prepared[i] for i in chunk]) for chunk in batches]
+    self._compile_ahead(arrays)
     if self.experts is None:
       # Dispatch every batch first; reading results back is the only host sync.
       results = [choice_log_likelihoods(self.model, self.params, *a) for a in arrays]
@@ -192,6 +195,26 @@ class RankScorer:
         targets[row, j, :len(t)] = t
     self.shapes_compiled.add((self.expert_chunk or 0, self.batch_size, li, c, lt))
     return inputs, targets
+
+  def _compile_ahead(self, arrays) -> None:
+    """Compiles the programs for every batch shape of `arrays` at once, on parallel threads
+    (XLA compiles outside the GIL): a run with several new shapes waits for about the slowest
+    compile rather than their sum. Shapes compiled before cost nothing (JAX's cache)."""
+    shapes = sorted({(inputs.shape, targets.shape) for inputs, targets in arrays})
+    if len(shapes) < 2 or self.partitioner is not None:
+      return
+    spec = lambda shape: jax.ShapeDtypeStruct(shape, np.int32)
+    if self.experts is None:
+      lower = lambda s: choice_log_likelihoods.lower(self.model, self.params, spec(s[0]), spec(s[1]))
+    else:
+      chunk = jax.tree_util.tree_map(
+          lambda x: jax.ShapeDtypeStruct((self.expert_chunk,) + np.shape(x)[1:],
+                                         jax.dtypes.canonicalize_dtype(x.dtype)), self.experts)
+      lower = lambda s: expert_choice_log_likelihoods.lower(self.model, self.params, chunk, spec(s[0]),
+                                                            spec(s[1]))
+    workers = min(len(shapes), os.cpu_count() or 1)
+    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="elm-jax-compile") as pool:
+      list(pool.map(lambda s: lower(s).compile(), shapes))
 
   def _score_with_experts(self, arrays) -> list[np.ndarray]:
     """[experts, batch, choices] per batch; experts are the outer loop so each chunk of expert

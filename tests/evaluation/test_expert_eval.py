@@ -1,0 +1,71 @@
+"""`expert_eval.evaluate_tasks`: several tasks' rank-classification examples scored in one pass
+give each task the same result as evaluating it alone; generation tasks are decoded; results
+keep the order of the tasks asked for."""
+
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from elm_jax.evaluation import expert_eval
+from elm_jax.library.loaded import LoadedExperts
+from elm_jax.models.adapters import ExpertConfig, split_params
+from elm_jax.models.t5 import Transformer, init_params
+from elm_jax.models.t5_config import T5Config
+from tasks import builtin_registry
+
+# Inputs of different lengths and 2, 3 and 4 choices: several batch shapes across the tasks.
+RANK = ["builtin_coreference_who_is_pronoun_score_eval", "builtin_sentence_completion_how_ends_score_eval",
+        "builtin_mc_reading_why_question_score_eval"]
+GENERATION = "builtin_reverse_words_reverse_order"
+
+
+@pytest.fixture(scope="module")
+def loaded():
+  builtin_registry.register_builtin_suite(num_train=40, num_eval=12)
+  config = T5Config(vocab_size=builtin_registry.VOCAB_SIZE, emb_dim=32, num_heads=4, head_dim=8,
+                    mlp_dim=64, num_encoder_layers=1, num_decoder_layers=1)
+  expert_config = ExpertConfig(kind="adapter", reduction_factor=4)
+  experts = []
+  for seed in range(3):
+    full = nn.unbox(init_params(config, jax.random.PRNGKey(seed), expert=expert_config))
+    backbone, expert = split_params(full, expert_config)
+    # Distinct adapters (random up-projections) on one shared backbone.
+    experts.append(jax.tree_util.tree_map(lambda x, s=seed: np.asarray(x) + 0.05 * s, expert))
+  stacked = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *experts)
+  return LoadedExperts(library=None, names=["a", "b", "c"], metadata=[], config=config,
+                       expert_config=expert_config, model=Transformer(config, expert_config),
+                       pretrained=None, backbone=backbone, experts=stacked,
+                       vocab_path=builtin_registry.builtin_vocabulary(), fingerprint="")
+
+
+def _kwargs():
+  return dict(max_examples=12, batch_size=4, max_input_length=128, max_target_length=16)
+
+
+def test_tasks_together_equal_tasks_alone(loaded):
+  together = expert_eval.evaluate_tasks(loaded, RANK + [GENERATION], max_decode_length=8, **_kwargs())
+  assert [r.task for r in together] == RANK + [GENERATION]
+  assert [r.kind for r in together] == ["rank"] * 3 + ["generation"]
+  for result in together[:3]:
+    alone = expert_eval.evaluate_task(loaded, result.task, **_kwargs())
+    assert result.examples == alone.examples == 12
+    assert result.metrics == alone.metrics
+    assert result.predictions == alone.predictions
+  # The experts differ, so they are not all scored alike (the test would not see a mix-up).
+  assert len({tuple(p["predictions"].values()) for r in together[:3] for p in r.predictions}) > 1
+  generation = together[3]
+  alone = expert_eval.evaluate_task(loaded, GENERATION, **dict(_kwargs(), max_target_length=8))
+  assert generation.predictions == alone.predictions and generation.metrics == alone.metrics
+
+
+def test_unscorable_task_is_refused_before_scoring(loaded, monkeypatch):
+  from elm_jax.errors import UserInputError
+  from elm_jax.library import instances
+  real = instances.task_instances
+  monkeypatch.setattr(instances, "task_instances",
+                      lambda task, split, n: [dict(r, targets=None) for r in real(GENERATION, split, n)]
+                      if task == "broken" else real(task, split, n))
+  with pytest.raises(UserInputError, match=r"task 'broken' \(validation\): examples carry neither"):
+    expert_eval.evaluate_tasks(loaded, RANK[:1] + ["broken"], **_kwargs())
