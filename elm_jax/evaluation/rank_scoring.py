@@ -25,7 +25,7 @@ from elm_jax.models.t5 import Transformer
 Array = jax.Array
 CPU_EXPERT_CHUNK = 2
 # Smallest padded input and choice lengths. Every distinct batch shape is one compilation
-# (about 1 s on a CPU even for a tiny model; far more for XL on an accelerator), while padding a
+# (about 2 s on a 2-core CPU even for the demo's 2-layer model; far more for XL on an accelerator), while padding a
 # short input to 64 tokens or a short choice to 16 costs little: coarse buckets mean few
 # programs (the demo's held-out and seen prompts: 4 shapes per model instead of 8).
 MIN_INPUT_BUCKET = 64
@@ -199,7 +199,8 @@ class RankScorer:
   def _compile_ahead(self, arrays) -> None:
     """Compiles the programs for every batch shape of `arrays` at once, on parallel threads
     (XLA compiles outside the GIL): a run with several new shapes waits for about the slowest
-    compile rather than their sum. Shapes compiled before cost nothing (JAX's cache)."""
+    compile rather than their sum. Shapes compiled before cost nothing (JAX's cache). With a
+    partitioner the programs compile at their first call, under the mesh."""
     shapes = sorted({(inputs.shape, targets.shape) for inputs, targets in arrays})
     if len(shapes) < 2 or self.partitioner is not None:
       return
