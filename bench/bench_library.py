@@ -41,7 +41,7 @@ from elm_jax.training.trainer import initial_experts
 def _write_experts(directory, config, num_experts):
   expert_config = ExpertConfig()
   pretrained = nn.unbox(init_params(config, jax.random.PRNGKey(0)))
-  backbone, stacked = initial_experts(config, expert_config, pretrained, num_experts, seed=1)
+  backbone, stacked = initial_experts(config, expert_config, pretrained, num_experts, seed=1, shared_init=False)
   rng = np.random.default_rng(0)
   stacked = jax.tree_util.tree_map(lambda x: x + rng.normal(0, 0.02, x.shape).astype(np.float32), stacked)
   paths = []

@@ -39,7 +39,7 @@ def train(model_dir: str, expert_tasks: Sequence[str], steps: int, *,
           setup: Sequence[Callable] = (), progress: bool = True,
           mesh_config: Optional[partitioning.MeshConfig] = None,
           shuffle_buffer_size: Optional[int] = None, upcycle: bool = False,
-          logical_axis_rules: Optional[Sequence] = None):
+          logical_axis_rules: Optional[Sequence] = None, shared_init: bool = True):
   """Trains one expert per entry of `expert_tasks` over the backbone in `backbone_checkpoint`
   (Hugging Face or T5X directory), or over a randomly initialised `model_config` when none is
   given (useful only for smoke tests and the demo's own pretraining). With `mesh_config`, the
@@ -47,7 +47,10 @@ def train(model_dir: str, expert_tasks: Sequence[str], steps: int, *,
   (`logical_axis_rules`, e.g. `partitioning.MOE_RULES`, replaces the default table).
 
   `upcycle=True` trains a Mixture-of-Experts `model_config` (with `moe` set) built from the
-  dense `backbone_checkpoint` by sparse upcycling; use it with `expert_config.kind='full'`."""
+  dense `backbone_checkpoint` by sparse upcycling; use it with `expert_config.kind='full'`.
+
+  `shared_init` (default, as the paper) starts every expert's adapters from the same random
+  draw, which is what makes averaging experts meaningful; False draws them per expert."""
   del setup  # gin evaluates `@register_fn()` references in it before this body runs
   fingerprint = None
   if upcycle and (not backbone_checkpoint or model_config.moe is None):
@@ -80,7 +83,7 @@ def train(model_dir: str, expert_tasks: Sequence[str], steps: int, *,
       input_length=input_length, target_length=target_length,
       expert_names=tuple(expert_names) if expert_names else None, seed=seed,
       save_every=save_every, keep=keep, log_every=log_every, backbone_checkpoint=backbone_checkpoint,
-      shuffle_buffer_size=shuffle_buffer_size)
+      shuffle_buffer_size=shuffle_buffer_size, shared_init=shared_init)
   partitioner = None
   if mesh_config is not None:
     partitioner = partitioning.Partitioner(mesh_config, logical_axis_rules or partitioning.DEFAULT_RULES)

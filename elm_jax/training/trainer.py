@@ -55,6 +55,10 @@ class TrainConfig:
   target_length: int = 128
   expert_names: Optional[tuple[str, ...]] = None
   seed: int = 42
+  # Every expert's new modules start from the same draw (from `seed`), as in the paper's code,
+  # where each expert is its own run with seed 42. Averaging experts (top-k merging, composed
+  # instructions) relies on it; False draws each expert's from `seed + e` instead.
+  shared_init: bool = True
   save_every: int = 100
   keep: int = 3
   log_every: int = 10
@@ -183,10 +187,11 @@ def _input_options(prefetch: Optional[bool]):
 
 
 def initial_experts(model_config: T5Config, expert_config: ExpertConfig, backbone_params: dict,
-                    num_experts: int, seed: int) -> tuple[dict, dict]:
+                    num_experts: int, seed: int, shared_init: bool = True) -> tuple[dict, dict]:
   """(frozen backbone, stacked expert parameters [E, ...]).
 
-  New expert modules (adapters, LoRA factors) are initialised per expert from `seed + e`;
+  New expert modules (adapters, LoRA factors) are initialised from `seed`, the same draw for
+  every expert (`shared_init`, as the paper's runs), or from `seed + e` for expert e;
   trainable backbone tensors (layer-norm scales, or everything for full fine-tuning) start
   from the backbone's pretrained values.
   """
@@ -195,6 +200,8 @@ def initial_experts(model_config: T5Config, expert_config: ExpertConfig, backbon
     return split_params(fresh, expert_config)[1]
 
   seeds = np.arange(seed, seed + num_experts, dtype=np.uint32)
+  if shared_init:
+    seeds = np.full(num_experts, seed, dtype=np.uint32)
   shapes = tree_paths.flatten(jax.eval_shape(jax.vmap(fresh_expert), seeds))
   pretrained = tree_paths.flatten(backbone_params)
   flat = {p: np.broadcast_to(np.asarray(pretrained[p], np.float32), shapes[p].shape).copy()
@@ -295,7 +302,8 @@ def train_experts(config: TrainConfig, model_config: T5Config, backbone_params: 
   if max(checkpoints.manager.all_steps(), default=0) < config.steps:
     first = _Ahead(lambda: next(stream))
   model = Transformer(model_config, expert_config)
-  backbone, stacked = initial_experts(model_config, expert_config, backbone_params, len(names), config.seed)
+  backbone, stacked = initial_experts(model_config, expert_config, backbone_params, len(names), config.seed,
+                                      shared_init=config.shared_init)
   optimizer = ts.make_optimizer(optimizer_config, config.steps)
   state = ts.init_train_state(stacked, optimizer)
   restored = checkpoints.restore_latest(state)

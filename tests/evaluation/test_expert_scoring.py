@@ -27,7 +27,8 @@ def _examples(vocab_size, rng):
 def _experts(tiny_config, kind):
   expert_config = ExpertConfig(kind=kind, reduction_factor=4, lora_targets=("query", "value", "wo"))
   pretrained = nn.unbox(init_params(tiny_config, jax.random.PRNGKey(0)))
-  backbone, stacked = initial_experts(tiny_config, expert_config, pretrained, NUM_EXPERTS, seed=1)
+  backbone, stacked = initial_experts(tiny_config, expert_config, pretrained, NUM_EXPERTS, seed=1,
+                                     shared_init=False)  # distinct experts
   rng = np.random.default_rng(7)  # make the experts differ a lot (LoRA's B starts at zero)
   stacked = jax.tree_util.tree_map(lambda x: x + rng.normal(0, 0.2, x.shape).astype(np.float32), stacked)
   return Transformer(tiny_config, expert_config), backbone, stacked

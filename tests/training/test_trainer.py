@@ -167,3 +167,21 @@ def test_unpacked_features_refuse_untokenized_task():
   ds = tf.data.Dataset.from_tensor_slices({"inputs": ["a b"], "targets": ["c"]})
   with pytest.raises(trainer.TrainingError, match=r"'raw_task' yields 'inputs'.*rank-1 integer"):
     trainer.unpacked_encdec_features(ds, {"inputs": 4, "targets": 2}, "raw_task")
+
+
+@pytest.mark.parametrize("shared_init", [True, False])
+def test_initial_experts_share_one_draw_unless_asked(tiny_config, shared_init):
+  """The paper starts every expert from the same adapter draw (each is a run with seed 42), which
+  is what makes averaging them meaningful; per-expert draws remain available."""
+  from elm_jax.models.adapters import ExpertConfig
+  pretrained = nn.unbox(init_params(tiny_config, jax.random.PRNGKey(0)))
+  _, stacked = trainer.initial_experts(tiny_config, ExpertConfig(kind="adapter", reduction_factor=4),
+                                       pretrained, 3, seed=5, shared_init=shared_init)
+  leaves = jax.tree_util.tree_leaves_with_path(stacked)
+  kernels = [x for path, x in leaves if "down_kernel" in jax.tree_util.keystr(path)]
+  assert kernels and all(np.std(k[0]) > 0 for k in kernels)  # a random draw, not zeros
+  for k in kernels:
+    assert np.array_equal(k[0], k[1]) == shared_init and np.array_equal(k[1], k[2]) == shared_init
+  # Layer-norm scales start from the pretrained backbone either way.
+  scales = [x for path, x in leaves if jax.tree_util.keystr(path).endswith("['scale']")]
+  assert scales and all(np.array_equal(s[0], s[2]) for s in scales)
