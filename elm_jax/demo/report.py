@@ -52,10 +52,10 @@ def markdown(report: dict[str, Any], plots: list[str]) -> str:
             f"{pre['final_loss']:.3f}.",
             f"- Experts: {len(experts['prompt_experts'])} prompt experts and {len(experts['dataset_experts'])} "
             f"dataset experts (bottleneck adapters), trained at once in one vmapped program, "
-            f"{experts['steps']} steps of batch {experts['batch']} each.",
+            f"{experts['steps']} steps of batch {experts['batch']} each{_rate(experts)}.",
             f"- Multitask baseline: full fine-tuning on every training prompt, {s['baseline']['steps']} steps of "
-            f"batch {s['baseline']['batch']} ({s['baseline']['examples']} examples; all prompt experts together "
-            f"saw {s['baseline']['prompt_expert_examples']}).", ""]
+            f"batch {s['baseline']['batch']}{_rate(s['baseline'])} ({s['baseline']['examples']} examples; all "
+            f"prompt experts together saw {s['baseline']['prompt_expert_examples']}).", ""]
   best = max(held["expert_mean"], key=held["expert_mean"].get)
   beating = sum(v > held["baseline_mean"] for v in held["expert_mean"].values())
   lines += ["## Held-out tasks (rank classification accuracy, %)", "",
@@ -171,3 +171,8 @@ def write_plots(report: dict[str, Any], out: str) -> list[str]:
   plt.close(fig)
   written.append("continual.png")
   return written
+
+
+def _rate(stage: dict[str, Any]) -> str:
+  """", learning rate X" (stages written before the rate was recorded have none)."""
+  return f", learning rate {stage['learning_rate']:.2g}" if "learning_rate" in stage else ""

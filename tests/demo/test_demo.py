@@ -49,6 +49,11 @@ def test_markdown_agrees_with_json(demo_dir):
   md = (demo_dir / "report.md").read_text()
   s = report["stages"]
   assert "This is a miniature" in md
+  # Adapters and full fine-tuning train at different rates; both are recorded and reported.
+  assert s["experts"]["learning_rate"] == report["budget"]["expert_learning_rate"]
+  assert s["baseline"]["learning_rate"] == report["budget"]["learning_rate"] / 3
+  assert f"batch {s['experts']['batch']} each, learning rate {s['experts']['learning_rate']:.2g}." in md
+  assert f"batch {s['baseline']['batch']}, learning rate {s['baseline']['learning_rate']:.2g} (" in md
   assert f"Multitask baseline: **{s['held_out']['baseline_mean']:.1f}**" in md
   for task in s["held_out"]["tasks"]:
     scores = s["held_out"]["experts"][task]["scores"]
