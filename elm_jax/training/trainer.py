@@ -200,16 +200,19 @@ def initial_experts(model_config: T5Config, expert_config: ExpertConfig, backbon
     return split_params(fresh, expert_config)[1]
 
   seeds = np.arange(seed, seed + num_experts, dtype=np.uint32)
-  if shared_init:
-    seeds = np.full(num_experts, seed, dtype=np.uint32)
   shapes = tree_paths.flatten(jax.eval_shape(jax.vmap(fresh_expert), seeds))
   pretrained = tree_paths.flatten(backbone_params)
   flat = {p: np.broadcast_to(np.asarray(pretrained[p], np.float32), shapes[p].shape).copy()
           for p in shapes if p in pretrained}
   if len(flat) < len(shapes):
-    # One compiled, vmapped initialisation for all experts (eager init costs ~0.6 s per expert).
-    fresh = tree_paths.flatten(jax.device_get(jax.jit(jax.vmap(fresh_expert))(seeds)))
-    flat.update({p: np.asarray(x, np.float32) for p, x in fresh.items() if p not in flat})
+    # Compiled (eager initialisation dispatches every op on its own). One draw shared by all
+    # experts compiles in 1.7 s for the demo's model; a vmapped draw per expert in 4.3 s.
+    if shared_init:
+      one = tree_paths.flatten(jax.device_get(jax.jit(fresh_expert)(np.uint32(seed))))
+      fresh = {p: np.broadcast_to(x, shapes[p].shape) for p, x in one.items()}
+    else:
+      fresh = tree_paths.flatten(jax.device_get(jax.jit(jax.vmap(fresh_expert))(seeds)))
+    flat.update({p: np.asarray(x, np.float32).copy() for p, x in fresh.items() if p not in flat})
   frozen, _ = split_params(backbone_params, expert_config)
   return frozen, tree_paths.unflatten(flat)
 
