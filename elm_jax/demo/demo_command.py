@@ -18,7 +18,9 @@ from elm_jax.demo import pipeline, report
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--out", default="elm_demo", help="output directory (reused to resume)")
-  parser.add_argument("--quick", action="store_true", help="a smaller budget (3.5 minutes on 2 cores; the full one takes 6.5)")
+  parser.add_argument("--quick", action="store_true",
+                      help="a one-layer model on a smaller budget (about 2.5 minutes on 2 cores; "
+                           "the full one about 6)")
   parser.add_argument("--budget", choices=sorted(pipeline.BUDGETS), default=None,
                       help="named budget (overrides --quick); 'test' learns nothing and is for tests")
   parser.add_argument("--no_progress", action="store_true", help="no progress bars")

@@ -83,7 +83,8 @@ class Budget:
 
 BUDGETS = {
     "full": Budget(),
-    "quick": Budget(pretrain_steps=100, expert_steps=25, eval_examples=16, continual_steps=20,
+    # Every stage on a one-layer model: most of a stage is compile time, which scales with depth.
+    "quick": Budget(layers=1, pretrain_steps=100, expert_steps=25, eval_examples=16, continual_steps=20,
                     keys_per_expert=20, num_train=600),
     # For tests: every stage runs, nothing is learned.
     "test": Budget(emb_dim=32, layers=1, pretrain_steps=2, pretrain_batch=4, expert_steps=2,
