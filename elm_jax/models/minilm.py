@@ -162,7 +162,7 @@ class BertSelfAttention(nn.Module):
   @nn.compact
   def __call__(self, x: Array, mask: Array) -> Array:
     c = self.config
-    # [batch, heads, length, head_dim]: XLA's CPU backend runs the two batched matmuls 3x
+    # [batch, heads, length, head_dim]: XLA's CPU backend runs the two batched matmuls 2.7x
     # faster with heads next to batch (bench/bench_attention.py).
     heads = lambda y: jnp.swapaxes(y.reshape(*y.shape[:2], c.num_attention_heads, c.head_dim), 1, 2)
     query = heads(_dense(c.hidden_size, "query", self.precision)(x))
