@@ -14,8 +14,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
-import tempfile
 from typing import Any, Mapping, Optional
 
 import ml_dtypes
@@ -23,6 +23,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from elm_jax import files
 from elm_jax.errors import UserInputError
 from elm_jax.tree_paths import Path
 from elm_jax.tree_paths import flatten as flatten_tree
@@ -39,6 +40,11 @@ _ATTENTION = (("q", "query"), ("k", "key"), ("v", "value"), ("o", "out"))
 _EMBEDDING_COPIES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
 _RAW_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "bfloat16"}
 
+
+# What a checkpoint directory written by `save_hf_checkpoint` (or transformers) may hold: only
+# such a directory is ever replaced with overwrite=True.
+_CHECKPOINT_FILES = (r"config\.json|generation_config\.json|spiece\.model|tokenizer.*|special_tokens_map\.json|"
+                     r"model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json")
 
 class CheckpointError(UserInputError):
   """A checkpoint that is missing, malformed, or does not fit the model config (a ValueError)."""
@@ -338,22 +344,6 @@ def _write_weights(tensors: Mapping[str, np.ndarray], directory: str,
     json.dump(index, f, indent=2)
 
 
-def _replace_dir(tmp: str, path: str) -> None:
-  """Moves the finished `tmp` directory to `path`, replacing what is there."""
-  if not os.path.lexists(path):
-    os.rename(tmp, path)
-    return
-  trash = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=os.path.dirname(path))
-  old = os.path.join(trash, "previous")
-  os.rename(path, old)
-  try:
-    os.rename(tmp, path)
-  except OSError:
-    os.rename(old, path)
-    raise
-  shutil.rmtree(trash)
-
-
 def save_hf_checkpoint(params: Mapping[str, Any], config: T5Config, path: str, *,
                        model_type: str = "t5", vocab_path: Optional[str] = None,
                        max_shard_bytes: Optional[int] = None, overwrite: bool = False,
@@ -369,9 +359,14 @@ def save_hf_checkpoint(params: Mapping[str, Any], config: T5Config, path: str, *
   path = os.path.abspath(os.fspath(path))
   if os.path.lexists(path) and not os.path.isdir(path):
     raise CheckpointError(f"{path}: exists and is not a directory")
-  if os.path.isdir(path) and os.listdir(path) and not overwrite:
-    raise CheckpointError(f"{path}: directory exists and is not empty; pass overwrite=True to "
-                          "replace it")
+  if os.path.isdir(path) and os.listdir(path):
+    if not overwrite:
+      raise CheckpointError(f"{path}: directory exists and is not empty; pass overwrite=True to "
+                            "replace it")
+    foreign = [f for f in os.listdir(path) if not re.fullmatch(_CHECKPOINT_FILES, f)]
+    if foreign or not os.path.isfile(os.path.join(path, "config.json")):
+      raise CheckpointError(f"{path}: holds files that are not a Hugging Face checkpoint's "
+                            f"({', '.join(sorted(foreign)[:5]) or 'no config.json'}); not replacing it")
   if vocab_path is not None and not os.path.isfile(vocab_path):
     raise CheckpointError(f"{vocab_path}: vocabulary file not found")
   flat = flatten_tree(params)
@@ -382,17 +377,9 @@ def save_hf_checkpoint(params: Mapping[str, Any], config: T5Config, path: str, *
     tensors[name] = np.ascontiguousarray(value.T if entry.transpose else value, dtype=save_dtype)
   hf_config = config.to_hf_config(model_type)
   hf_config["torch_dtype"] = np.dtype(save_dtype).name
-  parent = os.path.dirname(path)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
-  try:
+  with files.atomic_directory(path, replace=True) as tmp:
     with open(os.path.join(tmp, "config.json"), "w") as f:
       json.dump(hf_config, f, indent=2)
     _write_weights(tensors, tmp, max_shard_bytes)
     if vocab_path is not None:
       shutil.copyfile(vocab_path, os.path.join(tmp, _VOCAB_FILE))
-    os.chmod(tmp, 0o755)
-    _replace_dir(tmp, path)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise

@@ -13,9 +13,9 @@ import json
 import os
 import sys
 
-from elm_jax import jsonl
+from elm_jax import flags, jsonl
 from elm_jax.library import expert_files, instances
-from elm_jax.library.store import ExpertLibrary, LibraryError
+from elm_jax.library.store import ExpertLibrary, LibraryError, check_keys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       p.add_argument("names", nargs="*")
   for p in sub.choices.values():
     p.add_argument("--library", required=True, help="library directory (local path or any epath URL)")
+  flags.add_integrity_flag(sub.choices["show"])
 
 
 def expert_dirs(paths) -> list[str]:
@@ -64,7 +65,7 @@ def _keys_for(option: str, task: str) -> list | None:
   if option == "none":
     return None
   if option != "auto":
-    return [record for _, record in jsonl.read_objects(option)]
+    return check_keys(jsonl.read_objects(option, "--keys"), option)
   instances.ensure_registered([task])  # a no-op once the task is registered
   return instances.training_keys(task)
 
@@ -72,14 +73,22 @@ def _keys_for(option: str, task: str) -> list | None:
 def main(args: argparse.Namespace) -> int:
   if args.action == "add":
     instances.register_setup(args.setup)
-    library = ExpertLibrary(args.library, create=True)
     dirs = expert_dirs(args.experts)
     if args.name and len(dirs) != 1:
       raise LibraryError(f"--name: names one expert, but {len(dirs)} were given")
-    for directory in dirs:
-      _, meta = expert_files.load_expert(directory)
+    metas = [expert_files.load_metadata(d) for d in dirs]
+    names = [args.name or meta.name for meta in metas]
+    expert_files.directory_names(names, "--name" if args.name else "expert names")
+    if args.keys not in ("auto", "none"):
+      _keys_for(args.keys, metas[0].task)  # a bad keys file is refused before anything is written
+    library = ExpertLibrary(args.library, create=True)
+    library.clear_interrupted_adds()
+    for directory, meta, name in zip(dirs, metas, names):
+      if library.holds_identical(name, directory):
+        print(f"already in the library: {name} (same files; skipped)")
+        continue
       keys = _keys_for(args.keys, meta.task)
-      name = library.add(directory, name=args.name, keys=keys)
+      library.add(directory, name=name, keys=keys)
       print(f"added {name} ({meta.task}; {len(keys) if keys else 0} retrieval keys)")
     return 0
   library = ExpertLibrary(args.library)
@@ -91,9 +100,14 @@ def main(args: argparse.Namespace) -> int:
     print(f"{len(manifest['experts'])} expert(s); backbone {manifest['backbone_fingerprint']}",
           file=sys.stderr)
   elif args.action == "show":
-    _, meta = library.load(args.name)
-    print(json.dumps({"entry": library.entry(args.name), "metadata": meta.__dict__}, indent=1,
-                     sort_keys=True, default=str))
+    entry = library.entry(args.name)
+    if args.skip_integrity_check:
+      from elm_jax import files
+      files.warn_unchecked(f"expert {args.name!r}")
+    meta = expert_files.load_metadata(os.fspath(library.expert_dir(args.name)), recorded=entry["files"],
+                                      what=f"expert {args.name!r}",
+                                      check_integrity=not args.skip_integrity_check)
+    print(json.dumps({"entry": entry, "metadata": meta.__dict__}, indent=1, sort_keys=True, default=str))
   elif args.action == "remove":
     library.remove(args.name)
     print(f"removed {args.name}")

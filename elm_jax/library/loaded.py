@@ -49,17 +49,35 @@ def backbone_checkpoint(library: ExpertLibrary, checkpoint: Optional[str]) -> st
   return path
 
 
-def load_experts(library_dir: str, selection: str | Sequence[str] = "all", *,
-                 checkpoint: Optional[str] = None, dtype: Optional[str] = None,
-                 vocabulary: Optional[str] = None, force: bool = False) -> LoadedExperts:
-  """Loads the backbone (`checkpoint`, or the one the manifest records) and the selected
-  experts, checking that they were trained on it (unless `force`)."""
+def load_backbone(library: ExpertLibrary, checkpoint: Optional[str] = None, *, dtype: Optional[str] = None,
+                  force: bool = False):
+  """(the backbone checkpoint `checkpoint`, or the one the manifest records; its fingerprint),
+  checked against the manifest's backbone fingerprint (a hash of every tensor) unless `force`:
+  a changed, damaged or other checkpoint is refused before any expert is put on it."""
   from elm_jax.checkpoints import loading
-  library = ExpertLibrary(library_dir)
-  names = library.resolve(selection)
   path = backbone_checkpoint(library, checkpoint)
   loaded = loading.load_model_checkpoint(path, dtype=dtype)
+  recorded = library.manifest().get("backbone_fingerprint")
   fingerprint = expert_files.backbone_fingerprint(loaded.params)
+  if recorded and not force:
+    if fingerprint != recorded:
+      raise LibraryError(f"{path}: the backbone's tensors hash to {fingerprint}, but the library's "
+                         f"experts were trained on {recorded} ({library.root}/manifest.json: "
+                         "backbone_fingerprint); the checkpoint changed or is another model: pass "
+                         "the right --checkpoint (or --force to use it anyway)")
+  return loaded, fingerprint
+
+
+def load_experts(library_dir: str, selection: str | Sequence[str] = "all", *,
+                 checkpoint: Optional[str] = None, dtype: Optional[str] = None,
+                 vocabulary: Optional[str] = None, force: bool = False,
+                 check_integrity: bool = True) -> LoadedExperts:
+  """Loads the backbone (`checkpoint`, or the one the manifest records) and the selected
+  experts, checking that they were trained on it (unless `force`) and that every expert file
+  matches the manifest's sha256 (unless `check_integrity` is False, which warns)."""
+  library = ExpertLibrary(library_dir, check_integrity=check_integrity)
+  names = library.resolve(selection)
+  loaded, fingerprint = load_backbone(library, checkpoint, dtype=dtype, force=force)
   stacked, metadata = library.load_stacked(names, None if force else fingerprint)
   expert_config = ExpertConfig(**metadata[0].expert_config)
   config = _model_config(library, names, metadata, loaded.config, expert_config)

@@ -13,9 +13,10 @@ import json
 import os
 import tempfile
 
+from elm_jax import flags
 from elm_jax.errors import UserInputError
 from elm_jax.library import expert_files, merging
-from elm_jax.library.store import ExpertLibrary
+from elm_jax.library.store import ExpertLibrary, LibraryError, safe_name
 
 METHODS = ("uniform", "weighted", "task_arithmetic", "ties", "lora_updates", "lora_factors")
 
@@ -25,13 +26,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--name", required=True, help="library name of the merged expert")
   parser.add_argument("--experts", default=None, help="NAME,NAME,... to merge")
   parser.add_argument("--ranking", default=None, help="JSON written by `elm-jax retrieve --output`")
-  parser.add_argument("--top_k", type=int, default=None, help="with --ranking: merge the first K")
+  parser.add_argument("--top_k", type=flags.positive_int, default=None,
+                      help="with --ranking: merge the first K")
   parser.add_argument("--method", choices=METHODS, default="uniform")
   parser.add_argument("--weights", default=None, help="weighted: W,W,... (one per expert)")
-  parser.add_argument("--scale", type=float, default=1.0, help="task_arithmetic / ties: lambda")
-  parser.add_argument("--density", type=float, default=0.2, help="ties: fraction of entries kept")
+  parser.add_argument("--scale", type=flags.finite_float, default=1.0, help="task_arithmetic / ties: lambda")
+  parser.add_argument("--density", type=flags.fraction, default=0.2, help="ties: fraction of entries kept")
   parser.add_argument("--checkpoint", default=None,
                       help="task_arithmetic / ties: the backbone (default: the library's), for the base values")
+  flags.add_integrity_flag(parser)
 
 
 def selected_experts(args: argparse.Namespace, library: ExpertLibrary) -> list[str]:
@@ -39,14 +42,16 @@ def selected_experts(args: argparse.Namespace, library: ExpertLibrary) -> list[s
     raise UserInputError("pass exactly one of --experts=NAME,... and --ranking=FILE")
   if args.experts:
     return library.resolve(args.experts)
+  from elm_jax import files
+  files.check_input_file(args.ranking, "--ranking")
   try:
-    with open(args.ranking) as f:
+    with open(args.ranking, encoding="utf-8") as f:
       ranking = json.load(f)["ranking"]
     names = [entry["expert"] for entry in ranking]
-  except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+  except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
     raise UserInputError(f"{args.ranking}: expected the JSON of `elm-jax retrieve --output` with a "
                          f"'ranking' list of {{expert, ...}} ({type(e).__name__}: {e})") from None
-  if args.top_k is None or args.top_k < 1:
+  if args.top_k is None:
     raise UserInputError("--ranking needs --top_k=K (a positive integer)")
   return library.resolve(names[:args.top_k])
 
@@ -71,9 +76,8 @@ def merge(library: ExpertLibrary, names: list[str], method: str, *, weights=None
       return merging.merge_lora_factors(trees, weights), config, metas[0]
     tree, changes = merging.merge_lora_updates(trees, weights)
     return tree, {**config, **changes}, metas[0]
-  from elm_jax.checkpoints import loading
-  from elm_jax.library.loaded import backbone_checkpoint
-  pretrained = loading.load_model_checkpoint(backbone_checkpoint(library, checkpoint)).params
+  from elm_jax.library.loaded import load_backbone
+  pretrained = load_backbone(library, checkpoint)[0].params
   base = merging.zero_base(trees[0], pretrained)
   if method == "task_arithmetic":
     return merging.task_arithmetic(trees, base, scale), config, metas[0]
@@ -81,21 +85,27 @@ def merge(library: ExpertLibrary, names: list[str], method: str, *, weights=None
 
 
 def main(args: argparse.Namespace) -> int:
-  library = ExpertLibrary(args.library)
+  library = ExpertLibrary(args.library, check_integrity=not args.skip_integrity_check)
+  safe_name(args.name)  # a usable name, checked before any work
   names = selected_experts(args, library)
   weights = None
   if args.weights:
     try:
-      weights = [float(w) for w in args.weights.split(",")]
-    except ValueError:
-      raise UserInputError(f"--weights: expected numbers separated by commas, got {args.weights!r}") from None
+      weights = [flags.finite_float(w) for w in args.weights.split(",")]
+    except argparse.ArgumentTypeError as e:
+      raise UserInputError(f"--weights={args.weights}: {e}; expected numbers separated by commas") from None
   elif args.method == "weighted":
     raise UserInputError("--method=weighted needs --weights=W,W,...")
-  tree, config, first = merge(library, names, args.method, weights=weights, scale=args.scale,
-                              density=args.density, checkpoint=args.checkpoint)
   provenance = {"merged_from": names, "method": args.method, "weights": weights,
                 "scale": args.scale if args.method in ("task_arithmetic", "ties") else None,
                 "density": args.density if args.method == "ties" else None}
+  if args.name in library.names() and library.entry(args.name).get("provenance") != provenance:
+    # The same merge again (a rerun after an interruption) goes on: adding identical files is a
+    # no-op. Another merge under this name is refused before any work.
+    raise LibraryError(f"--name={args.name}: the library already holds an expert of that name (not "
+                       "this merge); experts are never replaced: choose another --name")
+  tree, config, first = merge(library, names, args.method, weights=weights, scale=args.scale,
+                              density=args.density, checkpoint=args.checkpoint)
   meta = dataclasses.replace(first, name=args.name, task="merge:" + ",".join(names), prompt=None,
                              expert_config=config, steps=0, metrics={},
                              training_config={**first.training_config, "merge": provenance})

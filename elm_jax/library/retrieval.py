@@ -26,9 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from elm_jax import files
 from elm_jax.errors import UserInputError
 from elm_jax.library import instances
-from elm_jax.library.store import ExpertLibrary, write_atomically
+from elm_jax.library.store import ExpertLibrary
 
 METHODS = ("roe", "likelihood", "oracle")
 EMBEDDERS = ("minilm", "t5", "bm25")
@@ -145,7 +146,7 @@ def key_embeddings(library: ExpertLibrary, names: Sequence[str], embedder, text_
   for name in names:
     path = library.embeddings_path(name, embedder.name, text_format)
     if path.exists():
-      blocks[name] = np.load(io.BytesIO(path.read_bytes()))
+      blocks[name] = _cached_block(path, len(library.keys(name)))
     else:
       missing.append(name)
   if missing:
@@ -159,11 +160,25 @@ def key_embeddings(library: ExpertLibrary, names: Sequence[str], embedder, text_
       path.parent.mkdir(parents=True, exist_ok=True)
       buffer = io.BytesIO()
       np.save(buffer, block)
-      write_atomically(path, buffer.getvalue())
+      files.write_atomically(path, buffer.getvalue())
       blocks[name] = block
   vectors = [blocks[name] for name in names]
   owners = [e for e, block in enumerate(vectors) for _ in range(len(block))]
   return np.concatenate(vectors), np.asarray(owners, np.int64)
+
+
+def _cached_block(path, num_keys: int) -> np.ndarray:
+  """A cached [keys, dim] float32 embedding block, refused (naming the file) when it is not
+  one: unreadable, of another shape, or not finite. It is a cache: deleting it recomputes it."""
+  try:
+    block = np.load(io.BytesIO(path.read_bytes()), allow_pickle=False)
+  except (ValueError, OSError, EOFError) as e:
+    raise RetrievalError(f"{path}: not a readable .npy embedding cache ({e}); delete it and it "
+                         "is computed again") from None
+  if block.dtype != np.float32 or block.ndim != 2 or block.shape[0] != num_keys or not np.isfinite(block).all():
+    raise RetrievalError(f"{path}: expected finite float32 embeddings [{num_keys} keys, dim], got "
+                         f"{block.dtype} {list(block.shape)}; delete it and it is computed again")
+  return block
 
 
 # ---------------------------------------------------------------------------- rankings

@@ -198,11 +198,16 @@ def test_save_refuses_to_clobber_and_replaces_atomically(tmp_path):
   with pytest.raises(CheckpointError, match="overwrite=True"):
     save_hf_checkpoint(random_params(GATED), GATED, str(out))
   assert os.listdir(out) == ["keep.txt"]
+  # overwrite=True replaces a checkpoint, never a directory holding anything else.
+  with pytest.raises(CheckpointError, match=r"holds files that are not a Hugging Face checkpoint's \(keep.txt\)"):
+    save_hf_checkpoint(random_params(GATED), GATED, str(out), overwrite=True)
+  assert os.listdir(out) == ["keep.txt"]
+  out = tmp_path / "hf2"
+  save_hf_checkpoint(random_params(GATED, seed=3), GATED, str(out))
   params = random_params(GATED, seed=4)
   save_hf_checkpoint(params, GATED, str(out), overwrite=True)
-  assert "keep.txt" not in os.listdir(out)
   assert_trees_equal(load_hf_checkpoint(str(out)).params, params)
-  assert sorted(os.listdir(tmp_path)) == ["hf"]  # no temporary directories left behind
+  assert sorted(os.listdir(tmp_path)) == ["hf", "hf2"]  # no temporary directories left behind
 
 
 def test_save_checks_params(tmp_path):
