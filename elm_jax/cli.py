@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -84,7 +85,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                        description=SUBCOMMANDS[command][1])
   module.add_arguments(sub_parser)
   position = argv.index(command)
-  args = sub_parser.parse_args(argv[:position] + argv[position + 1:])
+  try:
+    args = sub_parser.parse_args(argv[:position] + argv[position + 1:])
+  except SystemExit as e:  # argparse has printed the usage and the error (or the --help)
+    return int(e.code or 0)
   from elm_jax import host_memory
   host_memory.keep_freed_memory()  # before the first large allocation
   try:
@@ -94,6 +98,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   except UserInputError as e:  # names the file, the field and what was expected
     print(f"elm-jax {command}: error: {e}", file=sys.stderr)
     return 2
+  except BrokenPipeError:
+    # The reader of our output went away (`elm-jax tasks list | head -1`): stop quietly, as a
+    # Unix tool killed by SIGPIPE does, and keep the interpreter from complaining at exit.
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 141
+  except KeyboardInterrupt:
+    print(f"elm-jax {command}: interrupted", file=sys.stderr)
+    return 130
 
 
 if __name__ == "__main__":

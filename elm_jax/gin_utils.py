@@ -8,6 +8,7 @@ returns.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import tokenize
 from typing import TYPE_CHECKING, Sequence
@@ -128,10 +129,16 @@ def _guard_gin_file_readers() -> None:
       continue
 
     def guarded(path, _exists=exists):
+      # The package-resource check also logs "ERROR:root:Path not found" for every search
+      # path that is not a package (all of ours); a miss there is normal, so it stays quiet.
+      previous = logging.root.manager.disable
+      logging.disable(logging.ERROR)
       try:
         return _exists(path)
       except TypeError:
         return False
+      finally:
+        logging.disable(previous)
     guarded._elm_guarded = True
     readers[i] = (reader, guarded)
 

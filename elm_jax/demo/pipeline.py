@@ -30,6 +30,8 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from elm_jax import files
+from elm_jax.errors import UserInputError
 from elm_jax.models.adapters import ExpertConfig
 from elm_jax.models.t5_config import T5Config
 from elm_jax.training import train_step as ts
@@ -102,7 +104,27 @@ class Demo:
     self.log = log or (lambda message: print(message, file=sys.stderr, flush=True))
     self.results: dict[str, Any] = {}
     self.timings: dict[str, float] = {}
+    files.check_output_dir(self.out, "--out")
     os.makedirs(os.path.join(self.out, "stages"), exist_ok=True)
+    self._check_budget()
+
+  def _check_budget(self) -> None:
+    """Records the budget in `<out>/budget.json`; a rerun with another budget is refused, since
+    its finished stages (and checkpoints) were made with the recorded one."""
+    path = self.path("budget.json")
+    wanted = dataclasses.asdict(self.budget)
+    if not os.path.isfile(path):
+      if any(f.endswith(".json") for f in os.listdir(self.path("stages"))):
+        raise DemoError(f"{self.out}: holds finished stages but no budget.json (an earlier version "
+                        "of the demo made it); pass another --out")
+      files.write_atomically(path, json.dumps(wanted, indent=1, sort_keys=True).encode())
+      return
+    recorded = _read_json(path)
+    if recorded != wanted:
+      changed = sorted(k for k in set(wanted) | set(recorded) if wanted.get(k) != recorded.get(k))
+      raise DemoError(f"{path}: this output was made with another budget ({', '.join(f'{k}: {recorded.get(k)} there, {wanted.get(k)} now' for k in changed[:4])}); "
+                      "its finished stages would be reused: pass another --out, or rerun with the "
+                      "budget it was made with")
 
   # ------------------------------------------------------------------ plumbing
   def path(self, *parts: str) -> str:
@@ -117,8 +139,10 @@ class Demo:
     for number, name in enumerate(stages, 1):
       record = self.path("stages", f"{name}.json")
       if os.path.isfile(record):
-        with open(record) as f:
-          saved = json.load(f)
+        saved = _read_json(record)
+        if not isinstance(saved, dict) or "result" not in saved or "seconds" not in saved:
+          raise DemoError(f"{record}: expected a stage record {{\"result\", \"seconds\"}}; delete it "
+                          "to run the stage again")
         self.results[name], self.timings[name] = saved["result"], saved["seconds"]
         self.log(f"[{number}/{len(stages)}] {name}: finished earlier, loaded from {record}")
         continue
@@ -129,10 +153,7 @@ class Demo:
       gc.freeze()
       seconds = time.perf_counter() - start
       self.results[name], self.timings[name] = result, seconds
-      tmp = record + ".tmp"
-      with open(tmp, "w") as f:
-        json.dump({"result": result, "seconds": seconds}, f, indent=1)
-      os.replace(tmp, record)
+      files.write_atomically(record, json.dumps({"result": result, "seconds": seconds}, indent=1).encode())
       self.log(f"[{number}/{len(stages)}] {name}: done in {seconds:.1f}s")
     return self.results
 
@@ -419,6 +440,18 @@ class Demo:
 
 
 # ---------------------------------------------------------------------------- helpers
+class DemoError(UserInputError):
+  """An output directory the demo cannot use or resume."""
+
+
+def _read_json(path: str) -> Any:
+  try:
+    with open(path, "rb") as f:
+      return json.loads(f.read().decode("utf-8"))
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise DemoError(f"{path}: not valid JSON ({e}); delete it to run that stage again") from None
+
+
 def _first_line(text: Optional[str]) -> str:
   return (text or "").strip().splitlines()[0] if text else ""
 

@@ -8,6 +8,8 @@ import os
 import platform
 from typing import Any
 
+from elm_jax import files
+
 MINIATURE_NOTE = (
     "This is a miniature: a {params:,}-parameter T5 pretrained for {pretrain_steps} steps on a "
     "generated task suite, on one CPU, in minutes. The numbers are whatever this run measured; "
@@ -26,11 +28,9 @@ def build_report(demo) -> dict[str, Any]:
 
 def write_report(demo) -> dict[str, Any]:
   report = build_report(demo)
-  with open(demo.path("report.json"), "w") as f:
-    json.dump(report, f, indent=1)
+  files.write_atomically(demo.path("report.json"), json.dumps(report, indent=1).encode())
   plots = write_plots(report, demo.out)
-  with open(demo.path("report.md"), "w") as f:
-    f.write(markdown(report, plots))
+  files.write_atomically(demo.path("report.md"), markdown(report, plots).encode())
   return report
 
 

@@ -14,13 +14,12 @@ import functools
 import io
 import json
 import os
-import shutil
-import tempfile
 from typing import Any, Optional, Sequence
 
 import jax
 import numpy as np
 
+from elm_jax import files
 from elm_jax.errors import UserInputError
 from elm_jax.evaluation import generation_metrics
 from elm_jax.evaluation.rank_scoring import (MIN_INPUT_BUCKET, bucket, decode_all_experts,
@@ -95,11 +94,15 @@ def evaluate_tasks(loaded: LoadedExperts, tasks: Sequence[str], *, split: str = 
   (fewer, fuller batches and fewer shapes to compile, compiled in parallel), and each chunk of
   experts is moved to the device once. `max_target_length` bounds choices; generation decodes
   `max_decode_length` tokens (default: `max_target_length`)."""
+  if max_examples < 1:
+    raise UserInputError(f"max_examples: expected a positive integer, got {max_examples}")
   rows = {task: instances.task_instances(task, split, max_examples) for task in tasks}
   ranked = [t for t in tasks if rows[t] and all(r.get("answer_choices") and r.get("label") is not None
                                                  for r in rows[t])]
   for task in tasks:
-    if task not in ranked and (not rows[task] or any(r.get("targets") is None for r in rows[task])):
+    if not rows[task]:
+      raise UserInputError(f"task {task!r} ({split}): the split holds no examples")
+    if task not in ranked and any(r.get("targets") is None for r in rows[task]):
       raise UserInputError(f"task {task!r} ({split}): examples carry neither answer choices with a "
                            "label nor a target text, so there is nothing to evaluate against")
   results: dict[str, TaskResult] = {}
@@ -213,16 +216,34 @@ def markdown_table(results: Sequence[TaskResult], experts: Sequence[str]) -> str
   return "\n".join(lines) + "\n"
 
 
+REPORT_FILES = ("results.json", "results.csv", "results.md", "predictions")
+
+
+def check_output_dir(output_dir: str, overwrite: bool) -> None:
+  """Refuses, before any work, an output directory that is a file, or one that exists and is
+  not empty unless `overwrite`; even then only a directory that `eval` wrote (its report files
+  and nothing else) is replaced: nothing else is ever deleted."""
+  files.check_output_dir(output_dir, "--output_dir")
+  if not os.path.isdir(output_dir) or not os.listdir(output_dir):
+    return
+  if not overwrite:
+    raise UserInputError(f"--output_dir={output_dir}: exists and is not empty; pass --overwrite to "
+                         "replace it")
+  present = set(os.listdir(output_dir))
+  if "results.json" not in present or not present <= set(REPORT_FILES):
+    raise UserInputError(f"--output_dir={output_dir}: holds files that `elm-jax eval` did not write "
+                         f"({', '.join(sorted(present - set(REPORT_FILES))[:5]) or 'no results.json'}); "
+                         "not replacing it: choose another directory")
+
+
 def write_reports(output_dir: str, results: Sequence[TaskResult], experts: Sequence[str],
                   run: dict[str, Any], overwrite: bool = False) -> None:
   """results.json, results.csv, results.md and predictions/<task>.jsonl, written to a temporary
-  sibling directory and renamed into place (an existing directory only with `overwrite`)."""
+  sibling directory and renamed into place (an existing directory only with `overwrite`, and
+  only one that `eval` wrote)."""
   output_dir = os.path.abspath(output_dir)
-  if os.path.exists(output_dir) and os.listdir(output_dir) and not overwrite:
-    raise UserInputError(f"{output_dir}: exists and is not empty; pass --overwrite to replace it")
-  os.makedirs(os.path.dirname(output_dir), exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=".eval-", dir=os.path.dirname(output_dir))
-  try:
+  check_output_dir(output_dir, overwrite)
+  with files.atomic_directory(output_dir, replace=True) as tmp:
     summary = summarize(results, experts)
     with open(os.path.join(tmp, "results.json"), "w") as f:
       json.dump({"run": run, "summary": summary,
@@ -244,9 +265,3 @@ def write_reports(output_dir: str, results: Sequence[TaskResult], experts: Seque
       with open(os.path.join(tmp, "predictions", f"{r.task}.jsonl"), "w") as f:
         for record in r.predictions:
           f.write(json.dumps(record) + "\n")
-    if os.path.exists(output_dir):
-      shutil.rmtree(output_dir)
-    os.rename(tmp, output_dir)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise

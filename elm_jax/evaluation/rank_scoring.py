@@ -30,6 +30,10 @@ CPU_EXPERT_CHUNK = 2
 # programs (the demo's held-out and seen prompts: 4 shapes per model instead of 8).
 MIN_INPUT_BUCKET = 64
 MIN_TARGET_BUCKET = 16
+# Choices scored in one row of a batch: an example with more is split over several rows (its
+# input encoded once per row), so memory stays that of batch_size x 16 choices however many
+# choices an example has (10,000 choices in one row needed 38.7 GB).
+MAX_CHOICES_PER_ROW = 16
 
 
 def shift_right(targets: Array, start_id: int) -> Array:
@@ -153,8 +157,8 @@ class RankScorer:
   def score(self, examples: Sequence[Example]) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Per example: (scores [num_choices], or [experts, num_choices] with experts; float32,
     token counts [num_choices] int32)."""
-    prepared = []
-    for ex in examples:
+    prepared, owners = [], []  # rows of at most MAX_CHOICES_PER_ROW choices; owners: example index
+    for n, ex in enumerate(examples):
       inputs, cut = self._with_eos(ex.inputs, self.max_input_length)
       self.truncated.inputs += cut
       choices = []
@@ -162,7 +166,9 @@ class RankScorer:
         ids, cut = self._with_eos(choice, self.max_target_length)
         self.truncated.choices += cut
         choices.append(ids)
-      prepared.append((inputs, choices))
+      for start in range(0, max(len(choices), 1), MAX_CHOICES_PER_ROW):
+        prepared.append((inputs, choices[start:start + MAX_CHOICES_PER_ROW]))
+        owners.append(n)
     # Similar lengths batch together; results go back in the original order.
     order = sorted(range(len(prepared)), key=lambda i: (len(prepared[i][0]), len(prepared[i][1])))
     batches = [order[start:start + self.batch_size] for start in range(0, len(order), self.batch_size)]
@@ -174,14 +180,17 @@ class RankScorer:
       results = [np.asarray(r) for r in results]
     else:
       results = self._score_with_experts(arrays)
-    scores: list = [None] * len(prepared)
-    counts: list = [None] * len(prepared)
+    row_scores: list = [None] * len(prepared)
     for chunk, batch_scores in zip(batches, results):
       for row, i in enumerate(chunk):
-        num = len(prepared[i][1])
-        scores[i] = batch_scores[..., row, :num]
-        counts[i] = np.array([len(c) for c in prepared[i][1]], np.int32)
-    return scores, counts
+        row_scores[i] = batch_scores[..., row, :len(prepared[i][1])]
+    scores: list[list] = [[] for _ in examples]
+    counts: list[list] = [[] for _ in examples]
+    for i, n in enumerate(owners):  # rows of one example are consecutive, in choice order
+      scores[n].append(row_scores[i])
+      counts[n].extend(len(c) for c in prepared[i][1])
+    return ([np.concatenate(s, axis=-1) for s in scores],
+            [np.asarray(c, np.int32) for c in counts])
 
   def _pad_batch(self, batch: Sequence[tuple[list[int], list[list[int]]]]) -> tuple[np.ndarray, np.ndarray]:
     li = bucket(max(len(x) for x, _ in batch), MIN_INPUT_BUCKET, self.max_input_length)

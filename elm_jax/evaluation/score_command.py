@@ -10,14 +10,12 @@ example has been scored.
 from __future__ import annotations
 
 import argparse
-import json
-import os
+import math
 import sys
-import tempfile
 import time
 from typing import Any
 
-from elm_jax import jsonl
+from elm_jax import files, flags, jsonl
 from elm_jax.errors import UserInputError
 from elm_jax.evaluation import rank_scoring
 
@@ -33,28 +31,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "--library, the backbone (default: the one the library records)")
   parser.add_argument("--library", default=None, help="Expert Library: score with its experts")
   parser.add_argument("--experts", default="all", help="with --library: all or NAME,NAME,...")
-  parser.add_argument("--expert_chunk", type=int, default=None,
+  parser.add_argument("--expert_chunk", type=flags.positive_int, default=None,
                       help="with --library: experts per device pass (bounds memory)")
   parser.add_argument("--input", required=True, help="JSONL file of {id, inputs, choices}")
   parser.add_argument("--output", required=True, help="JSONL file to write {id, scores, prediction}")
-  parser.add_argument("--batch_size", type=int, default=32)
+  parser.add_argument("--batch_size", type=flags.positive_int, default=32)
   parser.add_argument("--length_normalize", action="store_true",
                       help="divide each choice's score by its token count (EOS included)")
-  parser.add_argument("--max_input_length", type=int, default=512)
-  parser.add_argument("--max_target_length", type=int, default=128)
+  parser.add_argument("--max_input_length", type=flags.token_length, default=512)
+  parser.add_argument("--max_target_length", type=flags.token_length, default=128)
   parser.add_argument("--vocabulary", default=None,
                       help="SentencePiece model (default: spiece.model in the checkpoint directory)")
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                       help="activation dtype (parameters stay float32)")
+  flags.add_integrity_flag(parser)
 
 
 def read_examples(path: str) -> list[dict[str, Any]]:
   """Reads and validates the JSONL input; errors name the file, the line and the field."""
   examples = []
-  for number, record in jsonl.read_objects(path):
+  for number, record in jsonl.read_objects(path, "--input"):
     where = f"{path}:{number}"
     if "id" not in record:
       raise InputError(f"{where}: field 'id' is missing")
+    if not isinstance(record["id"], (str, int, float)) or isinstance(record["id"], bool) or (
+        isinstance(record["id"], float) and not math.isfinite(record["id"])):
+      raise InputError(f"{where}: field 'id' must be a string or a number, got {record['id']!r}")
     if not isinstance(record.get("inputs"), str):
       raise InputError(f"{where}: field 'inputs' must be a string, got "
                        f"{type(record.get('inputs')).__name__}")
@@ -68,23 +70,6 @@ def read_examples(path: str) -> list[dict[str, Any]]:
   if not examples:
     raise InputError(f"{path}: no examples (the file is empty)")
   return examples
-
-
-def write_jsonl_atomically(path: str, records: list[dict[str, Any]]) -> None:
-  """Writes all records to a temporary file beside `path`, then renames it into place."""
-  directory = os.path.dirname(os.path.abspath(path))
-  if not os.path.isdir(directory):
-    raise InputError(f"{path}: the output directory {directory} does not exist")
-  fd, tmp = tempfile.mkstemp(prefix=".score-", suffix=".jsonl.tmp", dir=directory)
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      for record in records:
-        f.write(json.dumps(record) + "\n")
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
 
 
 def score_records(records, scorer: rank_scoring.RankScorer, vocabulary, *,
@@ -104,7 +89,7 @@ def score_records(records, scorer: rank_scoring.RankScorer, vocabulary, *,
 def score_with_library(args: argparse.Namespace, records) -> list[dict[str, Any]]:
   from elm_jax.library.loaded import load_experts, score_instances
   loaded = load_experts(args.library, args.experts, checkpoint=args.checkpoint, dtype=args.dtype,
-                        vocabulary=args.vocabulary)
+                        vocabulary=args.vocabulary, check_integrity=not args.skip_integrity_check)
   rows = [{"inputs": r["inputs"], "answer_choices": r["choices"]} for r in records]
   scores, counts = score_instances(loaded, rows, batch_size=args.batch_size,
                                    expert_chunk=args.expert_chunk, max_input_length=args.max_input_length,
@@ -123,11 +108,12 @@ def main(args: argparse.Namespace) -> int:
   from elm_jax.checkpoints import loading
   from elm_jax.vocabularies import SentencePieceVocabulary
 
+  files.check_output_file(args.output, "--output", inputs=[args.input])
   records = read_examples(args.input)
   if args.library:
     start = time.perf_counter()
     out = score_with_library(args, records)
-    write_jsonl_atomically(args.output, out)
+    jsonl.write_objects(args.output, out)
     print(f"scored {len(out)} examples with {len(out[0]['scores'])} experts in "
           f"{time.perf_counter() - start:.1f}s -> {args.output}", file=sys.stderr)
     return 0
@@ -146,7 +132,7 @@ def main(args: argparse.Namespace) -> int:
   out = score_records(records, scorer, vocabulary, length_normalize=args.length_normalize)
   elapsed = time.perf_counter() - start
   scorer.truncated.report(args.max_input_length, args.max_target_length)
-  write_jsonl_atomically(args.output, out)
+  jsonl.write_objects(args.output, out)
   print(f"scored {len(out)} examples in {elapsed:.1f}s ({len(scorer.shapes_compiled)} compiled "
         f"shapes) -> {args.output}", file=sys.stderr)
   return 0

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
 import sys
 
 import numpy as np
 
+from elm_jax import files, flags
 from elm_jax.errors import UserInputError
 from elm_jax.library import retrieval
 
@@ -21,23 +21,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--embedder", choices=("minilm", "t5"), default="minilm")
   parser.add_argument("--input", required=True, help="UTF-8 text file, one text per line")
   parser.add_argument("--output", required=True, help=".npy file to write")
-  parser.add_argument("--max_length", type=int, default=retrieval.KEY_MAX_LENGTH,
+  parser.add_argument("--max_length", type=flags.token_length, default=retrieval.KEY_MAX_LENGTH,
                       help="tokens per text (the paper: 256 for keys, 512 for queries)")
   parser.add_argument("--checkpoint", default=None, help="T5 checkpoint for --embedder=t5")
   parser.add_argument("--minilm_dir", default=None, help="MiniLM directory (default: the installed package)")
 
 
 def read_lines(path: str) -> list[str]:
-  if not os.path.isfile(path):
-    raise UserInputError(f"{path}: input file not found")
-  try:
-    with open(path, encoding="utf-8") as f:
-      return f.read().splitlines()
-  except UnicodeDecodeError as e:
-    raise UserInputError(f"{path}: not UTF-8 text ({e})") from None
+  """The file's lines; refused, naming `path:line`, when a line is not UTF-8."""
+  files.check_input_file(path, "--input")
+  lines = []
+  with open(path, "rb") as f:
+    for number, raw in enumerate(f, start=1):
+      try:
+        lines.append(raw.decode("utf-8").rstrip("\r\n"))
+      except UnicodeDecodeError as e:
+        raise UserInputError(f"{path}:{number}: not UTF-8 text (byte {raw[e.start]:#04x} at column "
+                             f"{e.start + 1})") from None
+  if not lines:
+    raise UserInputError(f"{path}: no lines to embed (the file is empty)")
+  return lines
 
 
 def main(args: argparse.Namespace) -> int:
+  files.check_output_file(args.output, "--output", inputs=[args.input])
   texts = read_lines(args.input)
   if args.embedder == "minilm":
     embedder = retrieval.MiniLMTextEmbedder(args.minilm_dir)
@@ -51,10 +58,8 @@ def main(args: argparse.Namespace) -> int:
       raise UserInputError(f"{args.checkpoint}: no spiece.model in the checkpoint directory")
     embedder = retrieval.T5EncoderEmbedder(loaded.model, loaded.params, SentencePieceVocabulary(loaded.vocab_path))
   vectors = embedder.embed(texts, args.max_length).astype(np.float32)
-  from etils import epath
-  from elm_jax.library.store import write_atomically
   buffer = io.BytesIO()
   np.save(buffer, vectors)
-  write_atomically(epath.Path(args.output), buffer.getvalue())
+  files.write_atomically(args.output, buffer.getvalue())
   print(f"embedded {len(texts)} lines -> {args.output} {list(vectors.shape)}", file=sys.stderr)
   return 0

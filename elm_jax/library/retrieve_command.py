@@ -14,35 +14,36 @@ import argparse
 import json
 import sys
 
+from elm_jax import files, flags
 from elm_jax.library import instances, retrieval
-from elm_jax.library.store import ExpertLibrary, write_atomically
+from elm_jax.library.store import ExpertLibrary
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--library", required=True)
   parser.add_argument("--task", required=True, help="target task (registered SeqIO task)")
   parser.add_argument("--method", choices=retrieval.METHODS, default="roe")
-  parser.add_argument("--top_k", type=int, default=1, help="experts to report (ranked)")
+  parser.add_argument("--top_k", type=flags.positive_int, default=1, help="experts to report (ranked)")
   parser.add_argument("--experts", default="all", help="candidates: all or NAME,NAME,...")
   parser.add_argument("--embedder", choices=retrieval.EMBEDDERS, default="minilm")
   parser.add_argument("--text_format", choices=instances.TEXT_FORMATS, default=instances.DEFAULT_TEXT_FORMAT)
   parser.add_argument("--criterion", choices=retrieval.CRITERIA, default="entropy",
                       help="likelihood method: lowest mean entropy or highest mean max-probability")
-  parser.add_argument("--num_queries", type=int, default=instances.NUM_QUERIES)
+  parser.add_argument("--num_queries", type=flags.positive_int, default=instances.NUM_QUERIES)
   parser.add_argument("--split", default="validation", help="split of the target task the queries come from")
   parser.add_argument("--checkpoint", default=None, help="backbone (default: the one the library records)")
-  parser.add_argument("--batch_size", type=int, default=32)
-  parser.add_argument("--expert_chunk", type=int, default=None, help="experts scored per pass (memory)")
+  parser.add_argument("--batch_size", type=flags.positive_int, default=32)
+  parser.add_argument("--expert_chunk", type=flags.positive_int, default=None,
+                      help="experts scored per pass (memory)")
   parser.add_argument("--setup", default=None, help="tasks to register: builtin, elm, module:function")
   parser.add_argument("--output", default=None, help="JSON file for the full ranking")
+  flags.add_integrity_flag(parser)
 
 
 def rank(args: argparse.Namespace) -> dict:
   instances.register_setup(args.setup)
   instances.ensure_registered([args.task])
-  if args.top_k < 1 or args.num_queries < 1:
-    raise retrieval.RetrievalError("--top_k and --num_queries must be positive integers")
-  library = ExpertLibrary(args.library)
+  library = ExpertLibrary(args.library, check_integrity=not args.skip_integrity_check)
   names = library.resolve(args.experts)
   queries = instances.query_instances(args.task, args.num_queries, args.split,
                                       labelled=args.method == "oracle")
@@ -58,7 +59,8 @@ def rank(args: argparse.Namespace) -> dict:
                                     bm25=args.embedder == "bm25", text_format=args.text_format)
   else:
     from elm_jax.library.loaded import load_experts, score_instances
-    loaded = load_experts(args.library, names, checkpoint=args.checkpoint)
+    loaded = load_experts(args.library, names, checkpoint=args.checkpoint,
+                          check_integrity=not args.skip_integrity_check)
     scores, _ = score_instances(loaded, queries, batch_size=args.batch_size,
                                 expert_chunk=args.expert_chunk, source=f"task {args.task}")
     if args.method == "likelihood":
@@ -74,23 +76,23 @@ def rank(args: argparse.Namespace) -> dict:
 
 
 def t5_embedder(library: ExpertLibrary, checkpoint):
-  from elm_jax.checkpoints import loading
-  from elm_jax.library.loaded import backbone_checkpoint
+  from elm_jax.library.loaded import load_backbone
   from elm_jax.vocabularies import SentencePieceVocabulary
-  loaded = loading.load_model_checkpoint(backbone_checkpoint(library, checkpoint))
+  loaded, _ = load_backbone(library, checkpoint)
   if loaded.vocab_path is None:
     raise retrieval.RetrievalError(f"{loaded.source}: no spiece.model beside the backbone")
   return retrieval.T5EncoderEmbedder(loaded.model, loaded.params, SentencePieceVocabulary(loaded.vocab_path))
 
 
 def main(args: argparse.Namespace) -> int:
+  if args.output:
+    files.check_output_file(args.output, "--output")
   result = rank(args)
   for i, entry in enumerate(result["ranking"][:args.top_k]):
     detail = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                       for k, v in entry.items() if k != "expert")
     print(f"{i + 1}\t{entry['expert']}\t{detail}")
   if args.output:
-    from etils import epath
-    write_atomically(epath.Path(args.output), json.dumps(result, indent=1).encode())
+    files.write_atomically(args.output, json.dumps(result, indent=1, allow_nan=False).encode())
     print(f"wrote the ranking of {len(result['ranking'])} experts to {args.output}", file=sys.stderr)
   return 0

@@ -9,6 +9,7 @@ The run file binds `train` below (t5x style); model files bind MODEL_CONFIG.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from typing import Callable, Optional, Sequence
@@ -52,6 +53,20 @@ def train(model_dir: str, expert_tasks: Sequence[str], steps: int, *,
   `shared_init` (default, as the paper) starts every expert's adapters from the same random
   draw, which is what makes averaging experts meaningful; False draws them per expert."""
   del setup  # gin evaluates `@register_fn()` references in it before this body runs
+  # Everything that can be checked without the backbone is checked before it is loaded.
+  for field, value in (("EXPERT_TASKS", expert_tasks), ("EXPERT_NAMES", expert_names)):
+    if isinstance(value, str) or (value is not None and not isinstance(value, (list, tuple))):
+      raise trainer.TrainingError(f"{field}: expected a list of names, e.g. ['task_a', 'task_b'], "
+                                  f"got {value!r}")
+  config = trainer.TrainConfig(
+      model_dir=model_dir, expert_tasks=tuple(expert_tasks), steps=steps, batch_size=batch_size,
+      input_length=input_length, target_length=target_length,
+      expert_names=tuple(expert_names) if expert_names else None, seed=seed,
+      save_every=save_every, keep=keep, log_every=log_every,
+      shuffle_buffer_size=shuffle_buffer_size, shared_init=shared_init)
+  config.names()
+  trainer.check_settings(config)
+  trainer.check_tasks(config.expert_tasks, model_config.vocab_size)
   fingerprint = None
   if upcycle and (not backbone_checkpoint or model_config.moe is None):
     raise trainer.TrainingError("train.upcycle: needs a dense BACKBONE_CHECKPOINT and a model "
@@ -78,12 +93,7 @@ def train(model_dir: str, expert_tasks: Sequence[str], steps: int, *,
     backbone_checkpoint = save_random_backbone(model_dir, model_config, backbone, expert_tasks)
     print(f"note: no BACKBONE_CHECKPOINT given; training over a randomly initialised backbone, "
           f"saved to {backbone_checkpoint}", file=sys.stderr)
-  config = trainer.TrainConfig(
-      model_dir=model_dir, expert_tasks=tuple(expert_tasks), steps=steps, batch_size=batch_size,
-      input_length=input_length, target_length=target_length,
-      expert_names=tuple(expert_names) if expert_names else None, seed=seed,
-      save_every=save_every, keep=keep, log_every=log_every, backbone_checkpoint=backbone_checkpoint,
-      shuffle_buffer_size=shuffle_buffer_size, shared_init=shared_init)
+  config = dataclasses.replace(config, backbone_checkpoint=backbone_checkpoint)
   partitioner = None
   if mesh_config is not None:
     partitioner = partitioning.Partitioner(mesh_config, logical_axis_rules or partitioning.DEFAULT_RULES)

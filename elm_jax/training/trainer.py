@@ -70,23 +70,49 @@ class TrainConfig:
   input_prefetch: Optional[bool] = None
 
   def names(self) -> tuple[str, ...]:
+    """The experts' names (default: their tasks), each with its own export directory: names
+    that are empty, `.`/`..`, or that map to one directory name (`a/b`, `a_b`) are refused."""
     names = self.expert_names or self.expert_tasks
+    field = "TrainConfig.expert_names" if self.expert_names else "TrainConfig.expert_tasks"
     if len(names) != len(self.expert_tasks):
       raise TrainingError(f"TrainConfig.expert_names: {len(names)} names for "
                           f"{len(self.expert_tasks)} expert_tasks")
+    if not names:
+      raise TrainingError("TrainConfig.expert_tasks: expected at least one task")
     if len(set(names)) != len(names):
-      raise TrainingError(f"TrainConfig.expert_names: names must be unique, got {list(names)}")
+      raise TrainingError(f"{field}: names must be unique, got {list(names)}")
+    try:
+      expert_files.directory_names(names, field)
+    except expert_files.ExpertFileError as e:
+      raise TrainingError(str(e)) from None
     return tuple(names)
 
+  def expert_dir(self, name: str) -> str:
+    """Where expert `name` is exported: `<model_dir>/experts/<directory name>`."""
+    return os.path.join(self.model_dir, "experts", expert_files.directory_name(name))
 
-def expert_batches(config: TrainConfig, vocab_size: Optional[int] = None
-                   ) -> Iterator[dict[str, np.ndarray]]:
-  """An endless, deterministic stream of stacked batches [E, batch, length]. Every task is
-  checked now (with `vocab_size`, the model's, a task whose vocabulary is larger is refused);
-  the input pipelines are built when the first batch is asked for."""
+
+def check_settings(config: TrainConfig) -> None:
+  """Refuses settings no run can use, before any work: non-positive counts and lengths, and a
+  MODEL_DIR that is a file."""
+  for field in ("steps", "batch_size", "save_every", "keep", "log_every"):
+    value = getattr(config, field)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+      raise TrainingError(f"TrainConfig.{field}: expected a positive integer, got {value!r}")
+  for field in ("input_length", "target_length"):
+    value = getattr(config, field)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 2:
+      raise TrainingError(f"TrainConfig.{field}: expected an integer of at least 2, got {value!r}")
+  if os.path.lexists(config.model_dir) and not os.path.isdir(config.model_dir):
+    raise TrainingError(f"MODEL_DIR={config.model_dir}: exists and is not a directory")
+
+
+def check_tasks(tasks: Sequence[str], vocab_size: Optional[int] = None) -> list:
+  """The SeqIO task or mixture of each name, refused when one is not registered or (with
+  `vocab_size`, the model's) uses a larger vocabulary; reads no data."""
   import seqio
   providers = []
-  for name in config.expert_tasks:
+  for name in tasks:
     try:
       provider = seqio.get_mixture_or_task(name)
     except ValueError:
@@ -97,7 +123,14 @@ def expert_batches(config: TrainConfig, vocab_size: Optional[int] = None
       raise TrainingError(f"TrainConfig.expert_tasks: {name!r} uses a vocabulary of {task_vocab} "
                           f"tokens, more than the model's vocab_size {vocab_size}")
     providers.append(provider)
-  return _stacked_stream(config, providers)
+  return providers
+
+
+def expert_batches(config: TrainConfig, vocab_size: Optional[int] = None
+                   ) -> Iterator[dict[str, np.ndarray]]:
+  """An endless, deterministic stream of stacked batches [E, batch, length]. Every task is
+  checked now (`check_tasks`); the input pipelines are built when the first batch is asked for."""
+  return _stacked_stream(config, check_tasks(config.expert_tasks, vocab_size))
 
 
 def _stacked_stream(config: TrainConfig, providers) -> Iterator[dict[str, np.ndarray]]:
@@ -294,8 +327,7 @@ def train_experts(config: TrainConfig, model_config: T5Config, backbone_params: 
   upcycled model records the dense checkpoint it came from.
   """
   names = config.names()
-  if config.steps < 1 or config.batch_size < 1:
-    raise TrainingError("TrainConfig.steps and batch_size must be positive integers")
+  check_settings(config)
   os.makedirs(config.model_dir, exist_ok=True)
   stream = expert_batches(config, model_config.vocab_size)  # every task is checked here
   checkpoints = _Checkpoints(os.path.join(config.model_dir, "checkpoints"), config.keep)
@@ -397,7 +429,7 @@ def _exported_metrics(config: TrainConfig, names) -> Optional[dict[str, dict[str
   """Each expert's recorded final metrics, if all were exported after `config.steps` steps."""
   out = {}
   for name in names:
-    directory = os.path.join(config.model_dir, "experts", name.replace("/", "_"))
+    directory = config.expert_dir(name)
     try:
       meta = expert_files.load_metadata(directory)
     except expert_files.ExpertFileError:
@@ -423,5 +455,4 @@ def _export(config: TrainConfig, names, model_config, expert_config, optimizer_c
         training_config={**dataclasses.asdict(config), "optimizer": dataclasses.asdict(optimizer_config),
                          "model": dataclasses.asdict(model_config)},
         steps=int(state.step), metrics={k: float(v[e]) for k, v in metrics.items()})
-    expert_files.save_expert(os.path.join(config.model_dir, "experts", name.replace("/", "_")),
-                             unstack(state.params, e), meta, overwrite=True)
+    expert_files.save_expert(config.expert_dir(name), unstack(state.params, e), meta, overwrite=True)

@@ -109,3 +109,22 @@ def test_one_pass_decoding_equals_each_expert_alone(setup, tiny_config):
       np.testing.assert_array_equal(np.asarray(together[e]), np.asarray(alone))
       np.testing.assert_allclose(np.asarray(scores[e]), np.asarray(alone_scores), rtol=1e-5, atol=1e-5)
   assert len({tuple(np.asarray(together[e]).ravel()) for e in range(NUM_EXPERTS)}) > 1
+
+
+def test_many_choices_are_split_over_rows(tiny_config):
+  """An example with more than MAX_CHOICES_PER_ROW choices is scored in several rows (memory
+  stays that of a 16-choice batch): its scores equal those of each choice scored on its own.
+  Two code paths of ours with different batch shapes: XLA may block the matmuls differently,
+  so equal to float32 rounding (rtol 1e-5), not bitwise."""
+  model = Transformer(tiny_config)
+  params = nn.unbox(init_params(tiny_config, jax.random.PRNGKey(3)))
+  rng = np.random.default_rng(5)
+  inputs = rng.integers(3, tiny_config.vocab_size, 20).tolist()
+  choices = [rng.integers(3, tiny_config.vocab_size, rng.integers(1, 5)).tolist() for _ in range(40)]
+  scorer = rank_scoring.RankScorer(model, params, batch_size=2)
+  scores, counts = scorer.score([rank_scoring.Example(inputs, choices)])
+  assert scores[0].shape == (40,) and counts[0].tolist() == [len(c) + 1 for c in choices]
+  assert max(shape[3] for shape in scorer.shapes_compiled) == rank_scoring.MAX_CHOICES_PER_ROW
+  alone = [rank_scoring.RankScorer(model, params, batch_size=2).score([rank_scoring.Example(inputs, [c])])[0][0][0]
+           for c in choices]
+  np.testing.assert_allclose(scores[0], alone, rtol=1e-5, atol=1e-5)
