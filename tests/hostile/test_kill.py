@@ -1,0 +1,122 @@
+"""kill -9 at random moments of `train`, `library add` and `merge` (11 kills in all), each
+followed by a rerun of the same command: afterwards `library verify` passes and the result is
+the same as that of a run never interrupted (expert tensors bit for bit, the same library).
+
+The kill moments are drawn uniformly from 30% to 90% of an uninterrupted run's wall time (the
+first 30% is Python and TensorFlow start-up, which touches no file), from a seeded
+generator: set ELM_KILL_SEED to replay a failure; the seed in use is printed. The test bounds
+its own time: every process is waited for with a timeout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TIMEOUT = 300  # seconds any one command may take before the test fails
+TASKS = ["builtin_sentiment_is_positive", "builtin_topic_which_topic", "builtin_antonyms_opposite_of"]
+pytestmark = pytest.mark.slow
+
+
+def _command(*argv) -> list[str]:
+  return [sys.executable, "-m", "elm_jax.cli", *argv]
+
+
+def _train(model_dir) -> list[str]:
+  return _command("train", "--no_progress", "--gin_file=models/t5_1_1_mini.gin",
+                  "--gin_file=runs/train_builtin_experts.gin", f"--gin.MODEL_DIR='{model_dir}'",
+                  f"--gin.EXPERT_TASKS={TASKS!r}", "--gin.TRAIN_STEPS=8", "--gin.BATCH_SIZE=2",
+                  "--gin.INPUT_LENGTH=32", "--gin.TARGET_LENGTH=8",
+                  "--gin.train_command.train.save_every=1",
+                  "--gin.t5_config.T5Config.num_encoder_layers=1",
+                  "--gin.t5_config.T5Config.num_decoder_layers=1")
+
+
+def _run(argv) -> float:
+  """Runs a command to completion; returns its wall time."""
+  start = time.perf_counter()
+  proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return time.perf_counter() - start
+
+
+def _kill_then_finish(argv, seconds: float, rng: random.Random, kills: int) -> list[float]:
+  """Starts the command and kills it (-9) at a random moment until `kills` kills have landed
+  on a running process (a run that ended before its moment counts for nothing; at most
+  3 x `kills` tries); then runs it to the end. Returns the moments that landed."""
+  moments = []
+  for _ in range(3 * kills):
+    if len(moments) == kills:
+      break
+    moment = rng.uniform(0.3, 0.9) * seconds
+    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+      proc.wait(timeout=moment)
+    except subprocess.TimeoutExpired:
+      proc.send_signal(signal.SIGKILL)
+      proc.wait(timeout=TIMEOUT)
+      moments.append(round(moment, 2))
+  assert len(moments) == kills, f"only {len(moments)} of {kills} kills landed on a running process"
+  _run(argv)
+  return moments
+
+
+def _digests(directory) -> dict[str, str]:
+  return {os.path.relpath(os.path.join(b, f), directory): hashlib.sha256(open(os.path.join(b, f), "rb").read()).hexdigest()
+          for b, _, names in os.walk(directory) for f in names}
+
+
+def _library_state(lib) -> dict:
+  """What an add or merge decides: names, entries' files and keys (not times or sources)."""
+  manifest = json.load(open(os.path.join(lib, "manifest.json")))
+  return {name: {"files": e["files"], "keys_file": e.get("keys_file"), "directory": e["directory"],
+                 "merged_from": (e.get("provenance") or {}).get("merged_from")}
+          for name, e in manifest["experts"].items()}
+
+
+def _verify(lib) -> None:
+  proc = subprocess.run(_command("library", "verify", f"--library={lib}"), cwd=REPO, capture_output=True,
+                        text=True, timeout=TIMEOUT)
+  assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
+
+
+def test_kill_at_random_points_then_rerun(tmp_path):
+  seed = int(os.environ.get("ELM_KILL_SEED", random.SystemRandom().randrange(1 << 30)))
+  print(f"ELM_KILL_SEED={seed}")
+  rng = random.Random(seed)
+
+  # train: uninterrupted, then killed 4 times and resumed.
+  seconds = _run(_train(tmp_path / "train_ref"))
+  moments = _kill_then_finish(_train(tmp_path / "train_killed"), seconds, rng, 4)
+  print("train killed at", moments)
+  for task in TASKS:
+    ref, got = (tmp_path / run / "experts" / task for run in ("train_ref", "train_killed"))
+    assert _digests(ref)["tensors.safetensors"] == _digests(got)["tensors.safetensors"], task
+    assert json.load(open(ref / "expert.json"))["metrics"] == json.load(open(got / "expert.json"))["metrics"]
+
+  # library add: uninterrupted, then killed 4 times and rerun.
+  run = tmp_path / "train_ref"
+  add = lambda lib: _command("library", "add", f"--library={lib}", str(run))  # noqa: E731
+  seconds = _run(add(tmp_path / "lib_ref"))
+  moments = _kill_then_finish(add(tmp_path / "lib_killed"), seconds, rng, 4)
+  print("library add killed at", moments)
+  _verify(tmp_path / "lib_killed")
+  assert _library_state(tmp_path / "lib_killed") == _library_state(tmp_path / "lib_ref")
+
+  # merge: uninterrupted, then killed 3 times and rerun.
+  merge = lambda lib: _command("merge", f"--library={lib}", f"--experts={','.join(TASKS[:2])}",  # noqa: E731
+                               "--name=merged")
+  seconds = _run(merge(tmp_path / "lib_ref"))
+  moments = _kill_then_finish(merge(tmp_path / "lib_killed"), seconds, rng, 3)
+  print("merge killed at", moments)
+  _verify(tmp_path / "lib_killed")
+  assert _library_state(tmp_path / "lib_killed") == _library_state(tmp_path / "lib_ref")
