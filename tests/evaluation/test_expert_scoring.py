@@ -62,6 +62,9 @@ def test_one_pass_equals_a_loop_over_experts(setup, expert_chunk):
   assert scores.shape == (NUM_EXPERTS, 7, 4)
   finite = np.isfinite(expected)
   assert np.array_equal(np.isfinite(scores), finite)  # padded choices are -inf, real ones finite
+  # Two code paths of ours (experts vmapped against one at a time): bitwise equal here, but not by
+  # construction (vmap batches the matmuls, XLA may block them differently), so relative to
+  # |score| (up to ~57) as in test_many_choices_are_split_over_rows.
   np.testing.assert_allclose(scores[finite], expected[finite], rtol=1e-5, atol=1e-5)
   # Experts really differ, so the comparison would catch an expert mix-up.
   assert np.abs(scores[0][finite[0]] - scores[1][finite[1]]).max() > 0.1
@@ -79,6 +82,7 @@ def test_sharded_over_the_expert_axis_equals_a_loop(setup):
   assert scorer.expert_chunk == 4  # rounded up to a multiple of the expert axis
   expected = _as_padded(loop, 4)
   finite = np.isfinite(expected)
+  # Not exact (partitioned matmuls sum in another order): worst seen 7.4e-7 relative.
   np.testing.assert_allclose(scores[finite], expected[finite], rtol=1e-5, atol=1e-5)
 
 
@@ -88,7 +92,7 @@ def test_single_model_scores_keep_their_shape(setup, tiny_config):
   scores, _ = scorer.score(examples)
   assert [s.shape for s in scores] == [(len(ex.choices),) for ex in examples]
   for s, expected in zip(scores, loop[3]):
-    np.testing.assert_array_equal(s, expected)
+    np.testing.assert_array_equal(s, expected)  # exact: the very computation that made loop[3]
 
 
 def test_one_pass_decoding_equals_each_expert_alone(setup, tiny_config):
@@ -106,6 +110,8 @@ def test_one_pass_decoding_equals_each_expert_alone(setup, tiny_config):
         alone, alone_scores = decoding.greedy_decode(model, params, tokens, max_decode_length=6)
       else:
         alone, alone_scores = decoding.beam_search(model, params, tokens, beam_size=2, max_decode_length=6)
+      # Tokens: exact unless a top-2 margin falls within float32 noise; scores: not exact (vmapped
+      # matmuls), worst seen 1.6e-7 relative.
       np.testing.assert_array_equal(np.asarray(together[e]), np.asarray(alone))
       np.testing.assert_allclose(np.asarray(scores[e]), np.asarray(alone_scores), rtol=1e-5, atol=1e-5)
   assert len({tuple(np.asarray(together[e]).ravel()) for e in range(NUM_EXPERTS)}) > 1

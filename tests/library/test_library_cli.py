@@ -68,6 +68,7 @@ def test_library_retrieve_merge_eval_and_continual_addition(tmp_path, capsys):
   members = [library.load(r["expert"])[0] for r in ranking["ranking"][:2]]
   kernel = ("encoder", "layers_0", "mlp_adapter", "up_kernel")
   pick = lambda tree: tree[kernel[0]][kernel[1]][kernel[2]][kernel[3]]  # noqa: E731
+  # Equal here: the mean of two float32 tensors rounds once whichever way it is computed.
   np.testing.assert_allclose(pick(merged), (pick(members[0]) + pick(members[1])) / 2, rtol=1e-6)
   assert library.entry("top2")["provenance"]["merged_from"] == [r["expert"] for r in ranking["ranking"][:2]]
 
@@ -119,6 +120,7 @@ def test_embed_command_minilm_and_t5(tmp_path, capsys):
   _run(capsys, "embed", f"--input={tmp_path / 'in.txt'}", f"--output={tmp_path / 'minilm.npy'}")
   got = np.load(tmp_path / "minilm.npy")
   assert got.shape == (3, 384) and got.dtype == np.float32
+  # Unit rows (atol relative to their norm); the same embedder, equal here.
   np.testing.assert_allclose(got, MiniLMEmbedder().embed(lines, max_length=256), atol=1e-6)
 
   checkpoint = GOLDEN_DIR / "t5_v1_1"
@@ -131,6 +133,7 @@ def test_embed_command_minilm_and_t5(tmp_path, capsys):
     ids = np.array([vocabulary.encode(text) + [1]], np.int32)
     hidden = np.asarray(loaded.model.apply({"params": loaded.params}, ids, ids > 0, method=Transformer.encode))[0]
     expected = hidden.mean(0) / np.linalg.norm(hidden.mean(0))
+    # Unit rows; batched and padded against alone, not exact: worst seen 1.6e-7.
     np.testing.assert_allclose(row, expected, atol=1e-5)
   capsys.readouterr()
   assert cli.main(["embed", f"--input={tmp_path / 'missing.txt'}", f"--output={tmp_path / 'x.npy'}"]) == 2

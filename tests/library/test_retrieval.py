@@ -66,7 +66,7 @@ def test_key_embeddings_are_cached_and_untouched_by_new_experts(library, minilm,
   names = library.names()
   first, owners = retrieval.key_embeddings(library, names, minilm, "label_instance")
   assert first.shape == (12, 384) and owners.tolist() == [0] * 3 + [1] * 3 + [2] * 3 + [3] * 3
-  np.testing.assert_allclose(np.linalg.norm(first, axis=1), 1.0, atol=1e-5)
+  np.testing.assert_allclose(np.linalg.norm(first, axis=1), 1.0, atol=1e-5)  # unit rows: ulps
   digests = {n: hashlib.sha256(library.embeddings_path(n, "minilm", "label_instance").read_bytes()).hexdigest()
              for n in names}
   library.add(make_expert(tmp_path, "weather_expert", 9),
@@ -77,6 +77,7 @@ def test_key_embeddings_are_cached_and_untouched_by_new_experts(library, minilm,
     path = library.embeddings_path(n, "minilm", "label_instance")
     assert hashlib.sha256(path.read_bytes()).hexdigest() == digests[n]
   # The cached blocks are what the embedder computes now.
+  # Unit rows, so atol is relative to their norm; equal here (float32 blocks read back).
   np.testing.assert_allclose(again[:12], first, atol=1e-6)
   library.remove("weather_expert")
 

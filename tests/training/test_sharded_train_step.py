@@ -7,6 +7,7 @@ import jax
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from conftest import assert_trained_params_close
 from elm_jax import partitioning
 from elm_jax.models.adapters import ExpertConfig, split_params
 from elm_jax.models.t5 import Transformer, init_params, logical_axes
@@ -50,6 +51,9 @@ def test_sharded_equals_unsharded(tiny_config):
     sharded_state, metrics = sharded(sharded_state, placed_backbone, batch)
   leaf = sharded_state.params["encoder"]["layers_0"]["mlp_adapter"]["down_kernel"]
   assert leaf.addressable_shards[0].data.shape[0] == 1  # one expert per device pair
-  jax.tree_util.tree_map(
-      lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5),
-      sharded_state.params, state.params)
+  # Two code paths of ours, not exact: see assert_trained_params_close. Worst entry here 5.5e-7,
+  # and 2.9e-6 with the backbone perturbed by 1 ulp (100 draws, emulating another CPU's rounding),
+  # against 1e-4 = 5e-3 x summed_lr; summed_lr 2e-2 (lr 1e-2 decaying linearly over 3 steps).
+  summed_lr = sum(float(ts.learning_rate_schedule(ts.OptimizerConfig(learning_rate=1e-2), steps)(i))
+                  for i in range(steps))
+  assert_trained_params_close(sharded_state.params, state.params, summed_lr)

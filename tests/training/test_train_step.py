@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import assert_trained_params_close
 from elm_jax.models.adapters import ExpertConfig, split_params
 from elm_jax.models.t5 import Transformer, init_params
 from elm_jax.training import train_step as ts
@@ -66,9 +67,16 @@ def test_vmapped_experts_equal_experts_trained_alone(setup, name):
   together, history = _train(model, backbone, experts, batches, config)
   for e in range(EXPERTS):
     alone, alone_history = _train(model, backbone, [experts[e]], [batches[e]], config)
-    jax.tree_util.tree_map(
-        lambda a, b: np.testing.assert_allclose(np.asarray(a)[e], np.asarray(b)[0], atol=1e-5, rtol=1e-5),
-        together.params, alone.params)
+    # Two code paths of ours, not exact (batch of 3 experts against 1: other shapes, other
+    # summation order); see assert_trained_params_close. Worst entry here 3.6e-7; with the
+    # backbone perturbed by 1 ulp (150 draws, emulating another CPU's rounding) adamw reaches
+    # 1.2e-4 at one entry (a gradient near 0), all others below 5e-3 x summed_lr = 1.25e-4.
+    assert_trained_params_close(jax.tree_util.tree_map(lambda a: np.asarray(a)[e], together.params),
+                                jax.tree_util.tree_map(lambda a: np.asarray(a)[0], alone.params),
+                                summed_lr=sum(float(ts.learning_rate_schedule(config, STEPS)(i))
+                                              for i in range(STEPS)))
+    # Losses and gradient norms: worst seen 2.1e-7 and 3.9e-7 relative, 2.6e-7 and 1.3e-6 in the
+    # 1-ulp draws (a norm of gradients that Adam's noise has moved, hence the wider bound).
     for m, m_alone in zip(history, alone_history):
       np.testing.assert_allclose(m["loss"][e], m_alone["loss"][0], rtol=1e-5)
       np.testing.assert_allclose(m["grad_norm"][e], m_alone["grad_norm"][0], rtol=1e-4)
@@ -76,7 +84,7 @@ def test_vmapped_experts_equal_experts_trained_alone(setup, name):
   moved = jax.tree_util.tree_map(lambda a, b: float(np.abs(np.asarray(a)[0] - b).max()),
                                  together.params, experts[0])
   assert max(jax.tree_util.tree_leaves(moved)) > 1e-4
-  jax.tree_util.tree_map(np.testing.assert_array_equal, backbone, backbone_before)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, backbone, backbone_before)  # exact: frozen
   assert history[-1]["loss"].shape == (EXPERTS,) and (history[-1]["tokens"] == 8).all()
 
 
