@@ -9,8 +9,8 @@ input and output path checked before any work.
 - `inside`: a relative path read from a data file (a manifest's `directory`, say) joined to its
   root, refused when it is absolute, climbs out with `..`, or resolves (through symlinks)
   outside the root. Nothing a library holds can make us read or delete outside it.
-- `read_verified`: a file's bytes, streamed once through sha256 and compared with the recorded
-  digest and size before anyone parses them.
+- `read_verified`: a file's bytes, read once, hashed and compared with the recorded digest and
+  size before anyone parses them.
 - `check_input_file`, `check_output_file`, `check_output_dir`: refusals before any work, naming
   the flag: a missing or unreadable input, an output that is a directory, lies in a missing
   directory, or is one of the inputs.
@@ -140,8 +140,9 @@ def read_verified(path: str | os.PathLike, sha256: Optional[str], size: Optional
                   what: str, *, check: bool = True) -> bytes:
   """The bytes of `path`, after checking them against the recorded `sha256` and `size`.
 
-  The file is read once, in blocks that are hashed as they arrive; a local file that this
-  process has checked before (same size and modification time) is not hashed again. A mismatch
+  The file is read once into the buffer that is returned and hashed block by block from it; a
+  local file that this process has checked before (same size and modification time) is not
+  hashed again. A mismatch
   raises `FileCheckError` naming `what` (e.g. "expert 'x'") and the file. With `check=False`
   the bytes are returned unchecked (the caller warns)."""
   path = epath.Path(path)
@@ -150,12 +151,10 @@ def read_verified(path: str | os.PathLike, sha256: Optional[str], size: Optional
   key = _identity(path)
   if key is not None and _verified.get(key) == sha256:
     return path.read_bytes()
-  digest, chunks = hashlib.sha256(), []
-  with path.open("rb") as f:
-    for block in iter(lambda: f.read(BLOCK), b""):
-      digest.update(block)
-      chunks.append(block)
-  data = b"".join(chunks)
+  data = path.read_bytes()  # one buffer, which the caller parses: no copy of it is made
+  digest, view = hashlib.sha256(), memoryview(data)
+  for start in range(0, len(data), BLOCK):
+    digest.update(view[start:start + BLOCK])
   if size is not None and len(data) != size:
     raise FileCheckError(f"{path}: {what}: {len(data)} bytes, but the manifest records {size} "
                          "(truncated or replaced); `elm-jax library verify` lists every damaged "
