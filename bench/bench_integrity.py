@@ -25,7 +25,7 @@ import time
 import numpy as np
 
 from elm_jax import files
-from elm_jax.library import expert_files
+from elm_jax.checkpoints import expert_files
 from elm_jax.library.store import ExpertLibrary
 
 # T5-XL (d_model 2048, 24+24 blocks): 96 adapters of (2048 x 64 + 64 + 64 x 2048 + 2048) plus

@@ -32,9 +32,12 @@ import numpy as np
 
 from bench.bench_score import CONFIGS, make_examples
 from elm_jax.evaluation import rank_scoring
-from elm_jax.library import expert_files, retrieval
+from elm_jax.checkpoints import expert_files
+from elm_jax.expert_stack import ExpertStack
+from elm_jax.library import retrieval
 from elm_jax.models.adapters import ExpertConfig, merge_params
-from elm_jax.models.t5 import Transformer, init_params
+from elm_jax.models.model import EncoderDecoderModel
+from elm_jax.models.t5 import init_params
 from elm_jax.training.trainer import initial_experts
 
 
@@ -51,12 +54,11 @@ def _write_experts(directory, config, num_experts):
     path = os.path.join(directory, f"e{e}")
     expert_files.save_expert(path, jax.tree_util.tree_map(lambda x: np.asarray(x)[e], stacked), meta)
     paths.append(path)
-  return Transformer(config, expert_config), backbone, paths
+  return EncoderDecoderModel.build(config, expert_config), backbone, paths
 
 
 def _load_stacked(paths):
-  trees = [expert_files.load_expert(p)[0] for p in paths]
-  return jax.tree_util.tree_map(lambda *xs: np.stack(xs), *trees)
+  return ExpertStack.load([os.path.basename(p) for p in paths], paths)[0].params
 
 
 def time_one_pass(model, backbone, paths, examples, batch_size, chunk, max_in, max_t):

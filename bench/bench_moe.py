@@ -32,6 +32,7 @@ import numpy as np
 from bench.bench_score import CONFIGS
 from elm_jax.models.adapters import ExpertConfig
 from elm_jax.models.moe import MoeConfig, router_losses_and_metrics
+from elm_jax.models.model import EncoderDecoderModel
 from elm_jax.models.t5 import Transformer, init_params
 from elm_jax.training import train_step as ts
 
@@ -63,7 +64,7 @@ def time_steps(config, batch, steps: int) -> tuple[float, float]:
   """(seconds per step, compile seconds) for full fine-tuning of `config`."""
   params = jax.tree_util.tree_map(lambda x: x[None], nn.unbox(init_params(config, jax.random.PRNGKey(0))))
   optimizer = ts.make_optimizer(ts.OptimizerConfig(learning_rate=1e-4), total_steps=steps + 1)
-  step = jax.jit(functools.partial(ts.train_step, model=Transformer(config, FULL), optimizer=optimizer))
+  step = jax.jit(functools.partial(ts.train_step, model=EncoderDecoderModel.build(config, FULL), optimizer=optimizer))
   state = ts.init_train_state(params, optimizer)
   start = time.perf_counter()
   state, metrics = step(state, {}, batch)

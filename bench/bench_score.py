@@ -15,7 +15,8 @@ import jax
 import numpy as np
 
 from elm_jax.evaluation import rank_scoring
-from elm_jax.models.t5 import Transformer, init_params
+from elm_jax.models.model import EncoderDecoderModel
+from elm_jax.models.t5 import init_params
 from elm_jax.models.t5_config import T5Config
 
 CONFIGS = {
@@ -40,7 +41,7 @@ def run(name: str, examples: int, batch_size: int, input_length: int, choices: i
         target_length: int, dtype: str) -> dict:
   config = CONFIGS[name].replace(dtype=dtype)
   params = nn.unbox(init_params(config, jax.random.PRNGKey(0)))
-  scorer = rank_scoring.RankScorer(Transformer(config), params, batch_size=batch_size,
+  scorer = rank_scoring.RankScorer(EncoderDecoderModel.build(config), params, batch_size=batch_size,
                                    max_input_length=input_length + 1, max_target_length=target_length + 1)
   data = make_examples(config, examples, input_length, choices, target_length)
   start = time.perf_counter()

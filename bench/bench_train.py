@@ -51,7 +51,8 @@ def run_one(config_name: str, experts: int, mode: str, steps: int, batch: int, i
   import jax
   import numpy as np
   from elm_jax.models.adapters import ExpertConfig, count_parameters, split_params
-  from elm_jax.models.t5 import Transformer, init_params
+  from elm_jax.models.model import EncoderDecoderModel
+  from elm_jax.models.t5 import init_params
   from elm_jax.models.t5_config import T5Config
   from elm_jax.training import train_step as ts
 
@@ -59,7 +60,7 @@ def run_one(config_name: str, experts: int, mode: str, steps: int, batch: int, i
   expert_cfg = ExpertConfig()
   full = nn.unbox(init_params(config, jax.random.PRNGKey(0), expert=expert_cfg))
   backbone, expert = split_params(full, expert_cfg)
-  model = Transformer(config, expert_cfg)
+  model = EncoderDecoderModel.build(config, expert_cfg)
   optimizer = ts.make_optimizer(ts.OptimizerConfig(), total_steps=steps + 1)
   group = experts if mode == "vmapped" else 1
   stacked = jax.tree_util.tree_map(lambda x: np.stack([x] * group), expert)

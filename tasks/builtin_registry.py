@@ -16,6 +16,9 @@ import os
 import tempfile
 from typing import Optional
 
+import seqio
+import sentencepiece as spm
+
 from tasks import builtin_suite, prompted
 from tasks.mixtures import add_mixture
 
@@ -34,7 +37,6 @@ def _cache_dir(cache_dir: Optional[str]) -> str:
 
 def builtin_vocabulary(cache_dir: Optional[str] = None, vocab_size: int = VOCAB_SIZE) -> str:
   """Path of a SentencePiece model trained on the suite's text (trained once, then cached)."""
-  import sentencepiece as spm
   text = list(builtin_suite.all_text(100))
   digest = hashlib.sha256(("\n".join(text) + repr(sorted(_SPM_SETTINGS.items())) +
                            str(vocab_size)).encode()).hexdigest()[:16]
@@ -64,7 +66,6 @@ def register_builtin_suite(num_train: int = 2000, num_eval: int = 200, seed: int
                            cache_dir: Optional[str] = None) -> dict[str, list[str]]:
   """Registers every built-in task and mixture; returns mixture -> members. Idempotent for the
   same settings; other settings replace the earlier registration."""
-  import seqio
 
   global _REGISTERED
   settings = (num_train, num_eval, seed, cache_dir)

@@ -11,6 +11,8 @@ import os
 import re
 from typing import Any, Optional
 
+from elm_jax.errors import UserInputError
+
 INVENTORY_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "elm_inventory.json")
 
 PROMPT_EXPERTS_MIXTURE = "elm_prompt_experts"
@@ -65,7 +67,6 @@ def expert_group(kind: str, group: int, group_size: int) -> list[str]:
   """The `group`-th block of `group_size` experts to train together (vmapped): kind 'prompt'
   (the 296 prompt experts, as SeqIO task names) or 'dataset' (the 36 `<dataset>_all_prompts`
   mixtures), in inventory order. The last group may be smaller."""
-  from elm_jax.errors import UserInputError
   inv = load_inventory()
   if kind == "prompt":
     names = [p["name"] for p in inv["prompt_experts"]]

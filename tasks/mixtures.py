@@ -21,9 +21,11 @@ import json
 import os
 from typing import Optional
 
+import seqio
+
 from elm_jax import tf_input
 from elm_jax.errors import UserInputError
-from tasks import inventory, p3, rank_classification
+from tasks import inventory, p3, rank_classification, templated
 
 T0_MAX_EXAMPLES_PER_DATASET = 500_000
 SHUFFLE_SEED = 42
@@ -36,7 +38,6 @@ class MixtureError(UserInputError):
 def add_mixture(name: str, members, default_rate=1.0, source: str = "mixture definition") -> None:
   """Registers a SeqIO mixture after checking that every member task or mixture exists
   (idempotent: an existing mixture of that name is left as it is)."""
-  import seqio
   if name in seqio.MixtureRegistry.names():
     return
   known = set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names())
@@ -74,7 +75,6 @@ def _count_records(files: tuple[str, ...]) -> int:
 
 def register_elm_tasks(data_dir: Optional[str] = None) -> dict[str, list[str]]:
   """Registers the prompt-expert tasks and the mixtures above; returns mixture -> members."""
-  import seqio
 
   inv = inventory.load_inventory()
   registered: dict[str, list[str]] = {}
@@ -133,7 +133,6 @@ def register_bigbench_13(data_dir: str, vocabulary) -> list[str]:
   (`<task>/task.json`, or `<task>/<subtask>/task.json` for tasks with sub-tasks) as
   `bigbench_<task>[_<subtask>]` tasks and the mixture `bigbench_13` of their _score_eval twins.
   Files are read when a dataset is requested."""
-  from tasks import templated
 
   members = []
   for entry in inventory.load_inventory()["bigbench"]:

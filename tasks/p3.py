@@ -15,6 +15,8 @@ import math
 import os
 from typing import Any, Iterable, Optional
 
+import seqio
+
 from elm_jax import tf_input
 from elm_jax.errors import UserInputError
 
@@ -133,7 +135,6 @@ def register_p3_task(subset: str, data_dir: Optional[str] = None, *, vocabulary=
   is requested. P3 is pre-tokenized with T5's vocabulary: pass that vocabulary
   (`seqio.SentencePieceVocabulary`) to decode; by default a pass-through one is used.
   """
-  import seqio
 
   name = task_name or subset
   if name in seqio.TaskRegistry.names():

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional, Sequence
 
+import seqio
+
 from elm_jax import tf_input
 from tasks import rank_classification
 
@@ -19,7 +21,6 @@ RowsFn = Callable[[str], list[dict[str, Any]]]
 
 
 def _output_features(vocabulary):
-  import seqio
   return {"inputs": seqio.Feature(vocabulary, add_eos=True),
           "targets": seqio.Feature(vocabulary, add_eos=True)}
 
@@ -56,7 +57,6 @@ def register_prompted_task(name: str, rows_fn: RowsFn, vocabulary, *,
                            score_eval: bool = True, source: Optional[str] = None) -> list[str]:
   """Registers `name` (and `name_score_eval` if `score_eval`); returns the names registered.
   Idempotent: names already registered are left as they are."""
-  import seqio
 
   source = source or name
   names = []

@@ -14,8 +14,12 @@ from __future__ import annotations
 from typing import Optional
 
 import numpy as np
+import seqio
 
+from elm_jax import tf_input
 from elm_jax.errors import UserInputError
+from tasks import builtin_suite
+from tasks.builtin_registry import builtin_vocabulary
 
 
 def _segments(total: int, count: int, rng: np.random.Generator) -> np.ndarray:
@@ -63,11 +67,7 @@ def register_builtin_span_corruption(model_vocab_size: int, name: str = "builtin
   """Registers `name`: span corruption of every text of the built-in suite's training prompts
   (inputs, targets and choices), tokenized with the suite's vocabulary; sentinels sit above
   that vocabulary, inside the model's `model_vocab_size`. Idempotent."""
-  import seqio
 
-  from elm_jax import tf_input
-  from tasks import builtin_suite
-  from tasks.builtin_registry import builtin_vocabulary
   if name in seqio.TaskRegistry.names():
     return name
   vocabulary = seqio.SentencePieceVocabulary(builtin_vocabulary(cache_dir))

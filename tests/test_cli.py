@@ -3,14 +3,18 @@
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import gin
 import pytest
 
-from elm_jax import cli, gin_utils
+from elm_jax.checkpoints import hf
+from elm_jax.commands import cli, gin_utils
 from elm_jax.models.t5_config import T5Config
+from tests.helpers.checkpoints import write_legacy_t5x
+from tests.helpers.golden import GOLDEN_DIR
 
 MODEL_FILES = sorted(glob.glob(os.path.join(gin_utils.GIN_CONFIGS_DIR, "models", "*.gin")))
 EXPECTED = {  # file -> (emb_dim, encoder layers, vocab, gated, tied)
@@ -26,7 +30,6 @@ EXPECTED = {  # file -> (emb_dim, encoder layers, vocab, gated, tied)
     "t5_base_original": (768, 12, 32128, False, True),
     "t5_tiny_original": (32, 2, 320, False, True),
 }
-GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
 
 
 @pytest.fixture(autouse=True)
@@ -91,7 +94,7 @@ def test_every_model_gin_file_builds_its_config():
                                               ("t5_tiny_original", "t5_original")])
 def test_tiny_gin_files_match_the_golden_checkpoints(gin_file, golden):
   gin_utils.parse_gin(gin_utils.GinFlags(files=[f"gin_configs/models/{gin_file}.gin"]))
-  with open(os.path.join(GOLDEN, golden, "config.json")) as f:
+  with open(os.path.join(GOLDEN_DIR, golden, "config.json")) as f:
     expected = T5Config.from_hf_config(json.load(f))
   assert gin_utils.model_config_from_gin() == expected
 
@@ -162,7 +165,7 @@ def test_cli_gin_errors_exit_2_without_traceback(capsys):
 
 def test_version_starts_without_tensorflow():
   """Start-up stays fast: nothing on the `version` path imports TensorFlow or SeqIO."""
-  code = ("import sys; from elm_jax import cli; rc = cli.main(['version']); "
+  code = ("import sys; from elm_jax.commands import cli; rc = cli.main(['version']); "
           "assert rc == 0; assert 'tensorflow' not in sys.modules and 'seqio' not in sys.modules, "
           "sorted(m for m in sys.modules if m.startswith(('tensorflow', 'seqio')))")
   env = dict(os.environ, JAX_PLATFORMS="cpu")
@@ -174,12 +177,7 @@ def test_version_starts_without_tensorflow():
 
 def test_score_a_t5x_checkpoint_with_a_gin_model_file(tmp_path, capsys):
   """A T5X checkpoint has no config.json: the model comes from --gin_file, as in t5x."""
-  import shutil
-  import sys
-  sys.path.insert(0, os.path.join(os.path.dirname(__file__), "checkpoints"))
-  from test_t5x import write_legacy_t5x
-  from elm_jax.checkpoints import hf
-  golden = os.path.join(os.path.dirname(__file__), "golden", "t5_v1_1")
+  golden = str(GOLDEN_DIR / "t5_v1_1")
   params = hf.load_hf_checkpoint(golden).params
   ckpt = str(tmp_path / "checkpoint_1100")
   write_legacy_t5x(ckpt, params)

@@ -1,4 +1,4 @@
-"""The allocator settings the CLI applies (elm_jax.host_memory)."""
+"""The allocator settings the CLI applies (elm_jax.commands.host_memory)."""
 
 import platform
 import sys
@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from elm_jax import host_memory
+from elm_jax.commands import host_memory
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",

@@ -8,7 +8,8 @@ import gin
 import jax
 import pytest
 
-from elm_jax import gin_utils, partitioning
+from elm_jax import partitioning
+from elm_jax.commands import gin_utils
 from elm_jax.models.adapters import ExpertConfig, count_parameters, split_params
 from elm_jax.models.t5 import init_params
 from tasks import inventory
@@ -53,7 +54,7 @@ def test_recipe_parses_and_builds_a_tiny_model(path):
     assert tasks == ["t0_train"] and kind == "full"
   if "moe" in os.path.basename(path):
     assert config.moe.num_experts == 8 and config.moe.num_selected_experts == 1
-    assert gin.query_parameter("train_command.train.upcycle") is True
+    assert gin.query_parameter("run.train.upcycle") is True
     assert mesh.resolve(32) == (4, 8, 1) and mesh.resolve(8) == (1, 8, 1)
     assert len(params["encoder"]["layers_1"]["mlp"]["expert"]["wi_0"]["kernel"]) == 8
   else:
@@ -65,7 +66,8 @@ def test_groups_cover_every_prompt_expert_once():
   assert len(names) == 296 and len(set(names)) == 296
   with pytest.raises(Exception, match="groups 0..36"):
     inventory.expert_group("prompt", 37, 8)
-  assert isinstance(partitioning.MeshConfig(), partitioning.MeshConfig)
+  # The recipe's mesh on a v4-64 (32 chips): 4-way data parallel, 8 experts at a time.
+  assert partitioning.MeshConfig(data=-1, expert=8, model=1).resolve(32) == (4, 8, 1)
 
 
 MOE_MODELS = sorted(glob.glob(os.path.join(gin_utils.GIN_CONFIGS_DIR, "models", "moe", "t5_1_1_*.gin")))

@@ -29,7 +29,8 @@ from elm_jax.tree_paths import Path
 from elm_jax.tree_paths import flatten as flatten_tree
 from elm_jax.tree_paths import join as format_path
 from elm_jax.tree_paths import unflatten as unflatten_tree
-from elm_jax.models.t5_config import ConfigError, T5Config, param_shapes
+from elm_jax.models.t5 import param_shapes
+from elm_jax.models.t5_config import ConfigError, T5Config
 
 _SINGLE_FILE = "model.safetensors"
 _INDEX_FILE = "model.safetensors.index.json"

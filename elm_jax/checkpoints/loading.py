@@ -1,7 +1,8 @@
 """One entry point from a checkpoint directory to a ready model: config, parameters, vocabulary.
 
-Hugging Face directories carry their own config; T5X checkpoints (legacy and Orbax) take the
-model config from gin (`--gin_file=gin_configs/models/t5_1_1_xl.gin`).
+Hugging Face directories carry their own config; T5X checkpoints (legacy and Orbax) carry none,
+so the caller passes one (the commands take it from a gin model file,
+`--gin_file=gin_configs/models/t5_1_1_xl.gin`).
 """
 
 from __future__ import annotations
@@ -11,14 +12,14 @@ import os
 from typing import Any, Optional
 
 from elm_jax.checkpoints import hf, t5x
-from elm_jax.models.t5 import Transformer
+from elm_jax.models.model import EncoderDecoderModel
 from elm_jax.models.t5_config import T5Config
 
 
 @dataclasses.dataclass
 class LoadedModel:
   config: T5Config
-  model: Transformer
+  model: EncoderDecoderModel
   params: Any
   vocab_path: Optional[str]
   source: str
@@ -35,7 +36,8 @@ def load_model_checkpoint(path: str, config: Optional[T5Config] = None,
     config, params, vocab_path = loaded.config, loaded.params, loaded.vocab_path
   else:
     if config is None:
-      config = _config_from_gin(path)
+      raise hf.CheckpointError(f"{path}: a T5X checkpoint has no config.json; pass a model gin file, "
+                               "e.g. --gin_file=gin_configs/models/t5_1_1_xl.gin")
     params = t5x.load_t5x_checkpoint(path, config)
     vocab_path = None
     for candidate in (os.path.join(path, "spiece.model"),
@@ -45,14 +47,4 @@ def load_model_checkpoint(path: str, config: Optional[T5Config] = None,
         break
   if dtype is not None:
     config = config.replace(dtype=dtype)
-  return LoadedModel(config, Transformer(config), params, vocab_path, path)
-
-
-def _config_from_gin(path: str) -> T5Config:
-  from elm_jax import gin_utils
-  try:
-    return gin_utils.model_config_from_gin()
-  except ValueError as e:
-    raise hf.CheckpointError(
-        f"{path}: a T5X checkpoint has no config.json; pass a model gin file, e.g. "
-        f"--gin_file=gin_configs/models/t5_1_1_xl.gin ({e})") from None
+  return LoadedModel(config, EncoderDecoderModel.build(config), params, vocab_path, path)

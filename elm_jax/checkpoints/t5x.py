@@ -35,7 +35,8 @@ import numpy as np
 
 from elm_jax.checkpoints.hf import (CheckpointError, Path, check_param_shapes, format_path,
                                     load_hf_checkpoint, unflatten_tree)
-from elm_jax.models.t5_config import T5Config, param_shapes
+from elm_jax.models.t5 import param_shapes
+from elm_jax.models.t5_config import T5Config
 
 FORMATS = ("hf", "t5x_legacy", "orbax")
 _MSGPACK_FILE = "checkpoint"

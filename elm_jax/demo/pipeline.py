@@ -28,14 +28,27 @@ import sys
 import time
 from typing import Any, Callable, Optional
 
+import jax
 import numpy as np
+from tqdm import tqdm
 
-from elm_jax import files
+from elm_jax import files, tree_paths
+from elm_jax.checkpoints import expert_files, hf
 from elm_jax.errors import UserInputError
+from elm_jax.evaluation import expert_eval
+from elm_jax.expert_stack import ExpertStack
+from elm_jax.library import merging, retrieval
+from elm_jax.library.loaded import load_experts
+from elm_jax.library.store import ExpertLibrary
 from elm_jax.models.adapters import ExpertConfig
+from elm_jax.models.moe import MoeConfig
+from elm_jax.models.t5 import param_shapes
 from elm_jax.models.t5_config import T5Config
+from elm_jax.training import run as training_run
 from elm_jax.training import train_step as ts
-from elm_jax.training.trainer import unstack
+from tasks import builtin_suite, instances
+from tasks.builtin_registry import builtin_vocabulary, register_builtin_suite
+from tasks.span_corruption import register_builtin_span_corruption
 
 STAGES = ("pretrain", "experts", "baseline", "library", "held_out", "retrieval", "seen", "continual",
           "composed", "moe")
@@ -74,7 +87,6 @@ class Budget:
 
   def moe_config(self) -> T5Config:
     """Switch-style: top-1 routing, experts as wide as the dense MLP (equal active FLOPs)."""
-    from elm_jax.models.moe import MoeConfig
     # Every other layer (layer 1, 3, ...), or the only layer of a one-layer model.
     # Token groups of 256 (4 sequences): the one-hot dispatch costs O(group size) per token, and
     # small groups are what a CPU runs fastest (accelerators use thousands).
@@ -131,7 +143,6 @@ class Demo:
     return os.path.join(self.out, *parts)
 
   def run(self, stages=STAGES) -> dict[str, Any]:
-    from tasks.builtin_registry import register_builtin_suite
     register_builtin_suite(num_train=self.budget.num_train, num_eval=self.budget.num_eval)
     # TensorFlow, SeqIO, JAX and the suite are half a million long-lived objects; frozen, the
     # collector stops walking them on every full collection (2 s of a quick run's pretraining).
@@ -161,13 +172,12 @@ class Demo:
              backbone: Optional[str] = None, names: Optional[list[str]] = None, batch: Optional[int] = None,
              learning_rate: Optional[float] = None, model_config: Optional[T5Config] = None,
              upcycle: bool = False) -> dict[str, dict[str, float]]:
-    from elm_jax.training import train_command
     b = self.budget
     expert_config = ExpertConfig(kind=kind, reduction_factor=4)
     default_rate = b.expert_learning_rate if kind == "adapter" else b.learning_rate
     optimizer = ts.OptimizerConfig(name="adamw", learning_rate=learning_rate or default_rate,
                                    schedule="linear", max_grad_norm=1.0)
-    return train_command.train(
+    return training_run.train(
         self.path(run), tasks, steps, model_config=model_config or b.model_config(), backbone_checkpoint=backbone,
         expert_names=names, batch_size=batch or b.expert_batch, input_length=b.input_length,
         target_length=b.target_length, seed=0, save_every=max(steps // 2, 1), keep=1,
@@ -175,18 +185,15 @@ class Demo:
         progress=self.progress, shuffle_buffer_size=256, upcycle=upcycle)
 
   def _bar(self, total: int, desc: str):
-    from tqdm import tqdm
     return tqdm(total=total, desc=desc, file=sys.stderr, disable=not self.progress, dynamic_ncols=True)
 
   # ------------------------------------------------------------------ task lists
   @staticmethod
   def specs(role: str):
-    from tasks import builtin_suite
     return [s for s in builtin_suite.SUITE if s.role == role]
 
   @staticmethod
   def task(spec, score: bool = False) -> str:
-    from tasks import builtin_suite
     name = builtin_suite.task_name(spec.dataset, spec.prompt)
     return name + "_score_eval" if score and spec.multiple_choice else name
 
@@ -199,10 +206,6 @@ class Demo:
   # ------------------------------------------------------------------ stages
   def stage_pretrain(self) -> dict[str, Any]:
     """span-corruption pretraining of the backbone on the suite's text"""
-    from elm_jax.checkpoints import hf
-    from elm_jax.library import expert_files
-    from tasks.builtin_registry import builtin_vocabulary
-    from tasks.span_corruption import register_builtin_span_corruption
     b = self.budget
     task = register_builtin_span_corruption(b.model_config().vocab_size)
     final = self._train("pretrain", [task], b.pretrain_steps, kind="full", batch=b.pretrain_batch)
@@ -239,15 +242,12 @@ class Demo:
             "prompt_expert_examples": examples, "final_loss": final["multitask"]["loss"]}
 
   def _single_library(self, name: str, expert_dir: str) -> None:
-    from elm_jax.library.store import ExpertLibrary
     library = ExpertLibrary(self.path(name), create=True)
     if not library.names():
       library.add(expert_dir)
 
   def stage_library(self) -> dict[str, Any]:
     """the Expert Library with 100 retrieval keys per expert"""
-    from elm_jax.library import instances
-    from elm_jax.library.store import ExpertLibrary
     library = ExpertLibrary(self.path("library"), create=True)
     dirs = sorted(os.listdir(self.path("experts", "experts")))
     bar = self._bar(len(dirs), "library")
@@ -265,8 +265,6 @@ class Demo:
 
   def _evaluate(self, library: str, tasks: list[str], experts="all", split: str = "validation"):
     """Every selected expert of `library` on `tasks`, the rank-classification ones in one pass."""
-    from elm_jax.evaluation import expert_eval
-    from elm_jax.library.loaded import load_experts
     loaded = load_experts(self.path(library), experts)
     results = expert_eval.evaluate_tasks(
         loaded, tasks, split=split, max_examples=self.budget.eval_examples, batch_size=16,
@@ -289,9 +287,6 @@ class Demo:
 
   def stage_retrieval(self) -> dict[str, Any]:
     """RoE, likelihood and oracle selection per held-out prompt; top-1 and merged top-k"""
-    from elm_jax.library import instances, merging, retrieval
-    from elm_jax.library.loaded import load_experts, score_instances
-    from elm_jax.library.store import ExpertLibrary
     held = self.results["held_out"]
     library = ExpertLibrary(self.path("library"))
     # The prompt experts of the library stage, as the paper (not those the continual stage adds).
@@ -305,8 +300,9 @@ class Demo:
       queries = instances.query_instances(task, instances.NUM_QUERIES)
       labelled = instances.query_instances(task, instances.NUM_QUERIES, labelled=True)
       rankings = {"roe": retrieval.roe_ranking(library, names, queries, embedder=embedder)}
-      scores, _ = score_instances(loaded, queries, batch_size=16, max_input_length=self.budget.input_length * 2,
-                                  max_target_length=self.budget.choice_length)
+      scores, _ = expert_eval.score_instances(loaded, queries, batch_size=16,
+                                              max_input_length=self.budget.input_length * 2,
+                                              max_target_length=self.budget.choice_length)
       rankings["likelihood"] = retrieval.likelihood_ranking(scores, names, "entropy")
       rankings["oracle"] = retrieval.oracle_ranking(scores, [q["label"] for q in labelled], names)
       accuracy = held["experts"][task]["scores"]
@@ -314,7 +310,7 @@ class Demo:
       for method, ranking in rankings.items():
         top = [r["expert"] for r in ranking[:self.budget.top_k]]
         entry[method] = {"top1": top[0], "top1_accuracy": accuracy[top[0]], "top_k": top}
-        merged_trees.append(merging.merge_uniform([unstack(loaded.experts, names.index(n)) for n in top]))
+        merged_trees.append(merging.merge_uniform(loaded.stack.select(top)))
         merged_for.append((task, method))
       out["prompts"][task] = entry
       bar.update(1)
@@ -345,10 +341,6 @@ class Demo:
 
   def stage_continual(self) -> dict[str, Any]:
     """new experts for the kept-back tasks; the baseline fine-tuned further on them"""
-    from elm_jax.checkpoints import hf
-    from elm_jax.library import expert_files, instances
-    from elm_jax.library.store import ExpertLibrary
-    from tasks.builtin_registry import builtin_vocabulary
     b = self.budget
     new_tasks = [self.task(s) for s in self.specs("continual")]
     self._train("continual_experts", new_tasks, b.continual_steps, backbone=self.path("backbone"))
@@ -389,15 +381,12 @@ class Demo:
 
   def stage_composed(self) -> dict[str, Any]:
     """the composed instruction, by merging the two matching experts"""
-    from elm_jax.library import merging
-    from elm_jax.library.loaded import load_experts
-    from tasks import builtin_suite
     spec = self.specs("composed")[0]
     task = self.task(spec)
     skills = [f"builtin_{d}_all_prompts" for d in builtin_suite.COMPOSED_FROM[spec.dataset]]
     loaded = load_experts(self.path("library"), skills)
-    singles = [unstack(loaded.experts, i) for i in range(len(skills))]
-    scores = _evaluate_trees(self, loaded, [merging.merge_uniform(singles)] + singles, task)
+    scores = _evaluate_trees(self, loaded, [merging.merge_uniform(loaded.stack)] +
+                             [loaded.stack.tree(n) for n in skills], task)
     baseline = self._evaluate("baseline_library", [task], experts=["multitask"])[task]
     return {"task": task, "skills": skills, "metric": "rougeL", "merged": scores[0],
             **{f"single:{n}": s for n, s in zip(skills, scores[1:])},
@@ -406,8 +395,6 @@ class Demo:
 
   def stage_moe(self) -> dict[str, Any]:
     """the multitask recipe on a Mixture-of-Experts T5 upcycled from the backbone"""
-    from elm_jax import tree_paths
-    from elm_jax.models.t5_config import param_shapes
     b = self.budget
     steps, batch, _ = self._baseline_budget()
     config = b.moe_config()
@@ -457,7 +444,6 @@ def _first_line(text: Optional[str]) -> str:
 
 
 def _leaves(tree):
-  import jax
   return jax.tree_util.tree_leaves(tree)
 
 
@@ -467,22 +453,17 @@ def _expert_for(task: str) -> str:
 
 def _retrieval_embedder(demo: Demo, library):
   """MiniLM when its package is installed, else the backbone's own encoder."""
-  from elm_jax.library import retrieval
   try:
     return retrieval.MiniLMTextEmbedder(), "minilm"
   except Exception as e:  # the package is optional at run time
     demo.log(f"note: MiniLM unavailable ({e}); retrieving with the backbone's encoder")
-    from elm_jax.library.retrieve_command import t5_embedder
-    return t5_embedder(library, None), "t5"
+    return retrieval.backbone_embedder(library), "t5"
 
 
 def _evaluate_trees(demo: Demo, loaded, trees, task: str) -> list[float]:
   """Primary metric of each expert tree (same config as `loaded`) on one task, in one pass."""
-  import jax
-
-  from elm_jax.evaluation import expert_eval
-  stacked = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *trees)
-  custom = dataclasses.replace(loaded, names=[f"m{i}" for i in range(len(trees))], experts=stacked)
+  names = [f"m{i}" for i in range(len(trees))]
+  custom = loaded.with_stack(ExpertStack.from_trees(names, trees, loaded.stack.expert_config))
   result = expert_eval.evaluate_task(custom, task, max_examples=demo.budget.eval_examples, batch_size=16,
                                      max_input_length=demo.budget.input_length * 2,
                                      max_target_length=demo._eval_target_length(task))

@@ -16,16 +16,14 @@ import json
 import os
 from typing import Any, Optional, Sequence
 
-import jax
 import numpy as np
+import seqio
 
-from elm_jax import files
+from elm_jax import batching, defaults, expert_stack, files
 from elm_jax.errors import UserInputError
-from elm_jax.evaluation import generation_metrics
-from elm_jax.evaluation.rank_scoring import (MIN_INPUT_BUCKET, bucket, decode_all_experts,
-                                             default_expert_chunk, expert_chunks)
-from elm_jax.library import instances
-from elm_jax.library.loaded import LoadedExperts, score_instances
+from elm_jax.evaluation import generation_metrics, rank_scoring
+from elm_jax.expert_stack import ExpertsOnBackbone
+from tasks import builtin_suite, instances, inventory
 
 
 @dataclasses.dataclass
@@ -45,7 +43,6 @@ class TaskResult:
 
 @functools.lru_cache(maxsize=1)
 def _known_prompts() -> dict[str, tuple[str, str]]:
-  from tasks import builtin_suite, inventory
   known = {}
   for spec in builtin_suite.SUITE:
     name = builtin_suite.task_name(spec.dataset, spec.prompt)
@@ -66,7 +63,6 @@ def dataset_and_prompt(task: str) -> tuple[str, str]:
 
 
 def member_tasks(name: str) -> list[str]:
-  import seqio
   if name in seqio.MixtureRegistry.names():
     return [t.name for t in seqio.MixtureRegistry.get(name).tasks]
   if name not in seqio.TaskRegistry.names():
@@ -75,9 +71,10 @@ def member_tasks(name: str) -> list[str]:
   return [name]
 
 
-def evaluate_task(loaded: LoadedExperts, task: str, *, split: str = "validation",
-                  max_examples: int = 1000, batch_size: int = 32, expert_chunk: Optional[int] = None,
-                  max_input_length: int = 512, max_target_length: int = 128,
+def evaluate_task(loaded: ExpertsOnBackbone, task: str, *, split: str = "validation",
+                  max_examples: int = defaults.MAX_EXAMPLES, batch_size: int = defaults.BATCH_SIZE,
+                  expert_chunk: Optional[int] = None, max_input_length: int = defaults.MAX_INPUT_LENGTH,
+                  max_target_length: int = defaults.MAX_TARGET_LENGTH,
                   beam_size: int = 1) -> TaskResult:
   """Every loaded expert on up to `max_examples` examples of `task`."""
   return evaluate_tasks(loaded, [task], split=split, max_examples=max_examples, batch_size=batch_size,
@@ -85,9 +82,10 @@ def evaluate_task(loaded: LoadedExperts, task: str, *, split: str = "validation"
                         max_target_length=max_target_length, beam_size=beam_size)[0]
 
 
-def evaluate_tasks(loaded: LoadedExperts, tasks: Sequence[str], *, split: str = "validation",
-                   max_examples: int = 1000, batch_size: int = 32, expert_chunk: Optional[int] = None,
-                   max_input_length: int = 512, max_target_length: int = 128,
+def evaluate_tasks(loaded: ExpertsOnBackbone, tasks: Sequence[str], *, split: str = "validation",
+                   max_examples: int = defaults.MAX_EXAMPLES, batch_size: int = defaults.BATCH_SIZE,
+                   expert_chunk: Optional[int] = None, max_input_length: int = defaults.MAX_INPUT_LENGTH,
+                   max_target_length: int = defaults.MAX_TARGET_LENGTH,
                    max_decode_length: Optional[int] = None, beam_size: int = 1) -> list[TaskResult]:
   """`evaluate_task` for each of `tasks` (results in that order). The examples of every
   rank-classification task are scored in one pass: batches are sorted by length across tasks
@@ -125,7 +123,7 @@ def evaluate_tasks(loaded: LoadedExperts, tasks: Sequence[str], *, split: str = 
   return [results[t] for t in tasks]
 
 
-def _rank_result(loaded: LoadedExperts, task: str, rows, scores: np.ndarray) -> TaskResult:
+def _rank_result(loaded: ExpertsOnBackbone, task: str, rows, scores: np.ndarray) -> TaskResult:
   """scores [E, N, C]: every expert's choice log-likelihoods for the task's N examples."""
   dataset, prompt = dataset_and_prompt(task)
   predicted = np.argmax(scores, axis=-1)                      # [E, N]
@@ -138,7 +136,7 @@ def _rank_result(loaded: LoadedExperts, task: str, rows, scores: np.ndarray) -> 
   return TaskResult(task, dataset, prompt, "rank", len(rows), metrics, predictions)
 
 
-def _generation_result(loaded: LoadedExperts, task: str, rows, *, batch_size: int,
+def _generation_result(loaded: ExpertsOnBackbone, task: str, rows, *, batch_size: int,
                        expert_chunk: Optional[int], max_input_length: int, max_decode_length: int,
                        beam_size: int) -> TaskResult:
   dataset, prompt = dataset_and_prompt(task)
@@ -154,29 +152,21 @@ def _generation_result(loaded: LoadedExperts, task: str, rows, *, batch_size: in
   return TaskResult(task, dataset, prompt, "generation", len(rows), metrics, predictions)
 
 
-def decode_texts(loaded: LoadedExperts, inputs: Sequence[str], *, batch_size: int = 32,
-                 expert_chunk: Optional[int] = None, max_input_length: int = 512,
-                 max_decode_length: int = 128, beam_size: int = 1) -> list[list[str]]:
+def decode_texts(loaded: ExpertsOnBackbone, inputs: Sequence[str], *, batch_size: int = defaults.BATCH_SIZE,
+                 expert_chunk: Optional[int] = None, max_input_length: int = defaults.MAX_INPUT_LENGTH,
+                 max_decode_length: int = defaults.MAX_TARGET_LENGTH, beam_size: int = 1) -> list[list[str]]:
   """Every expert's decoded text for every input: [E][N] strings."""
   vocabulary = loaded.vocabulary()
-  eos = loaded.config.eos_id
+  eos, pad = loaded.config.eos_id, loaded.config.pad_id
   ids = [vocabulary.encode(t)[:max_input_length - 1] + [eos] for t in inputs]
   num_experts = len(loaded.names)
-  chunk = min(expert_chunk or default_expert_chunk(num_experts), num_experts)
+  chunk = min(expert_chunk or rank_scoring.default_expert_chunk(num_experts), num_experts)
   out: list[list[str]] = [[""] * len(inputs) for _ in range(num_experts)]
-  order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-  batches = []
-  for start in range(0, len(order), batch_size):
-    rows = order[start:start + batch_size]
-    length = bucket(max(len(ids[i]) for i in rows), MIN_INPUT_BUCKET, max_input_length)
-    tokens = np.zeros((batch_size, length), np.int32)
-    for r, i in enumerate(rows):
-      tokens[r, :len(ids[i])] = ids[i]
-    batches.append((rows, tokens))
-  for start_e, stop_e, experts in expert_chunks(loaded.experts, chunk):
-    experts = jax.device_put(experts)  # once per chunk, not per batch
-    decoded = [decode_all_experts(loaded.model, loaded.backbone, experts, tokens,
-                                  max_decode_length=max_decode_length, beam_size=beam_size)[0]
+  batches = list(batching.padded_batches(ids, batch_size, rank_scoring.MIN_INPUT_BUCKET, max_input_length))
+  for start_e, stop_e, experts in expert_stack.chunks(loaded.stack.params, chunk):
+    experts = expert_stack.place(experts)  # once per chunk, not per batch
+    decoded = [rank_scoring.decode_all_experts(loaded.model, loaded.backbone, experts, tokens,
+                                               max_decode_length=max_decode_length, beam_size=beam_size)[0]
                for _, tokens in batches]
     for (rows, _), tokens_out in zip(batches, decoded):
       tokens_out = np.asarray(tokens_out)
@@ -184,8 +174,30 @@ def decode_texts(loaded: LoadedExperts, inputs: Sequence[str], *, batch_size: in
         for r, i in enumerate(rows):
           seq = tokens_out[e, r].tolist()
           seq = seq[:seq.index(eos)] if eos in seq else seq
-          out[start_e + e][i] = vocabulary.decode([t for t in seq if t != loaded.config.pad_id])
+          out[start_e + e][i] = vocabulary.decode([t for t in seq if t != pad])
   return out
+
+
+def score_instances(loaded: ExpertsOnBackbone, rows: Sequence[dict[str, Any]], *,
+                    batch_size: int = defaults.BATCH_SIZE, expert_chunk: Optional[int] = None,
+                    partitioner=None, max_input_length: int = defaults.MAX_INPUT_LENGTH,
+                    max_target_length: int = defaults.MAX_TARGET_LENGTH, source: str = "instances"):
+  """Every expert on every instance's answer choices in one pass: (scores [E, N, C] with
+  -inf on padded choices, token counts [N, C]). Instances without choices are an error."""
+  vocabulary = loaded.vocabulary()
+  examples = []
+  for i, row in enumerate(rows):
+    if not row.get("answer_choices"):
+      raise UserInputError(f"{source}: instance {i} has no answer choices; rank scoring needs them "
+                           "(generative tasks are evaluated by decoding)")
+    examples.append(rank_scoring.Example(vocabulary.encode(row["inputs"]),
+                                         vocabulary.encode_batch(row["answer_choices"])))
+  scores, counts, scorer = rank_scoring.score_all_experts(
+      loaded.model, loaded.backbone, loaded.stack.params, examples, batch_size=batch_size,
+      expert_chunk=expert_chunk, partitioner=partitioner, max_input_length=max_input_length,
+      max_target_length=max_target_length)
+  scorer.truncated.report(max_input_length, max_target_length)
+  return scores, counts
 
 
 # ---------------------------------------------------------------------------- reports

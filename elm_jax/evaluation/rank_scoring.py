@@ -16,11 +16,12 @@ import sys
 from typing import Iterable, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from elm_jax import batching, defaults, expert_stack
 from elm_jax.models.adapters import merge_params
-from elm_jax.models.t5 import Transformer
+from elm_jax.models.model import EncoderDecoderModel
+from elm_jax.models.t5 import logical_axes
 
 Array = jax.Array
 CPU_EXPERT_CHUNK = 2
@@ -36,60 +37,22 @@ MIN_TARGET_BUCKET = 16
 MAX_CHOICES_PER_ROW = 16
 
 
-def shift_right(targets: Array, start_id: int) -> Array:
-  """Decoder inputs from targets [..., length]: start token, then targets[..., :-1]."""
-  start = jnp.full(targets.shape[:-1] + (1,), start_id, targets.dtype)
-  return jnp.concatenate([start, targets[..., :-1]], axis=-1)
-
-
-def token_log_likelihoods(logits: Array, targets: Array) -> Array:
-  """log softmax(logits)[target] per position: [..., length, vocab], [..., length] -> [..., length]."""
-  logits = logits.astype(jnp.float32)
-  target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  return target_logits - jax.nn.logsumexp(logits, axis=-1)
-
-
-def _choice_scores(model: Transformer, params, encoder_tokens: Array, choice_targets: Array) -> Array:
-  cfg = model.config
-  n, c, lt = choice_targets.shape
-  mask = encoder_tokens != cfg.pad_id
-  encoded = model.apply({"params": params}, encoder_tokens, mask, method=Transformer.encode)
-  encoded = jnp.repeat(encoded, c, axis=0)
-  mask = jnp.repeat(mask, c, axis=0)
-  targets = choice_targets.reshape(n * c, lt)
-  logits = model.apply({"params": params}, encoded, mask, shift_right(targets, cfg.decoder_start_id),
-                       method=Transformer.decode)
-  per_token = token_log_likelihoods(logits, targets) * (targets != cfg.pad_id)
-  return per_token.sum(axis=-1).reshape(n, c)
-
-
 @functools.partial(jax.jit, static_argnames=("model",))
-def choice_log_likelihoods(model: Transformer, params, encoder_tokens: Array,
+def choice_log_likelihoods(model: EncoderDecoderModel, params, encoder_tokens: Array,
                            choice_targets: Array) -> Array:
-  """Sum of target-token log-probabilities for every choice.
-
-  encoder_tokens [N, Li] (0 = padding, EOS included), choice_targets [N, C, Lt] (EOS included,
-  0 = padding) -> [N, C] float32. Each input is encoded once and shared by its C choices.
-  """
-  return _choice_scores(model, params, encoder_tokens, choice_targets)
+  """`EncoderDecoderModel.choice_log_likelihoods`, compiled: encoder_tokens [N, Li],
+  choice_targets [N, C, Lt] -> [N, C] float32."""
+  return model.choice_log_likelihoods(params, encoder_tokens, choice_targets)
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
-def expert_choice_log_likelihoods(model: Transformer, backbone, experts, encoder_tokens: Array,
+def expert_choice_log_likelihoods(model: EncoderDecoderModel, backbone, experts, encoder_tokens: Array,
                                   choice_targets: Array) -> Array:
   """`choice_log_likelihoods` for every expert at once: experts' leaves [E, ...] on a shared
   backbone; encoder_tokens [N, Li], choice_targets [N, C, Lt] -> [E, N, C] float32."""
   def one(expert):
-    return _choice_scores(model, merge_params(backbone, expert), encoder_tokens, choice_targets)
+    return model.choice_log_likelihoods(merge_params(backbone, expert), encoder_tokens, choice_targets)
   return jax.vmap(one)(experts)
-
-
-def bucket(length: int, minimum: int, maximum: Optional[int] = None) -> int:
-  """The smallest power of two >= length (at least `minimum`, at most `maximum`)."""
-  size = minimum
-  while size < length:
-    size *= 2
-  return min(size, maximum) if maximum else size
 
 
 @dataclasses.dataclass
@@ -125,13 +88,14 @@ class RankScorer:
   model rules; `expert_chunk` must then be a multiple of the `expert` axis size.
   """
 
-  def __init__(self, model: Transformer, params, *, experts=None, expert_chunk: Optional[int] = None,
-               partitioner=None, batch_size: int = 32, max_input_length: int = 512,
-               max_target_length: int = 128):
+  def __init__(self, model: EncoderDecoderModel, params, *, experts=None, expert_chunk: Optional[int] = None,
+               partitioner=None, batch_size: int = defaults.BATCH_SIZE,
+               max_input_length: int = defaults.MAX_INPUT_LENGTH,
+               max_target_length: int = defaults.MAX_TARGET_LENGTH):
     if batch_size < 1:
       raise ValueError(f"batch_size: expected a positive integer, got {batch_size}")
     self.model, self.params, self.experts = model, params, experts
-    self.num_experts = None if experts is None else int(jax.tree_util.tree_leaves(experts)[0].shape[0])
+    self.num_experts = None if experts is None else expert_stack.num_experts(experts)
     if experts is not None:
       expert_chunk = min(expert_chunk or default_expert_chunk(self.num_experts), self.num_experts)
       if partitioner is not None:
@@ -145,6 +109,7 @@ class RankScorer:
     self.max_input_length, self.max_target_length = max_input_length, max_target_length
     self.truncated = TruncationReport()
     self.shapes_compiled: set[tuple[int, ...]] = set()
+    self._expert_specs = None
     if partitioner is not None:
       self._place_backbone()
 
@@ -170,8 +135,7 @@ class RankScorer:
         prepared.append((inputs, choices[start:start + MAX_CHOICES_PER_ROW]))
         owners.append(n)
     # Similar lengths batch together; results go back in the original order.
-    order = sorted(range(len(prepared)), key=lambda i: (len(prepared[i][0]), len(prepared[i][1])))
-    batches = [order[start:start + self.batch_size] for start in range(0, len(order), self.batch_size)]
+    batches = batching.length_sorted_batches([(len(x), len(c)) for x, c in prepared], self.batch_size)
     arrays = [self._pad_batch([prepared[i] for i in chunk]) for chunk in batches]
     self._compile_ahead(arrays)
     if self.experts is None:
@@ -193,15 +157,13 @@ class RankScorer:
             [np.asarray(c, np.int32) for c in counts])
 
   def _pad_batch(self, batch: Sequence[tuple[list[int], list[list[int]]]]) -> tuple[np.ndarray, np.ndarray]:
-    li = bucket(max(len(x) for x, _ in batch), MIN_INPUT_BUCKET, self.max_input_length)
-    c = bucket(max(len(ch) for _, ch in batch), 2)
-    lt = bucket(max(len(t) for _, ch in batch for t in ch), MIN_TARGET_BUCKET, self.max_target_length)
-    inputs = np.zeros((self.batch_size, li), np.int32)
+    li = batching.bucket(max(len(x) for x, _ in batch), MIN_INPUT_BUCKET, self.max_input_length)
+    c = batching.bucket(max(len(ch) for _, ch in batch), 2)
+    lt = batching.bucket(max(len(t) for _, ch in batch for t in ch), MIN_TARGET_BUCKET, self.max_target_length)
+    inputs = batching.pad_rows([x for x, _ in batch], self.batch_size, li)
     targets = np.zeros((self.batch_size, c, lt), np.int32)
-    for row, (x, choices) in enumerate(batch):
-      inputs[row, :len(x)] = x
-      for j, t in enumerate(choices):
-        targets[row, j, :len(t)] = t
+    for row, (_, choices) in enumerate(batch):
+      targets[row, :len(choices)] = batching.pad_rows(choices, len(choices), lt)
     self.shapes_compiled.add((self.expert_chunk or 0, self.batch_size, li, c, lt))
     return inputs, targets
 
@@ -230,8 +192,8 @@ class RankScorer:
     """[experts, batch, choices] per batch; experts are the outer loop so each chunk of expert
     parameters is moved to the device once."""
     results: list[list] = [[] for _ in arrays]
-    for start, stop, chunk in expert_chunks(self.experts, self.expert_chunk):
-      chunk = self._place_experts(chunk)
+    for start, stop, chunk in expert_stack.chunks(self.experts, self.expert_chunk):
+      chunk = expert_stack.place(chunk, self.partitioner, self._expert_specs)
       for k, (inputs, targets) in enumerate(arrays):
         if self.partitioner is None:
           out = expert_choice_log_likelihoods(self.model, self.params, chunk, inputs, targets)
@@ -242,21 +204,11 @@ class RankScorer:
     return [np.concatenate([np.asarray(out)[:n] for out, n in parts], axis=0) for parts in results]
 
   def _place_backbone(self) -> None:
-    from elm_jax.models.adapters import split_params
-    from elm_jax.models.t5 import logical_axes
-    specs = logical_axes(self.model.config, self.model.expert)
+    backbone_specs, self._expert_specs = expert_stack.logical_specs(self.model.config, self.model.expert)
     if self.experts is None:
-      self.params = self.partitioner.place(self.params, specs)
+      self.params = self.partitioner.place(self.params, logical_axes(self.model.config, self.model.expert))
       return
-    backbone_specs, expert_specs = split_params(specs, self.model.expert)
-    from elm_jax.training.train_step import stacked_expert_specs
     self.params = self.partitioner.place(self.params, backbone_specs)
-    self._expert_specs = stacked_expert_specs(expert_specs)
-
-  def _place_experts(self, chunk):
-    if self.partitioner is None:
-      return jax.device_put(chunk)
-    return self.partitioner.place(chunk, self._expert_specs)
 
 
 def default_expert_chunk(num_experts: int) -> int:
@@ -265,19 +217,10 @@ def default_expert_chunk(num_experts: int) -> int:
   return min(CPU_EXPERT_CHUNK if jax.default_backend() == "cpu" else num_experts, num_experts)
 
 
-def expert_chunks(experts, chunk: int):
-  """Yields (start, stop, chunk) over stacked experts (leaves [E, ...]): chunk leaves are
-  [chunk, ...] host arrays, the last chunk padded by repeating the last expert so every chunk
-  has one shape (and one compiled program)."""
-  num_experts = int(jax.tree_util.tree_leaves(experts)[0].shape[0])
-  for start in range(0, num_experts, chunk):
-    index = np.minimum(np.arange(start, start + chunk), num_experts - 1)
-    yield start, min(start + chunk, num_experts), jax.tree_util.tree_map(lambda x: np.asarray(x)[index], experts)
-
-
-def score_all_experts(model: Transformer, backbone, experts, examples: Sequence[Example], *,
-                      batch_size: int = 32, expert_chunk: Optional[int] = None, partitioner=None,
-                      max_input_length: int = 512, max_target_length: int = 128,
+def score_all_experts(model: EncoderDecoderModel, backbone, experts, examples: Sequence[Example], *,
+                      batch_size: int = defaults.BATCH_SIZE, expert_chunk: Optional[int] = None,
+                      partitioner=None, max_input_length: int = defaults.MAX_INPUT_LENGTH,
+                      max_target_length: int = defaults.MAX_TARGET_LENGTH,
                       ) -> tuple[np.ndarray, np.ndarray, "RankScorer"]:
   """Every expert on every example in one vmapped pass per (expert chunk, batch).
 
@@ -304,16 +247,11 @@ def predictions(scores: Iterable[np.ndarray]) -> list[int]:
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_decode_length", "beam_size"))
-def decode_all_experts(model: Transformer, backbone, experts, encoder_tokens: Array, *,
+def decode_all_experts(model: EncoderDecoderModel, backbone, experts, encoder_tokens: Array, *,
                        max_decode_length: int, beam_size: int = 1) -> tuple[Array, Array]:
   """Greedy (beam_size 1) or beam decoding by every expert at once: experts' leaves [E, ...],
   encoder_tokens [N, Li] -> (tokens [E, N, max_decode_length], scores [E, N])."""
-  from elm_jax.models import decoding
-
   def one(expert):
-    params = merge_params(backbone, expert)
-    if beam_size == 1:
-      return decoding.greedy_decode(model, params, encoder_tokens, max_decode_length=max_decode_length)
-    return decoding.beam_search(model, params, encoder_tokens, beam_size=beam_size,
-                                max_decode_length=max_decode_length)
+    return model.predict(merge_params(backbone, expert), encoder_tokens,
+                         max_decode_length=max_decode_length, beam_size=beam_size)
   return jax.vmap(one)(experts)

@@ -1,6 +1,8 @@
 """Merging experts: pure functions from k expert parameter trees to one expert tree.
 
-An expert tree is what `split_params` returns for one expert: a nested dict of arrays such as
+The experts are an `ExpertStack` (leaves [k, ...], as loaded from a library: merged without
+being unstacked) or a sequence of k expert trees. An expert tree is what `split_params` returns
+for one expert: a nested dict of arrays such as
 `encoder/layers_0/mlp_adapter/up_kernel` [bottleneck, embed],
 `encoder/layers_0/pre_mlp_layer_norm/scale` [embed], or the LoRA factors
 `encoder/layers_0/attention/query/lora_a` [in, rank] and `.../query/lora_b` [rank, out].
@@ -24,6 +26,7 @@ import numpy as np
 
 from elm_jax import tree_paths
 from elm_jax.errors import UserInputError
+from elm_jax.expert_stack import ExpertStack
 from elm_jax.models.adapters import ExpertConfig, is_expert_parameter
 
 Tree = dict
@@ -52,8 +55,10 @@ def _check_same_leaves(reference: Mapping[Path, Any], flat: Mapping[Path, Any], 
                        f"{want} (its shape in {reference_name})")
 
 
-def _stack(experts: Sequence[Mapping]) -> dict[Path, np.ndarray]:
-  """k expert trees -> {path: float64 array [k, *leaf_shape]}, after checking they match."""
+def _stack(experts: ExpertStack | Sequence[Mapping]) -> dict[Path, np.ndarray]:
+  """An expert stack, or k expert trees (checked to match), -> {path: float64 [k, *leaf_shape]}."""
+  if isinstance(experts, ExpertStack):
+    return {path: np.asarray(v, np.float64) for path, v in sorted(tree_paths.flatten(experts.params).items())}
   if isinstance(experts, Mapping):
     raise MergeError("experts: expected a sequence of expert trees, got a single tree (a mapping)")
   if len(experts) == 0:

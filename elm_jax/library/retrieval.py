@@ -23,13 +23,17 @@ import math
 from typing import Any, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from elm_jax import files
+from elm_jax import batching, defaults, files
 from elm_jax.errors import UserInputError
-from elm_jax.library import instances
+from elm_jax.library.loaded import load_backbone
 from elm_jax.library.store import ExpertLibrary
+from elm_jax.models.minilm import MiniLMEmbedder
+from elm_jax.models.model import EncoderDecoderModel
+from elm_jax.models.t5_config import T5Config
+from elm_jax.vocabularies import SentencePieceVocabulary
+from tasks import instances
 
 METHODS = ("roe", "likelihood", "oracle")
 EMBEDDERS = ("minilm", "t5", "bm25")
@@ -43,44 +47,40 @@ class RetrievalError(UserInputError):
 
 # ---------------------------------------------------------------------------- embedders
 class T5EncoderEmbedder:
-  """Mean-pooled, L2-normalised outputs of a T5 encoder: texts -> [N, emb_dim] float32."""
+  """Mean-pooled, L2-normalised outputs of a T5 encoder (`EncoderDecoderModel.encode_mean`):
+  texts -> [N, emb_dim] float32, in length-sorted, bucketed batches."""
   name = "t5"
 
-  def __init__(self, model, params, vocabulary, batch_size: int = 32):
+  def __init__(self, model: EncoderDecoderModel, params, vocabulary, batch_size: int = defaults.BATCH_SIZE):
     self.model, self.params, self.vocabulary, self.batch_size = model, params, vocabulary, batch_size
 
   def embed(self, texts: Sequence[str], max_length: int = KEY_MAX_LENGTH) -> np.ndarray:
-    from elm_jax.evaluation.rank_scoring import bucket
     ids = [self.vocabulary.encode(t)[:max_length - 1] + [self.model.config.eos_id] for t in texts]
     out = np.zeros((len(texts), self.model.config.emb_dim), np.float32)
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    for start in range(0, len(order), self.batch_size):
-      rows = order[start:start + self.batch_size]
-      length = bucket(max(len(ids[i]) for i in rows), 16, max_length)
-      tokens = np.zeros((self.batch_size, length), np.int32)
-      for r, i in enumerate(rows):
-        tokens[r, :len(ids[i])] = ids[i]
-      pooled = np.asarray(encoder_mean_pool(self.model, self.params, tokens))
-      out[rows] = pooled[:len(rows)]
+    for rows, tokens in batching.padded_batches(ids, self.batch_size, 16, max_length):
+      out[rows] = np.asarray(encoder_mean_pool(self.model, self.params, tokens))[:len(rows)]
     return out
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
-def encoder_mean_pool(model, params, tokens: jax.Array) -> jax.Array:
-  """tokens [N, L] (0 = padding) -> mean of the T5 encoder outputs over real tokens, L2-normalised [N, emb]."""
-  from elm_jax.models.t5 import Transformer
-  mask = tokens != model.config.pad_id
-  hidden = model.apply({"params": params}, tokens, mask, method=Transformer.encode).astype(jnp.float32)
-  weights = mask[..., None].astype(jnp.float32)
-  pooled = (hidden * weights).sum(1) / jnp.maximum(weights.sum(1), 1.0)
-  return pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
+def encoder_mean_pool(model: EncoderDecoderModel, params, tokens: jax.Array) -> jax.Array:
+  """`EncoderDecoderModel.encode_mean`, compiled: tokens [N, L] -> [N, emb]."""
+  return model.encode_mean(params, tokens)
+
+
+def backbone_embedder(library: ExpertLibrary, checkpoint: Optional[str] = None,
+                      config: Optional[T5Config] = None) -> T5EncoderEmbedder:
+  """The library's backbone encoder (checked against its fingerprint) as an embedder."""
+  loaded, _ = load_backbone(library, checkpoint, config=config)
+  if loaded.vocab_path is None:
+    raise RetrievalError(f"{loaded.source}: no spiece.model beside the backbone")
+  return T5EncoderEmbedder(loaded.model, loaded.params, SentencePieceVocabulary(loaded.vocab_path))
 
 
 class MiniLMTextEmbedder:
   name = "minilm"
 
-  def __init__(self, model_dir: Optional[str] = None, batch_size: int = 32):
-    from elm_jax.models.minilm import MiniLMEmbedder
+  def __init__(self, model_dir: Optional[str] = None, batch_size: int = defaults.BATCH_SIZE):
     self._embedder = MiniLMEmbedder(model_dir, batch_size=batch_size)  # 32: one RoE query set
 
   def embed(self, texts: Sequence[str], max_length: int = KEY_MAX_LENGTH) -> np.ndarray:

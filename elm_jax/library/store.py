@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import fcntl
 import json
 import os
 import re
@@ -34,8 +35,9 @@ from typing import Any, Iterator, Optional, Sequence
 from etils import epath
 
 from elm_jax import files
+from elm_jax.checkpoints import expert_files
 from elm_jax.errors import UserInputError
-from elm_jax.library import expert_files
+from elm_jax.expert_stack import ExpertStack, ExpertStackError
 
 MANIFEST = "manifest.json"
 HISTORY = "history.jsonl"
@@ -119,7 +121,6 @@ class ExpertLibrary:
     if not files.is_local(self.root):
       yield
       return
-    import fcntl
     with open(os.fspath(self.root / ".lock"), "a") as handle:
       fcntl.flock(handle, fcntl.LOCK_EX)
       try:
@@ -221,29 +222,22 @@ class ExpertLibrary:
     except files.FileCheckError as e:
       raise LibraryError(str(e)) from None
 
-  def load_stacked(self, names: Sequence[str], backbone_fingerprint: Optional[str] = None):
-    """(experts stacked [E, ...], their metadata). All must share one expert config."""
-    import numpy as np
-
-    from elm_jax import tree_paths
-    trees, metas = [], []
-    for name in names:
-      tree, meta = self.load(name, backbone_fingerprint)
-      if metas and meta.expert_config != metas[0].expert_config:
-        raise LibraryError(f"{self.expert_dir(name)}: expert {name!r} has expert_config "
-                           f"{meta.expert_config}, unlike {metas[0].name!r} ({metas[0].expert_config}); "
-                           "experts scored together must share one configuration")
-      trees.append(tree_paths.flatten(tree))
-      metas.append(meta)
-    if not trees:
-      raise LibraryError(f"{self.root}: no experts selected")
-    keys = set(trees[0])
-    for name, flat in zip(names, trees):
-      if set(flat) != keys:
-        raise LibraryError(f"{self.expert_dir(name)}: expert {name!r} holds other tensors than "
-                           f"{names[0]!r}")
-    stacked = {k: np.stack([flat[k] for flat in trees]) for k in keys}
-    return tree_paths.unflatten(stacked), metas
+  def load_stack(self, names: Sequence[str], backbone_fingerprint: Optional[str] = None
+                 ) -> tuple[ExpertStack, list[expert_files.ExpertMetadata]]:
+    """(the experts stacked [E, ...] in the order of `names`, their metadata): each file read
+    once, checked against the manifest's sha256 as it is read (unless the library was opened
+    without checks), and stacked once. All must share one expert config."""
+    entries = [self.entry(name) for name in names]
+    directories = [os.fspath(self._directory(n, e)) for n, e in zip(names, entries)]
+    if not self.check_integrity:
+      for name in names:
+        files.warn_unchecked(f"expert {name!r}")
+    try:
+      return ExpertStack.load(names, directories, recorded=[e["files"] for e in entries],
+                              backbone_fingerprint=backbone_fingerprint,
+                              check_integrity=self.check_integrity)
+    except (files.FileCheckError, ExpertStackError) as e:
+      raise LibraryError(str(e)) from None
 
   # ------------------------------------------------------------------ writes
   def holds_identical(self, name: str, expert_dir: str | os.PathLike) -> bool:

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from elm_jax import tree_paths
 from elm_jax.errors import UserInputError
+from elm_jax.models.layers import param_with_axes
 
 Array = jax.Array
 EXPERT_KINDS = ("adapter", "lora", "full")
@@ -63,7 +64,6 @@ class BottleneckAdapter(nn.Module):
 
   @nn.compact
   def __call__(self, z: Array) -> Array:
-    from elm_jax.models.layers import param_with_axes
     emb = z.shape[-1]
     init = nn.initializers.normal(self.init_std)
     down = param_with_axes(self, "down_kernel", init, (emb, self.bottleneck), ("embed", "bottleneck"))

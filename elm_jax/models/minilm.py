@@ -29,6 +29,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file
 from tokenizers import Tokenizer
 
+from elm_jax import batching
 from elm_jax.errors import UserInputError
 from elm_jax.tree_paths import Path
 from elm_jax.tree_paths import join as format_path
@@ -323,8 +324,7 @@ def load_tokenizer(path: str, max_length: int) -> Tokenizer:
 def length_bucket(length: int, max_length: int) -> int:
   """The padded length for a batch whose longest row has `length` ids: the next power of two,
   at least MIN_LENGTH_BUCKET and at most `max_length`."""
-  bucket = max(MIN_LENGTH_BUCKET, 1 << max(int(length) - 1, 0).bit_length())
-  return min(bucket, max_length)
+  return batching.bucket(length, MIN_LENGTH_BUCKET, max_length)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -399,14 +399,11 @@ class MiniLMEmbedder:
     """Unit-norm embeddings [len(texts), dim] float32, row i for texts[i]."""
     ids = self.tokenize(texts, max_length)
     out = np.zeros((len(ids), self.dim), np.float32)
-    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-    for start in range(0, len(order), self.batch_size):
-      rows = order[start:start + self.batch_size]
-      length = length_bucket(len(ids[rows[0]]), max_length)
-      batch = np.zeros((self.batch_size, length), np.int32)
-      mask = np.zeros((self.batch_size, length), bool)
+    # Longest first: the first batch compiles the longest shape (and shows a memory problem early).
+    for rows, batch in batching.padded_batches(ids, self.batch_size, MIN_LENGTH_BUCKET, max_length,
+                                               longest_first=True):
+      mask = np.zeros(batch.shape, bool)
       for j, i in enumerate(rows):
-        batch[j, :len(ids[i])] = ids[i]
         mask[j, :len(ids[i])] = True
       embedded = _embed_batch(self._model, self._params, batch, mask)
       out[rows] = np.asarray(embedded)[:len(rows)]

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import flax.linen as nn
@@ -226,6 +227,37 @@ def init_params(config: T5Config, rng: jax.Array, encoder_length: int = 8,
   tokens = jnp.ones((1, encoder_length), jnp.int32)
   dec = jnp.ones((1, decoder_length), jnp.int32)
   return model.init(rng, tokens, dec)["params"]
+
+
+@functools.lru_cache(maxsize=None)
+def param_shapes(config: T5Config) -> dict:
+  """The nested dict of parameter shapes (tuples) of `config`'s backbone in the T5X layout,
+  derived from the model itself (no arrays are made): the contract every loader checks."""
+  shapes = jax.eval_shape(lambda: nn.unbox(init_params(config, jax.random.PRNGKey(0))))
+  return _in_layout_order(jax.tree_util.tree_map(lambda s: tuple(s.shape), shapes))
+
+
+# The order of the T5X layout (what a reader of a checkpoint sees first); names not listed, and
+# the numbered layers between `*_norm` and `logits_dense`, follow in natural order.
+_LAYOUT_ORDER = {name: i for i, name in enumerate((
+    "token_embedder", "encoder", "decoder", "embedding", "relpos_bias", "rel_embedding",
+    "encoder_norm", "decoder_norm", "pre_attention_layer_norm", "attention",
+    "pre_self_attention_layer_norm", "self_attention", "pre_cross_attention_layer_norm",
+    "encoder_decoder_attention", "pre_mlp_layer_norm", "mlp", "query", "key", "value", "out",
+    "router", "expert", "wi", "wi_0", "wi_1", "wo", "kernel", "scale"))}
+
+
+def _in_layout_order(tree):
+  """Keys in the T5X layout's order (`_LAYOUT_ORDER`; layers_2 before layers_10), so that
+  checks report the first mismatch where a reader of the layout looks first."""
+  if not isinstance(tree, dict):
+    return tree
+  def key(name):
+    prefix, _, number = name.rpartition("_")
+    if prefix == "layers" and number.isdigit():
+      return (len(_LAYOUT_ORDER), int(number), name)
+    return (_LAYOUT_ORDER.get(name, len(_LAYOUT_ORDER) + 1), 0, name)
+  return {k: _in_layout_order(tree[k]) for k in sorted(tree, key=key)}
 
 
 def logical_axes(config: T5Config, expert: Optional[ExpertConfig] = None):

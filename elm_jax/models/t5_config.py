@@ -1,8 +1,9 @@
-"""T5 configuration, its Hugging Face form, and the parameter layout it implies.
+"""T5 configuration and its Hugging Face form.
 
-The parameter tree follows the T5X checkpoint layout (``token_embedder/embedding``,
-``encoder/layers_N/attention/query/kernel``, ``decoder/logits_dense/kernel`` ...), so that
-T5X and Hugging Face checkpoints map onto it by a table.
+The parameter tree it implies follows the T5X checkpoint layout (``token_embedder/embedding``,
+``encoder/layers_N/attention/query/kernel``, ``decoder/logits_dense/kernel`` ...), so that T5X
+and Hugging Face checkpoints map onto it by a table; `models.t5.param_shapes` derives it from
+the model.
 """
 
 from __future__ import annotations
@@ -182,52 +183,3 @@ class T5Config:
         "is_encoder_decoder": True,
         "initializer_factor": 1.0,
     }
-
-
-def _mlp_shapes(config: T5Config) -> dict[str, Any]:
-  e, m = config.emb_dim, config.mlp_dim
-  if config.is_gated:
-    return {"wi_0": {"kernel": (e, m)}, "wi_1": {"kernel": (e, m)}, "wo": {"kernel": (m, e)}}
-  return {"wi": {"kernel": (e, m)}, "wo": {"kernel": (m, e)}}
-
-
-def _attention_shapes(config: T5Config) -> dict[str, Any]:
-  e, hk = config.emb_dim, config.num_heads * config.head_dim
-  return {"query": {"kernel": (e, hk)}, "key": {"kernel": (e, hk)},
-          "value": {"kernel": (e, hk)}, "out": {"kernel": (hk, e)}}
-
-
-def _moe_shapes(config: T5Config) -> dict[str, Any]:
-  e, x = config.emb_dim, config.moe.num_experts
-  m = config.moe.expert_mlp_dim or config.mlp_dim
-  names = ("wi_0", "wi_1") if config.is_gated else ("wi",)
-  expert = {name: {"kernel": (x, e, m)} for name in names}
-  expert["wo"] = {"kernel": (x, m, e)}
-  return {"router": {"kernel": (e, x)}, "expert": expert}
-
-
-def _feed_forward_shapes(config: T5Config, layer_index: int) -> dict[str, Any]:
-  return _moe_shapes(config) if config.is_sparse(layer_index) else _mlp_shapes(config)
-
-
-def param_shapes(config: T5Config) -> dict[str, Any]:
-  """The nested dict of parameter shapes in the T5X layout, the contract every loader checks."""
-  e = config.emb_dim
-  scale = {"scale": (e,)}
-  relpos = {"rel_embedding": (config.num_heads, config.relative_attention_num_buckets)}
-  encoder = {"relpos_bias": relpos, "encoder_norm": scale}
-  for i in range(config.num_encoder_layers):
-    encoder[f"layers_{i}"] = {
-        "pre_attention_layer_norm": scale, "attention": _attention_shapes(config),
-        "pre_mlp_layer_norm": scale, "mlp": _feed_forward_shapes(config, i)}
-  decoder = {"relpos_bias": relpos, "decoder_norm": scale}
-  for i in range(config.num_decoder_layers):
-    decoder[f"layers_{i}"] = {
-        "pre_self_attention_layer_norm": scale, "self_attention": _attention_shapes(config),
-        "pre_cross_attention_layer_norm": scale,
-        "encoder_decoder_attention": _attention_shapes(config),
-        "pre_mlp_layer_norm": scale, "mlp": _feed_forward_shapes(config, i)}
-  if not config.logits_via_embedding:
-    decoder["logits_dense"] = {"kernel": (e, config.vocab_size)}
-  return {"token_embedder": {"embedding": (config.vocab_size, e)},
-          "encoder": encoder, "decoder": decoder}

@@ -16,7 +16,8 @@ import numpy as np
 
 from elm_jax import tree_paths
 from elm_jax.models import moe
-from elm_jax.models.t5_config import ConfigError, T5Config, param_shapes
+from elm_jax.models.t5 import param_shapes
+from elm_jax.models.t5_config import ConfigError, T5Config
 
 
 def upcycle_params(dense_params: Any, config: T5Config, rng: jax.Array) -> dict:

@@ -17,8 +17,7 @@ import optax
 
 from elm_jax.errors import UserInputError
 from elm_jax.models.adapters import merge_params
-from elm_jax.models.moe import router_losses_and_metrics
-from elm_jax.models.t5 import Transformer
+from elm_jax.models.model import EncoderDecoderModel
 
 Array = jax.Array
 
@@ -73,49 +72,6 @@ def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientT
   return opt
 
 
-def cross_entropy(logits: Array, targets: Array, weights: Array) -> tuple[Array, Array, Array]:
-  """Token cross-entropy [batch, length, vocab] vs [batch, length] -> (mean loss over weighted
-  tokens, correct-token count, token count). Mean over tokens, as the paper's HF loss."""
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-  tokens = jnp.sum(weights)
-  loss = jnp.sum(nll * weights) / jnp.maximum(tokens, 1.0)
-  correct = jnp.sum((jnp.argmax(logits, -1) == targets) * weights)
-  return loss, correct, tokens
-
-
-def expert_loss(expert_params, backbone, batch: dict[str, Array], model: Transformer,
-                dropout_rng: Optional[Array] = None):
-  """Loss of one expert on its batch ({encoder_input_tokens, decoder_input_tokens,
-  decoder_target_tokens, [decoder_loss_weights]}, each [batch, length]). For a Mixture-of-Experts
-  model the weighted router losses are added and the metrics gain `cross_entropy`, the
-  unweighted router losses, `fraction_dropped` and per-layer drop and load figures."""
-  params = merge_params(backbone, expert_params)
-  # Training mode throughout (MoE layers use their training capacity factor); dropout and
-  # router jitter draw from `dropout_rng`, which the model needs only when they are on.
-  deterministic = False
-  rngs = {} if dropout_rng is None else {"dropout": dropout_rng}
-  inputs = (batch["encoder_input_tokens"], batch["decoder_input_tokens"])
-  moe_config = model.config.moe
-  if moe_config is None:
-    logits = model.apply({"params": params}, *inputs, deterministic=deterministic, rngs=rngs)
-  else:
-    logits, state = model.apply({"params": params}, *inputs, deterministic=deterministic, rngs=rngs,
-                                mutable=["intermediates"])
-  targets = batch["decoder_target_tokens"]
-  weights = batch.get("decoder_loss_weights")
-  weights = (targets > 0).astype(jnp.float32) if weights is None else weights.astype(jnp.float32)
-  loss, correct, tokens = cross_entropy(logits, targets, weights)
-  metrics = {"loss": loss, "accuracy": correct / jnp.maximum(tokens, 1.0), "tokens": tokens}
-  if moe_config is not None:
-    # Switch load balancing + ST-MoE z-loss, weighted, on top of the cross-entropy.
-    auxiliary, router_metrics = router_losses_and_metrics(state, moe_config)
-    metrics.update(router_metrics, cross_entropy=loss)
-    loss = loss + auxiliary
-    metrics["loss"] = loss
-  return loss, metrics
-
-
 @dataclasses.dataclass
 class ExpertTrainState:
   """Stacked expert parameters and optimizer state ([E, ...] leaves), the step, and the
@@ -138,7 +94,14 @@ def init_train_state(expert_params, optimizer: optax.GradientTransformation) -> 
                           jax.vmap(optimizer.init)(expert_params), jnp.zeros((num_experts,), jnp.float32))
 
 
-def train_step(state: ExpertTrainState, backbone, batch: dict[str, Array], *, model: Transformer,
+def expert_loss(expert_params, backbone, batch: dict[str, Array], model: EncoderDecoderModel,
+                dropout_rng: Optional[Array] = None):
+  """(loss, metrics) of one expert (its parameters merged into the frozen backbone) on its
+  batch: `EncoderDecoderModel.loss`."""
+  return model.loss(merge_params(backbone, expert_params), batch, dropout_rng)
+
+
+def train_step(state: ExpertTrainState, backbone, batch: dict[str, Array], *, model: EncoderDecoderModel,
                optimizer: optax.GradientTransformation, dropout_rng: Optional[Array] = None
                ) -> tuple[ExpertTrainState, dict[str, Array]]:
   """Updates every expert on its own batch ([E, batch, length] leaves). Metrics are [E]: loss,
@@ -159,18 +122,3 @@ def train_step(state: ExpertTrainState, backbone, batch: dict[str, Array], *, mo
   tokens_seen = state.tokens_seen + metrics["tokens"]
   metrics["tokens_seen"] = tokens_seen
   return ExpertTrainState(state.step + 1, params, opt_state, tokens_seen), metrics
-
-
-def stacked_expert_specs(expert_logical_specs):
-  """Logical specs of one expert's parameters -> specs of the stacked [E, ...] parameters."""
-  from jax.sharding import PartitionSpec
-  return jax.tree_util.tree_map(lambda spec: PartitionSpec("expert", *spec), expert_logical_specs,
-                                is_leaf=lambda x: isinstance(x, PartitionSpec))
-
-
-def stacked_leading_axis_specs(tree):
-  """Specs placing only the leading expert axis of every [E, ...] leaf (scalars replicated):
-  for optimizer state, whose structure depends on the optimizer."""
-  from jax.sharding import PartitionSpec
-  return jax.tree_util.tree_map(
-      lambda x: PartitionSpec("expert", *([None] * (x.ndim - 1))) if x.ndim else PartitionSpec(), tree)

@@ -11,9 +11,10 @@ from safetensors.numpy import load_file, save_file
 
 from elm_jax.checkpoints.hf import (CheckpointError, hf_name_table, load_hf_checkpoint,
                                     save_hf_checkpoint)
-from elm_jax.models.t5_config import param_shapes
+from elm_jax.models.t5 import param_shapes
 
-from checkpoint_helpers import GATED, TIED, assert_trees_equal, random_params
+from tests.helpers.checkpoints import GATED, TIED, random_params
+from tests.helpers.trees import assert_trees_equal
 
 def rewrite_weights(directory, edit):
   """Loads model.safetensors, applies `edit(tensors)` and writes it back."""

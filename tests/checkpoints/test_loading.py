@@ -2,8 +2,8 @@
 
 import gin
 import pytest
-from checkpoint_helpers import GATED, assert_trees_equal, random_params
-from test_t5x import write_legacy_t5x
+from tests.helpers.checkpoints import GATED, random_params, write_legacy_t5x
+from tests.helpers.trees import assert_trees_equal
 
 from elm_jax.checkpoints import hf, loading
 

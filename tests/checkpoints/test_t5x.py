@@ -7,58 +7,11 @@ import os
 import ml_dtypes
 import numpy as np
 import pytest
-import tensorstore as ts
-from flax import serialization
 
 from elm_jax.checkpoints import t5x
 from elm_jax.checkpoints.hf import CheckpointError, save_hf_checkpoint
-
-from checkpoint_helpers import GATED, TIED, assert_trees_equal, random_params
-
-def _map_with_names(tree, fn, prefix):
-  return {k: (_map_with_names(v, fn, f"{prefix}.{k}") if isinstance(v, dict)
-              else fn(f"{prefix}.{k}", v)) for k, v in tree.items()}
-
-
-def write_legacy_t5x(ckpt_dir, params, *, step=1100, kvstore="file", dtype=np.float32,
-                     inline_1d=True, version=3):
-  """Writes a T5X `Checkpointer` directory: msgpack `checkpoint` + one gzip zarr per array.
-
-  Like t5x, arrays written to TensorStore are replaced in the msgpack by the JSON form of their
-  relative `ts.Spec`; with `inline_1d` the 1-D arrays (layer-norm scales) are stored inline as
-  t5x does for unpartitioned arrays. `state` holds a step and Adafactor-like slots.
-  """
-  os.makedirs(ckpt_dir)
-
-  def write(name, array, inline=inline_1d):
-    array = np.asarray(array, dtype)
-    if inline and array.ndim == 1:
-      return array
-    spec = {"driver": "zarr", "dtype": np.dtype(dtype).name,
-            "kvstore": {"driver": "file", "path": name},
-            "metadata": {"compressor": {"id": "gzip"}, "shape": list(array.shape),
-                         "chunks": [max(1, d // 2) for d in array.shape]}}
-    absolute = json.loads(json.dumps(spec))
-    absolute["kvstore"]["path"] = os.path.join(ckpt_dir, name)
-    ts.open(absolute, create=True, open=True).result().write(array).result()
-    if kvstore == "gcs":
-      spec["kvstore"] = {"driver": "gcs", "bucket": "t5x-dummy-bucket", "path": name}
-    return ts.Spec(spec).to_json()
-
-  slots = _map_with_names(params, lambda n, a: {"v_row": np.ones(a.shape[:1], np.float32)}
-                          if a.ndim == 1 else {"v_row": np.ones(a.shape[0], np.float32),
-                                               "v_col": np.ones(a.shape[1], np.float32)}, "")
-  state = {
-      "target": _map_with_names(params, write, "target"),
-      "state": {"step": np.asarray(step, np.int32),
-                "param_states": _map_with_names(
-                    slots, lambda n, a: write("state.param_states" + n, a, False)
-                    if a.size > 20 else a, "")},
-  }
-  contents = state if version == 0 else {"version": version, "optimizer": state}
-  with open(os.path.join(ckpt_dir, "checkpoint"), "wb") as f:
-    f.write(serialization.msgpack_serialize(contents))
-
+from tests.helpers.checkpoints import GATED, TIED, random_params, write_legacy_t5x
+from tests.helpers.trees import assert_trees_equal
 
 @pytest.mark.parametrize("config", [GATED, TIED], ids=["gated_untied", "relu_tied"])
 def test_legacy_round_trip(tmp_path, config):

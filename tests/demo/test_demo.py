@@ -1,13 +1,16 @@
 """`elm-jax demo` end to end on the 'test' budget (every stage runs; nothing is learned): the
-report is complete, report.md agrees with report.json, and a rerun resumes instead of redoing."""
+report is complete and consistent, and a rerun resumes instead of redoing. (How report.md is
+written from report.json is tested on a synthetic result in test_report.py.)"""
 
 import json
 import os
 
 import pytest
 
-from elm_jax import cli
+from elm_jax.commands import cli
 from elm_jax.demo import pipeline
+
+pytestmark = pytest.mark.slow  # every stage of the demo: about 100 s on 2 cores
 
 
 @pytest.fixture(scope="module")
@@ -44,36 +47,17 @@ def test_report_is_complete(demo_dir):
   assert 0.0 <= moe["fraction_dropped"] < 1.0
 
 
-def test_markdown_agrees_with_json(demo_dir):
-  report = json.loads((demo_dir / "report.json").read_text())
-  md = (demo_dir / "report.md").read_text()
-  s = report["stages"]
-  assert "This is a miniature" in md
-  # Adapters and full fine-tuning train at different rates; both are recorded and reported.
-  assert s["experts"]["learning_rate"] == report["budget"]["expert_learning_rate"]
-  assert s["baseline"]["learning_rate"] == report["budget"]["learning_rate"] / 3
-  assert f"batch {s['experts']['batch']} each, learning rate {s['experts']['learning_rate']:.2g}." in md
-  assert f"batch {s['baseline']['batch']}, learning rate {s['baseline']['learning_rate']:.2g} (" in md
-  assert f"Multitask baseline: **{s['held_out']['baseline_mean']:.1f}**" in md
-  for task in s["held_out"]["tasks"]:
-    scores = s["held_out"]["experts"][task]["scores"]
-    best = max(scores, key=scores.get)
-    assert f"| {task} | {s['held_out']['baseline'][task]:.1f} | {best} | {scores[best]:.1f} |" in md
-  for method in ("roe", "likelihood", "oracle"):
-    row = f"| {s['retrieval'][method + '_top1_mean']:.1f} | {s['retrieval'][method + '_merged_mean']:.1f} |"
-    assert row in md
-  for task, row in s["seen"]["rows"].items():
-    assert (f"| {task} | {row['prompt_expert']:.1f} | {row['dataset_expert']:.1f} | "
-            f"{row['baseline']:.1f} |") in md
-  assert f"| merged experts | {s['composed']['merged']:.1f} |" in md
-  moe = s["moe"]
-  assert f"| dense multitask | {moe['dense_held_out_mean']:.1f} | {moe['dense_seen_mean']:.1f} |" in md
-  assert f"| MoE multitask | {moe['held_out_mean']:.1f} | {moe['seen_mean']:.1f} |" in md
-  assert moe["dense_held_out_mean"] == s["held_out"]["baseline_mean"]
-  # Top-1 accuracies in the retrieval stage are the held-out table's numbers for that expert.
+def test_retrieval_reports_the_held_out_accuracies(demo_dir):
+  """Top-1 accuracies in the retrieval stage are the held-out table's numbers for that expert."""
+  s = json.loads((demo_dir / "report.json").read_text())["stages"]
   for task, entry in s["retrieval"]["prompts"].items():
     for method in ("roe", "likelihood", "oracle"):
       assert entry[method]["top1_accuracy"] == s["held_out"]["experts"][task]["scores"][entry[method]["top1"]]
+  assert s["moe"]["dense_held_out_mean"] == s["held_out"]["baseline_mean"]
+  # Adapters and full fine-tuning train at different rates; both are recorded.
+  budget = pipeline.BUDGETS["test"]
+  assert s["experts"]["learning_rate"] == budget.expert_learning_rate
+  assert s["baseline"]["learning_rate"] == budget.learning_rate / 3
 
 
 def test_rerun_resumes_finished_stages(demo_dir, capsys):

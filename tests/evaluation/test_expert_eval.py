@@ -8,12 +8,14 @@ import jax
 import numpy as np
 import pytest
 
+from elm_jax.errors import UserInputError
 from elm_jax.evaluation import expert_eval
-from elm_jax.library.loaded import LoadedExperts
+from elm_jax.expert_stack import ExpertsOnBackbone, ExpertStack
 from elm_jax.models.adapters import ExpertConfig, split_params
-from elm_jax.models.t5 import Transformer, init_params
+from elm_jax.models.model import EncoderDecoderModel
+from elm_jax.models.t5 import init_params
 from elm_jax.models.t5_config import T5Config
-from tasks import builtin_registry
+from tasks import builtin_registry, instances
 
 # Inputs of different lengths and 2, 3 and 4 choices: several batch shapes across the tasks.
 RANK = ["builtin_coreference_who_is_pronoun_score_eval", "builtin_sentence_completion_how_ends_score_eval",
@@ -33,11 +35,9 @@ def loaded():
     backbone, expert = split_params(full, expert_config)
     # Distinct adapters (random up-projections) on one shared backbone.
     experts.append(jax.tree_util.tree_map(lambda x, s=seed: np.asarray(x) + 0.05 * s, expert))
-  stacked = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *experts)
-  return LoadedExperts(library=None, names=["a", "b", "c"], metadata=[], config=config,
-                       expert_config=expert_config, model=Transformer(config, expert_config),
-                       pretrained=None, backbone=backbone, experts=stacked,
-                       vocab_path=builtin_registry.builtin_vocabulary(), fingerprint="")
+  return ExpertsOnBackbone(EncoderDecoderModel.build(config, expert_config), backbone,
+                           ExpertStack.from_trees(["a", "b", "c"], experts, expert_config),
+                           builtin_registry.builtin_vocabulary())
 
 
 def _kwargs():
@@ -61,8 +61,6 @@ def test_tasks_together_equal_tasks_alone(loaded):
 
 
 def test_unscorable_task_is_refused_before_scoring(loaded, monkeypatch):
-  from elm_jax.errors import UserInputError
-  from elm_jax.library import instances
   real = instances.task_instances
   monkeypatch.setattr(instances, "task_instances",
                       lambda task, split, n: [dict(r, targets=None) for r in real(GENERATION, split, n)]

@@ -5,11 +5,13 @@ import jax
 import numpy as np
 import pytest
 
-from elm_jax import partitioning
+from elm_jax import expert_stack, partitioning
 from elm_jax.evaluation import rank_scoring
+from elm_jax.models import decoding
 from elm_jax.models.adapters import ExpertConfig, merge_params
-from elm_jax.models.t5 import Transformer, init_params
-from elm_jax.training.trainer import initial_experts, unstack
+from elm_jax.models.model import EncoderDecoderModel
+from elm_jax.models.t5 import init_params
+from elm_jax.training.trainer import initial_experts
 
 NUM_EXPERTS = 5
 
@@ -31,7 +33,7 @@ def _experts(tiny_config, kind):
                                      shared_init=False)  # distinct experts
   rng = np.random.default_rng(7)  # make the experts differ a lot (LoRA's B starts at zero)
   stacked = jax.tree_util.tree_map(lambda x: x + rng.normal(0, 0.2, x.shape).astype(np.float32), stacked)
-  return Transformer(tiny_config, expert_config), backbone, stacked
+  return EncoderDecoderModel.build(tiny_config, expert_config), backbone, stacked
 
 
 @pytest.fixture(scope="module", params=["adapter", "lora"])
@@ -40,7 +42,7 @@ def setup(request, tiny_config):
   examples = _examples(tiny_config.vocab_size, np.random.default_rng(0))
   loop = []
   for e in range(NUM_EXPERTS):
-    scorer = rank_scoring.RankScorer(model, merge_params(backbone, unstack(stacked, e)), batch_size=4)
+    scorer = rank_scoring.RankScorer(model, merge_params(backbone, expert_stack.index(stacked, e)), batch_size=4)
     loop.append(scorer.score(examples)[0])
   return model, backbone, stacked, examples, loop
 
@@ -88,7 +90,7 @@ def test_sharded_over_the_expert_axis_equals_a_loop(setup):
 
 def test_single_model_scores_keep_their_shape(setup, tiny_config):
   model, backbone, stacked, examples, loop = setup
-  scorer = rank_scoring.RankScorer(model, merge_params(backbone, unstack(stacked, 3)), batch_size=4)
+  scorer = rank_scoring.RankScorer(model, merge_params(backbone, expert_stack.index(stacked, 3)), batch_size=4)
   scores, _ = scorer.score(examples)
   assert [s.shape for s in scores] == [(len(ex.choices),) for ex in examples]
   for s, expected in zip(scores, loop[3]):
@@ -96,7 +98,6 @@ def test_single_model_scores_keep_their_shape(setup, tiny_config):
 
 
 def test_one_pass_decoding_equals_each_expert_alone(setup, tiny_config):
-  from elm_jax.models import decoding
   model, backbone, stacked, examples, _ = setup
   tokens = np.zeros((4, 32), np.int32)
   for r, ex in enumerate(examples[:4]):
@@ -105,11 +106,12 @@ def test_one_pass_decoding_equals_each_expert_alone(setup, tiny_config):
     together, scores = rank_scoring.decode_all_experts(model, backbone, stacked, tokens,
                                                        max_decode_length=6, beam_size=beam_size)
     for e in range(NUM_EXPERTS):
-      params = merge_params(backbone, unstack(stacked, e))
+      params = merge_params(backbone, expert_stack.index(stacked, e))
       if beam_size == 1:
-        alone, alone_scores = decoding.greedy_decode(model, params, tokens, max_decode_length=6)
+        alone, alone_scores = decoding.greedy_decode(model.module, params, tokens, max_decode_length=6)
       else:
-        alone, alone_scores = decoding.beam_search(model, params, tokens, beam_size=2, max_decode_length=6)
+        alone, alone_scores = decoding.beam_search(model.module, params, tokens, beam_size=2,
+                                                   max_decode_length=6)
       # Tokens: exact unless a top-2 margin falls within float32 noise; scores: not exact (vmapped
       # matmuls), worst seen 1.6e-7 relative.
       np.testing.assert_array_equal(np.asarray(together[e]), np.asarray(alone))
@@ -122,7 +124,7 @@ def test_many_choices_are_split_over_rows(tiny_config):
   stays that of a 16-choice batch): its scores equal those of each choice scored on its own.
   Two code paths of ours with different batch shapes: XLA may block the matmuls differently,
   so equal to float32 rounding (rtol 1e-5), not bitwise."""
-  model = Transformer(tiny_config)
+  model = EncoderDecoderModel.build(tiny_config)
   params = nn.unbox(init_params(tiny_config, jax.random.PRNGKey(3)))
   rng = np.random.default_rng(5)
   inputs = rng.integers(3, tiny_config.vocab_size, 20).tolist()

@@ -5,13 +5,18 @@ of log-softmax probabilities of each choice's tokens plus EOS given the input pl
 """
 
 import json
+import re
 
+import flax.linen as nn
+import jax
 import numpy as np
 import pytest
 
-from conftest import GOLDEN_DIR, GOLDEN_VARIANTS
-from elm_jax import cli
+from tests.helpers.golden import GOLDEN_DIR, GOLDEN_VARIANTS
+from elm_jax.commands import cli
 from elm_jax.evaluation import rank_scoring
+from elm_jax.models.model import EncoderDecoderModel
+from elm_jax.models.t5 import init_params
 
 
 def _run(tmp_path, checkpoint, input_path, *extra):
@@ -70,7 +75,6 @@ def test_bad_lines_are_refused_and_nothing_is_written(tmp_path, capsys, line, me
   assert code == 2
   err = capsys.readouterr().err
   assert "error:" in err and "Traceback" not in err
-  import re
   assert re.search(message, err), err
   assert output.read_text() == "previous results\n"
 
@@ -99,11 +103,8 @@ def test_overlong_text_is_truncated_and_reported_once(tmp_path, capsys):
 
 
 def test_bucketing_bounds_the_number_of_compiled_shapes(tiny_config):
-  import flax.linen as nn
-  import jax
-  from elm_jax.models.t5 import Transformer, init_params
   params = nn.unbox(init_params(tiny_config, jax.random.PRNGKey(0)))
-  scorer = rank_scoring.RankScorer(Transformer(tiny_config), params, batch_size=4,
+  scorer = rank_scoring.RankScorer(EncoderDecoderModel.build(tiny_config), params, batch_size=4,
                                    max_input_length=64, max_target_length=16)
   rng = np.random.default_rng(0)
   examples = [rank_scoring.Example(list(rng.integers(3, 300, rng.integers(5, 60))),

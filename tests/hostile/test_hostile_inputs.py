@@ -22,7 +22,7 @@ from typing import Callable, Optional
 import gin
 import pytest
 
-from elm_jax import cli
+from elm_jax.commands import cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ONE_LAYER = ["--gin.t5_config.T5Config.num_encoder_layers=1", "--gin.t5_config.T5Config.num_decoder_layers=1"]
@@ -417,7 +417,7 @@ def test_unreadable_input_is_named(made, tmp_path, capsys, monkeypatch):
 
 def test_broken_pipe_is_quiet(tmp_path):
   """`elm-jax tasks list | head -1`: the reader goes away; no BrokenPipeError traceback."""
-  proc = subprocess.Popen([sys.executable, "-m", "elm_jax.cli", "tasks", "list"], cwd=REPO,
+  proc = subprocess.Popen([sys.executable, "-m", "elm_jax.commands.cli", "tasks", "list"], cwd=REPO,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
   proc.stdout.readline()
   proc.stdout.close()

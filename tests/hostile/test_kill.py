@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow
 
 
 def _command(*argv) -> list[str]:
-  return [sys.executable, "-m", "elm_jax.cli", *argv]
+  return [sys.executable, "-m", "elm_jax.commands.cli", *argv]
 
 
 def _train(model_dir) -> list[str]:
@@ -36,7 +36,7 @@ def _train(model_dir) -> list[str]:
                   "--gin_file=runs/train_builtin_experts.gin", f"--gin.MODEL_DIR='{model_dir}'",
                   f"--gin.EXPERT_TASKS={TASKS!r}", "--gin.TRAIN_STEPS=8", "--gin.BATCH_SIZE=2",
                   "--gin.INPUT_LENGTH=32", "--gin.TARGET_LENGTH=8",
-                  "--gin.train_command.train.save_every=1",
+                  "--gin.run.train.save_every=1",
                   "--gin.t5_config.T5Config.num_encoder_layers=1",
                   "--gin.t5_config.T5Config.num_decoder_layers=1")
 

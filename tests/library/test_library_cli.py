@@ -3,15 +3,19 @@ built-in suite, then `library`, `retrieve`, `merge`, `eval` and `score --library
 addition leaving existing experts' files and evaluation results unchanged."""
 
 import csv
-import hashlib
 import json
 import os
 
 import numpy as np
 import pytest
 
-from elm_jax import cli
+from elm_jax.checkpoints import loading
+from elm_jax.commands import cli
 from elm_jax.library.store import ExpertLibrary
+from elm_jax.models.minilm import MiniLMEmbedder
+from elm_jax.vocabularies import SentencePieceVocabulary
+from tests.helpers.golden import GOLDEN_DIR
+from tests.helpers.library import snapshot
 
 FIRST = ["builtin_sentiment_is_positive", "builtin_topic_which_topic", "builtin_antonyms_opposite_of"]
 LATER = ["builtin_paraphrase_same_meaning"]
@@ -34,12 +38,7 @@ def _run(capsys, *argv) -> str:
   return out.out
 
 
-def _snapshot(directory):
-  return {os.path.relpath(os.path.join(b, f), directory):
-          hashlib.sha256(open(os.path.join(b, f), "rb").read()).hexdigest()
-          for b, _, files in os.walk(directory) for f in files}
-
-
+@pytest.mark.slow
 def test_library_retrieve_merge_eval_and_continual_addition(tmp_path, capsys):
   _train(tmp_path / "run1", FIRST, capsys)
   lib = str(tmp_path / "lib")
@@ -91,12 +90,12 @@ def test_library_retrieve_merge_eval_and_continual_addition(tmp_path, capsys):
   assert "mean over prompts" in (before_dir / "results.md").read_text()
 
   # Continual addition: a new expert (same backbone) leaves old files and results unchanged.
-  snapshot = {k: v for k, v in _snapshot(lib).items()
+  before = {k: v for k, v in snapshot(lib).items()
               if k.startswith(("experts/", "retrieval/"))}
   _train(tmp_path / "run2", LATER, capsys)
   _run(capsys, "library", "add", f"--library={lib}", str(tmp_path / "run2"))
-  after = _snapshot(lib)
-  assert {k: after[k] for k in snapshot} == snapshot
+  after = snapshot(lib)
+  assert {k: after[k] for k in before} == before
   assert sorted(ExpertLibrary(lib).names()) == sorted(FIRST + LATER + ["top2"])
   after_dir = tmp_path / "eval_after"
   _run(capsys, "eval", f"--library={lib}", "--task=builtin_nli_gpt3_style", f"--output_dir={after_dir}",
@@ -110,11 +109,6 @@ def test_library_retrieve_merge_eval_and_continual_addition(tmp_path, capsys):
 
 
 def test_embed_command_minilm_and_t5(tmp_path, capsys):
-  from elm_jax.checkpoints import loading
-  from elm_jax.models.minilm import MiniLMEmbedder
-  from elm_jax.models.t5 import Transformer
-  from elm_jax.vocabularies import SentencePieceVocabulary
-  from tests.conftest import GOLDEN_DIR
   lines = ["The telescope found a planet.", "Bake the bread for forty minutes.", ""]
   (tmp_path / "in.txt").write_text("\n".join(lines) + "\n")
   _run(capsys, "embed", f"--input={tmp_path / 'in.txt'}", f"--output={tmp_path / 'minilm.npy'}")
@@ -131,7 +125,7 @@ def test_embed_command_minilm_and_t5(tmp_path, capsys):
   vocabulary = SentencePieceVocabulary(loaded.vocab_path)
   for row, text in zip(got, lines):  # mean of the encoder outputs over the text's tokens + EOS
     ids = np.array([vocabulary.encode(text) + [1]], np.int32)
-    hidden = np.asarray(loaded.model.apply({"params": loaded.params}, ids, ids > 0, method=Transformer.encode))[0]
+    hidden = np.asarray(loaded.model.encode(loaded.params, ids)[0])[0]
     expected = hidden.mean(0) / np.linalg.norm(hidden.mean(0))
     # Unit rows; batched and padded against alone, not exact: worst seen 1.6e-7.
     np.testing.assert_allclose(row, expected, atol=1e-5)

@@ -5,9 +5,10 @@ import hashlib
 import numpy as np
 import pytest
 
-from elm_jax.library import instances, retrieval
+from elm_jax.library import retrieval
+from tasks import instances
 from elm_jax.library.store import ExpertLibrary
-from tests.library.test_store import make_expert
+from tests.helpers.library import make_expert
 
 TOPICS = {
     "astronomy": ["The telescope observed a distant galaxy and two bright planets.",

@@ -12,7 +12,7 @@ No torch is needed.
 import numpy as np
 import pytest
 
-from conftest import GOLDEN_DIR, GOLDEN_VARIANTS
+from tests.helpers.golden import GOLDEN_DIR, GOLDEN_VARIANTS
 from elm_jax.checkpoints.hf import load_hf_checkpoint
 from elm_jax.models import decoding
 from elm_jax.models.t5 import Transformer

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from conftest import GOLDEN_DIR
+from tests.helpers.golden import GOLDEN_DIR
 from elm_jax.errors import UserInputError
 from elm_jax.models import minilm
 from elm_jax.models.minilm import (KEY_MAX_LENGTH, QUERY_MAX_LENGTH, BertConfig, BertEncoder,

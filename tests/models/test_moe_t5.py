@@ -9,12 +9,14 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from conftest import assert_trained_params_close
-from elm_jax import partitioning, tree_paths
+from tests.helpers.trees import assert_trained_params_close
+from elm_jax import expert_stack, partitioning, tree_paths
 from elm_jax.models.adapters import ExpertConfig
-from elm_jax.models.moe import MoeConfig
-from elm_jax.models.t5 import Transformer, init_params, logical_axes
-from elm_jax.models.t5_config import ConfigError, T5Config, param_shapes
+from elm_jax.models.model import EncoderDecoderModel
+from elm_jax.models.layers import MlpBlock
+from elm_jax.models.moe import MoeConfig, MoeLayer
+from elm_jax.models.t5 import Transformer, init_params, logical_axes, param_shapes
+from elm_jax.models.t5_config import ConfigError, T5Config
 from elm_jax.models.upcycling import upcycle_params
 from elm_jax.training import train_step as ts
 from elm_jax.training.trainer import initial_experts
@@ -41,8 +43,13 @@ def test_param_shapes_and_axes(dense):
   config = dense[0].replace(moe=MoeConfig(num_experts=4, layer_interval=2))
   params = nn.unbox(init_params(config, jax.random.PRNGKey(1)))
   shapes = {p: tuple(np.shape(v)) for p, v in tree_paths.flatten(params).items()}
-  assert shapes == tree_paths.flatten(param_shapes(config))
+  assert shapes == tree_paths.flatten(param_shapes(config))  # what loaders check is what init makes
   assert shapes[("encoder", "layers_1", "mlp", "expert", "wi_0", "kernel")] == (4, 32, 64)
+  assert shapes[("encoder", "layers_1", "mlp", "expert", "wo", "kernel")] == (4, 64, 32)
+  assert shapes[("token_embedder", "embedding")] == (128, 32)
+  assert shapes[("decoder", "relpos_bias", "rel_embedding")] == (4, 32)
+  # Sparse layers 1 and 3 of each stack: their dense MLP is gone, replaced by router + experts.
+  assert not any(p[:3] == ("encoder", "layers_3", "mlp") and "wi_0" == p[3] for p in shapes)
   assert shapes[("decoder", "layers_1", "mlp", "router", "kernel")] == (32, 4)
   assert ("encoder", "layers_0", "mlp", "wi_0", "kernel") in shapes  # layer 0 stays dense
   axes = tree_paths.flatten(logical_axes(config), )
@@ -80,15 +87,20 @@ def test_upcycled_model_equals_dense_at_initialisation(dense, moe):
 
 def test_switch_without_normalisation_scales_by_the_gate(dense):
   """Switch's top-1 keeps the router probability as the combine weight, so an upcycled Switch
-  layer gives p * dense(x): shown on the layer outputs by comparing to the dense model."""
+  layer gives p * dense(x). With the router's kernel zeroed every token's probabilities are
+  1/4 for each of the 4 (identical) experts, so the sparse layer must return dense(x) / 4."""
   config, params = dense
   moe_config = config.replace(moe=MoeConfig(num_experts=4, eval_capacity_factor=4.0))
   upcycled = upcycle_params(params, moe_config, jax.random.PRNGKey(3))
-  batch = _batch(np.random.default_rng(0))
-  args = (batch["encoder_input_tokens"], batch["decoder_input_tokens"])
-  got = Transformer(moe_config).apply({"params": upcycled}, *args)
-  want = Transformer(config).apply({"params": params}, *args)
-  assert not np.allclose(np.asarray(got), np.asarray(want), atol=1e-3)
+  sparse = dict(upcycled["encoder"]["layers_1"]["mlp"])
+  sparse["router"] = {"kernel": np.zeros_like(sparse["router"]["kernel"])}
+  x = np.random.default_rng(0).normal(size=(2, 10, config.emb_dim)).astype(np.float32)
+  got = MoeLayer(moe_config.moe, config.mlp_dim, config.mlp_activations).apply({"params": sparse}, x)
+  want = MlpBlock(config.mlp_dim, config.mlp_activations).apply(
+      {"params": params["encoder"]["layers_1"]["mlp"]}, x)
+  # Two code paths of ours (dispatch einsums vs one matmul): float32 rounding, not bitwise.
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want) / 4, rtol=1e-5, atol=1e-6)
+  assert np.abs(np.asarray(want)).max() > 0.1  # a zero output would not test the scale
 
 
 def test_upcycle_refuses_mismatched_checkpoints(dense):
@@ -112,14 +124,17 @@ def test_train_step_adds_weighted_router_losses(dense):
   backbone, experts = initial_experts(moe_config, FULL, upcycled, 1, seed=0)
   batch = {k: v[None] for k, v in _batch(np.random.default_rng(1)).items()}
   optimizer = ts.make_optimizer(ts.OptimizerConfig(learning_rate=1e-3), total_steps=2)
-  step = jax.jit(functools.partial(ts.train_step, model=Transformer(moe_config, FULL), optimizer=optimizer))
+  step = jax.jit(functools.partial(ts.train_step, model=EncoderDecoderModel.build(moe_config, FULL),
+                                   optimizer=optimizer))
   _, metrics = step(ts.init_train_state(experts, optimizer), backbone, batch)
   metrics = {k: np.asarray(v)[0] for k, v in metrics.items()}
   want = metrics["cross_entropy"] + 0.1 * metrics["load_balancing_loss"] + 0.01 * metrics["router_z_loss"]
   # The same float32 sum, ours against numpy: equal here, but not bitwise by construction (XLA
   # may fuse into FMAs); a few ulps (eps32 1.2e-7) at most.
   np.testing.assert_allclose(metrics["loss"], want, rtol=1e-6)
-  assert metrics["load_balancing_loss"] >= 2.0 - 1e-4  # two sparse layers, each >= 1 (Switch)
+  # Switch's loss is E * sum_e f_e P_e, 1 for a balanced router; two sparse layers. It is not a
+  # bound for argmax routing in general, but this router is near-uniform at initialisation.
+  assert 1.5 < metrics["load_balancing_loss"] < 4.0
   for layer in ("encoder/layers_1", "decoder/layers_1"):
     assert 0.0 < metrics[f"fraction_dropped/{layer}"] < 1.0  # capacity factor 0.5 must drop
     # The max load is >= the mean 1/4 and equals it here (encoder): an ulp of slack for rounding.
@@ -127,6 +142,7 @@ def test_train_step_adds_weighted_router_losses(dense):
   assert "fraction_dropped/encoder/layers_0" not in metrics
 
 
+@pytest.mark.slow
 def test_expert_parallel_step_equals_unsharded(dense):
   """t5x's MoE layout: batch over data x expert, MoE experts over `expert`; 3 steps equal."""
   config, params = dense
@@ -135,7 +151,7 @@ def test_expert_parallel_step_equals_unsharded(dense):
   backbone, experts = initial_experts(moe_config, FULL, upcycled, 1, seed=0)
   rng = np.random.default_rng(2)
   batches = [{k: v[None] for k, v in _batch(rng).items()} for _ in range(3)]
-  model = Transformer(moe_config, FULL)
+  model = EncoderDecoderModel.build(moe_config, FULL)
   optimizer = ts.make_optimizer(ts.OptimizerConfig(learning_rate=1e-2), total_steps=3)
   step = functools.partial(ts.train_step, model=model, optimizer=optimizer)
 
@@ -146,10 +162,10 @@ def test_expert_parallel_step_equals_unsharded(dense):
 
   part = partitioning.Partitioner(partitioning.MeshConfig(data=2, expert=4, model=1),
                                   partitioning.MOE_RULES)
-  specs = logical_axes(moe_config, FULL)
+  _, specs = expert_stack.logical_specs(moe_config, FULL)
   sharded_state = ts.init_train_state(experts, optimizer)
-  state_specs = ts.ExpertTrainState(P(), ts.stacked_expert_specs(specs),
-                                    ts.stacked_leading_axis_specs(sharded_state.opt_state), P("expert"))
+  state_specs = ts.ExpertTrainState(P(), specs, expert_stack.leading_axis_specs(sharded_state.opt_state),
+                                    P("expert"))
   sharded_state = part.place(sharded_state, state_specs)
   batch_specs = {k: P("expert", "batch", "length") for k in batches[0]}
   sharded = part.partition(step, (state_specs, {}, batch_specs), (state_specs, P("expert")))

@@ -2,7 +2,7 @@
 
 import collections
 
-from elm_jax import cli
+from elm_jax.commands import cli
 from tasks import inventory
 
 

@@ -7,7 +7,7 @@ import pytest
 import seqio
 
 from tasks import inventory, mixtures
-from test_p3 import SCORE_FEATURES, TRAIN_FEATURES, make_examples, write_subset
+from tests.helpers.p3_data import SCORE_FEATURES, TRAIN_FEATURES, make_examples, write_subset
 
 
 @pytest.fixture(scope="module")

@@ -37,6 +37,9 @@ def test_tfds_dataset_prepared_offline(tmp_path):
   import tensorflow_datasets as tfds
 
   class TinyNli(tfds.core.GeneratorBasedBuilder):
+    # A one-part module name: tfds looks for a builder's code beside a package's resources
+    # (`tests.tasks...`), which needs the importlib_resources backport on Python 3.11.
+    __module__ = "tiny_nli_builder"
     VERSION = tfds.core.Version("1.0.0")
 
     def _info(self):

@@ -7,10 +7,11 @@ import jax
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from conftest import assert_trained_params_close
-from elm_jax import partitioning
+from tests.helpers.trees import assert_trained_params_close
+from elm_jax import expert_stack, partitioning
 from elm_jax.models.adapters import ExpertConfig, split_params
-from elm_jax.models.t5 import Transformer, init_params, logical_axes
+from elm_jax.models.model import EncoderDecoderModel
+from elm_jax.models.t5 import init_params
 from elm_jax.training import train_step as ts
 
 
@@ -28,7 +29,7 @@ def test_sharded_equals_unsharded(tiny_config):
               "decoder_input_tokens": np.concatenate(
                   [np.zeros((experts_n, 4, 1), np.int32), targets[s][..., :-1]], -1),
               "decoder_target_tokens": targets[s]} for s in range(steps)]
-  model = Transformer(tiny_config, cfg)
+  model = EncoderDecoderModel.build(tiny_config, cfg)
   optimizer = ts.make_optimizer(ts.OptimizerConfig(learning_rate=1e-2), total_steps=steps)
   step = functools.partial(ts.train_step, model=model, optimizer=optimizer)
 
@@ -38,10 +39,10 @@ def test_sharded_equals_unsharded(tiny_config):
     state, _ = plain(state, backbone, batch)
 
   part = partitioning.Partitioner(partitioning.MeshConfig(data=2, expert=4, model=1))
-  backbone_specs, expert_specs = split_params(logical_axes(tiny_config, cfg), cfg)
+  backbone_specs, expert_specs = expert_stack.logical_specs(tiny_config, cfg)
   sharded_state = ts.init_train_state(stacked, optimizer)
-  state_specs = ts.ExpertTrainState(P(), ts.stacked_expert_specs(expert_specs),
-                                    ts.stacked_leading_axis_specs(sharded_state.opt_state), P("expert"))
+  state_specs = ts.ExpertTrainState(P(), expert_specs,
+                                    expert_stack.leading_axis_specs(sharded_state.opt_state), P("expert"))
   batch_specs = {k: P("expert", "batch", "length") for k in batches[0]}
   sharded_state = part.place(sharded_state, state_specs)
   placed_backbone = part.place(backbone, backbone_specs)

@@ -6,7 +6,7 @@ import pathlib
 import numpy as np
 import seqio
 
-from elm_jax import cli, gin_utils
+from elm_jax.commands import cli, gin_utils
 from tasks import prompted
 
 SPM = str(pathlib.Path(__file__).parents[1] / "golden" / "t5_v1_1" / "spiece.model")

@@ -7,9 +7,10 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import assert_trained_params_close
+from tests.helpers.trees import assert_trained_params_close
 from elm_jax.models.adapters import ExpertConfig, split_params
-from elm_jax.models.t5 import Transformer, init_params
+from elm_jax.models.model import EncoderDecoderModel
+from elm_jax.models.t5 import init_params
 from elm_jax.training import train_step as ts
 
 STEPS = 4
@@ -38,7 +39,7 @@ def setup(tiny_config):
                                                expert=expert_cfg)), expert_cfg)[1]
              for e in range(EXPERTS)]
   batches = [[_batch(100 * e + s) for s in range(STEPS)] for e in range(EXPERTS)]
-  model = Transformer(tiny_config, expert_cfg)
+  model = EncoderDecoderModel.build(tiny_config, expert_cfg)
   return model, backbone, experts, batches
 
 

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import seqio
 
-from conftest import assert_trained_params_close
-from elm_jax.library import expert_files
+from tests.helpers.trees import assert_trained_params_close, assert_trees_equal
+from elm_jax.checkpoints import expert_files
 from elm_jax.models.t5 import init_params
-from elm_jax.training import trainer
+from elm_jax.training import inputs, trainer
 from tasks import prompted
 
 SPM = str(pathlib.Path(__file__).parents[1] / "golden" / "t5_v1_1" / "spiece.model")
@@ -53,7 +53,7 @@ def _experts(model_dir):
   out = {}
   for d in sorted(glob.glob(os.path.join(model_dir, "experts", "*"))):
     params, meta = expert_files.load_expert(d)
-    out[meta.name] = jax.tree_util.tree_leaves(params)
+    out[meta.name] = params
   return out
 
 
@@ -72,6 +72,7 @@ def test_trains_and_exports_every_expert(setup, tmp_path):
   assert glob.glob(str(tmp_path / "tensorboard" / "test_trainer_first" / "events.out.tfevents.*"))
 
 
+@pytest.mark.slow
 def test_kill_and_resume_equals_uninterrupted(setup, tmp_path):
   model_config, backbone = setup
   trainer.train_experts(_config(tmp_path / "a"), model_config, backbone, progress=False)
@@ -84,11 +85,12 @@ def test_kill_and_resume_equals_uninterrupted(setup, tmp_path):
   assert not (tmp_path / "b" / "experts").exists()
   trainer.train_experts(_config(tmp_path / "b"), model_config, backbone, progress=False)
   a, b = _experts(tmp_path / "a"), _experts(tmp_path / "b")
+  assert set(a) == set(b)
   for name in a:
-    for x, y in zip(a[name], b[name]):
-      np.testing.assert_array_equal(x, y)  # exact: same program, state restored bitwise
+    assert_trees_equal(b[name], a[name])  # exact: same program, state restored bitwise
 
 
+@pytest.mark.slow
 def test_damaged_latest_checkpoint_falls_back(setup, tmp_path, capsys):
   model_config, backbone = setup
   trainer.train_experts(_config(tmp_path / "a"), model_config, backbone, progress=False)
@@ -105,9 +107,9 @@ def test_damaged_latest_checkpoint_falls_back(setup, tmp_path, capsys):
   trainer.train_experts(_config(tmp_path / "b"), model_config, backbone, progress=False)
   assert "checkpoint at step 4 is unreadable" in capsys.readouterr().err
   a, b = _experts(tmp_path / "a"), _experts(tmp_path / "b")
+  assert set(a) == set(b)
   for name in a:
-    for x, y in zip(a[name], b[name]):
-      np.testing.assert_array_equal(x, y)  # exact: same program, state restored bitwise
+    assert_trees_equal(b[name], a[name])  # exact: same program, state restored bitwise
 
 
 def test_nan_stops_naming_expert_and_step(setup, tmp_path):
@@ -129,6 +131,7 @@ def test_unknown_task(setup, tmp_path):
     trainer.train_experts(config, model_config, backbone, progress=False)
 
 
+@pytest.mark.slow
 def test_sharded_trainer_equals_single_device(setup, tmp_path):
   """The trainer with a (data=2, expert=2, model=2) partitioner on 8 fake devices writes the same
   experts as without one."""
@@ -143,8 +146,9 @@ def test_sharded_trainer_equals_single_device(setup, tmp_path):
   # Two code paths of ours, not exact (partitioned sums): see assert_trained_params_close. Worst
   # entry here 6e-8 (one ulp of a norm scale ~1); summed_lr: default lr 1e-4 decaying over 2 steps.
   summed_lr = sum(float(ts.learning_rate_schedule(ts.OptimizerConfig(), 2)(i)) for i in range(2))
+  assert set(a) == set(b)
   for name in a:
-    assert_trained_params_close(a[name], b[name], summed_lr)
+    assert_trained_params_close(b[name], a[name], summed_lr)
 
 
 @pytest.mark.parametrize("lengths", [{"inputs": 16, "targets": 8}, {"inputs": 6, "targets": 3}])
@@ -153,13 +157,13 @@ def test_unpacked_features_equal_seqio_converter(setup, lengths):
   output (values and dtypes), with and without truncation (6/3 tokens cut most examples)."""
   task = seqio.get_mixture_or_task("test_trainer_reverse")
   ds = task.get_dataset(sequence_length=lengths, split="train", shuffle=False)
-  ours = list(trainer.unpacked_encdec_features(ds, lengths, "test_trainer_reverse").as_numpy_iterator())
+  ours = list(inputs.unpacked_encdec_features(ds, lengths, "test_trainer_reverse").as_numpy_iterator())
   theirs = list(seqio.EncDecFeatureConverter(pack=False)(ds, lengths).as_numpy_iterator())
   assert len(ours) == len(theirs) == 64
   truncated = 0
   for a, b in zip(ours, theirs):
-    assert set(a) == set(b) == set(trainer.FEATURES)
-    for key in trainer.FEATURES:
+    assert set(a) == set(b) == set(inputs.FEATURES)
+    for key in inputs.FEATURES:
       assert a[key].dtype == b[key].dtype and np.array_equal(a[key], b[key]), key
     truncated += int(a["decoder_loss_weights"].all())
   assert (truncated == 64) == (lengths["targets"] == 3)
@@ -170,7 +174,7 @@ def test_unpacked_features_refuse_untokenized_task():
   tf = tf_input.tensorflow()
   ds = tf.data.Dataset.from_tensor_slices({"inputs": ["a b"], "targets": ["c"]})
   with pytest.raises(trainer.TrainingError, match=r"'raw_task' yields 'inputs'.*rank-1 integer"):
-    trainer.unpacked_encdec_features(ds, {"inputs": 4, "targets": 2}, "raw_task")
+    inputs.unpacked_encdec_features(ds, {"inputs": 4, "targets": 2}, "raw_task")
 
 
 @pytest.mark.parametrize("shared_init", [True, False])

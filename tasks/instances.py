@@ -17,12 +17,16 @@ string when the instance has one (`choice_template`), else the joined choices.
 
 from __future__ import annotations
 
+import importlib
 from typing import Any, Optional
 
 import numpy as np
+import seqio
 
 from elm_jax import tf_input
 from elm_jax.errors import UserInputError
+from tasks.builtin_registry import register_builtin_suite
+from tasks.mixtures import register_elm_tasks
 
 TEXT_FORMATS = ("instance", "label", "label_instance", "choice", "choice_instance")
 DEFAULT_TEXT_FORMAT = "label_instance"
@@ -115,7 +119,6 @@ def _from_text_rows(rows: list[dict[str, Any]], task_name: str) -> list[dict[str
 
 def task_instances(name: str, split: str, limit: int) -> list[dict[str, Any]]:
   """Up to `limit` instances of a registered task or mixture, in source order."""
-  import seqio
   if name in seqio.MixtureRegistry.names():
     members = [t.name for t in seqio.MixtureRegistry.get(name).tasks]
     per_member = [task_instances(m, split, limit) for m in members]
@@ -166,13 +169,10 @@ def register_setup(setup: Optional[str]) -> None:
     return
   for item in setup.split(","):
     if item == "builtin":
-      from tasks.builtin_registry import register_builtin_suite
       register_builtin_suite()
     elif item == "elm":
-      from tasks.mixtures import register_elm_tasks
       register_elm_tasks()
     elif ":" in item:
-      import importlib
       module, function = item.split(":", 1)
       try:
         getattr(importlib.import_module(module), function)()
@@ -184,7 +184,6 @@ def register_setup(setup: Optional[str]) -> None:
 
 def ensure_registered(names) -> None:
   """Registers the built-in suite when any of `names` is one of its tasks or mixtures."""
-  import seqio
   known = set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names())
   if any(n.startswith("builtin_") and n not in known for n in names):
     register_setup("builtin")

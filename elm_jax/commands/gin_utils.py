@@ -11,7 +11,7 @@ import dataclasses
 import logging
 import os
 import tokenize
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import gin
 
@@ -20,7 +20,7 @@ from elm_jax.errors import UserInputError
 if TYPE_CHECKING:
   from elm_jax.models.t5_config import T5Config
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GIN_CONFIGS_DIR = os.path.join(REPO_ROOT, "gin_configs")
 
 
@@ -86,9 +86,13 @@ def parse_gin(flags: GinFlags) -> None:
   both work); `include` statements inside them search the same places. An error names the
   `--gin_file` or `--gin.` binding that caused it.
   """
-  import elm_jax.models.t5_config  # noqa: F401  (so `dynamic_registration` can find it)
-
   gin.clear_config()
+  if not flags:
+    return
+  # Lazy (JAX, about a second): so that `dynamic_registration` imports in gin files find the
+  # model configurables; commands given no gin flags (`tasks list`) do not pay for it.
+  import elm_jax.models.t5_config  # noqa: F401
+
   _guard_gin_file_readers()
   for path in [REPO_ROOT, GIN_CONFIGS_DIR, os.getcwd(), *flags.search_paths]:
     if path not in _search_paths_added:  # gin keeps search paths across clear_config()
@@ -160,7 +164,7 @@ def _resolve_gin_file(file: str, search_paths: Sequence[str]) -> str:
 
 def model_config_from_gin() -> T5Config:
   """The T5Config that the `MODEL_CONFIG` macro of the parsed gin model file builds."""
-  from elm_jax.models.t5_config import T5Config
+  from elm_jax.models.t5_config import T5Config  # lazy: see parse_gin
 
   try:
     config = gin.query_parameter("%MODEL_CONFIG")
@@ -172,3 +176,13 @@ def model_config_from_gin() -> T5Config:
   if not isinstance(config, T5Config):
     raise GinFlagError(f"MODEL_CONFIG: expected @t5_config.T5Config(), got {config!r}")
   return config
+
+
+def model_config_or_none() -> Optional[T5Config]:
+  """The gin model file's config when one is bound, else None (a Hugging Face checkpoint
+  carries its own; a T5X checkpoint needs this one)."""
+  try:
+    gin.query_parameter("%MODEL_CONFIG")
+  except ValueError:
+    return None
+  return model_config_from_gin()

@@ -1,4 +1,6 @@
-"""`elm-jax`: the command line. Subcommands live in their own modules, imported on use.
+"""`elm-jax`: the command line. Subcommands live in their own modules, imported on use: a
+subcommand's module imports JAX, TensorFlow and SeqIO (seconds), which `elm-jax --help` and
+`elm-jax tasks list` do not need; that lazy import is the one kept on purpose.
 
 Each subcommand module exposes `add_arguments(parser)` and `main(args) -> int`. Gin flags in
 the t5x form (`--gin_file=...`, `--gin.NAME=VALUE`, `--gin_search_paths=...`) may appear
@@ -13,25 +15,27 @@ import os
 import sys
 from typing import Optional, Sequence
 
+import elm_jax
+from elm_jax.commands import gin_utils, host_memory
 from elm_jax.errors import UserInputError
 
 SUBCOMMANDS = {
-    "demo": ("elm_jax.demo.demo_command",
+    "demo": ("elm_jax.commands.demo_command",
              "the paper's experiments in miniature on the built-in suite, with a report"),
-    "score": ("elm_jax.evaluation.score_command",
+    "score": ("elm_jax.commands.score_command",
               "rank-classify JSONL examples with a T5 checkpoint"),
-    "train": ("elm_jax.training.train_command",
+    "train": ("elm_jax.commands.train_command",
               "train experts (vmapped) or the multitask baseline from a gin run file"),
-    "eval": ("elm_jax.evaluation.eval_command",
+    "eval": ("elm_jax.commands.eval_command",
              "evaluate library experts on every prompt of a task or mixture"),
-    "library": ("elm_jax.library.library_command",
+    "library": ("elm_jax.commands.library_command",
                 "manage an Expert Library: add, list, show, remove, verify"),
-    "retrieve": ("elm_jax.library.retrieve_command",
+    "retrieve": ("elm_jax.commands.retrieve_command",
                  "rank a library's experts for an unseen task (RoE, likelihood, oracle)"),
-    "merge": ("elm_jax.library.merge_command", "merge library experts into a new expert"),
-    "embed": ("elm_jax.library.embed_command", "embed one text per line with MiniLM or a T5 encoder"),
-    "tasks": ("tasks.tasks_command", "list the ELM task inventory and its mixtures (no data needed)"),
-    "version": ("elm_jax.cli", "print the versions of elm_jax and its numerical stack"),
+    "merge": ("elm_jax.commands.merge_command", "merge library experts into a new expert"),
+    "embed": ("elm_jax.commands.embed_command", "embed one text per line with MiniLM or a T5 encoder"),
+    "tasks": ("elm_jax.commands.tasks_command", "list the ELM task inventory and its mixtures (no data needed)"),
+    "version": ("elm_jax.commands.cli", "print the versions of elm_jax and its numerical stack"),
 }
 
 
@@ -40,9 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main_version(args: argparse.Namespace) -> int:
-  import flax
+  import flax  # lazily, like a subcommand's own imports
   import jax
-  import elm_jax
   print(f"elm_jax {elm_jax.__version__}  jax {jax.__version__}  flax {flax.__version__}  "
         f"devices {jax.device_count()} x {jax.devices()[0].platform}")
   return 0
@@ -61,8 +64,6 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  from elm_jax import gin_utils
-
   argv = list(sys.argv[1:] if argv is None else argv)
   parser = _build_parser()
   try:
@@ -89,7 +90,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = sub_parser.parse_args(argv[:position] + argv[position + 1:])
   except SystemExit as e:  # argparse has printed the usage and the error (or the --help)
     return int(e.code or 0)
-  from elm_jax import host_memory
   host_memory.keep_freed_memory()  # before the first large allocation
   try:
     gin_utils.parse_gin(gin_flags)

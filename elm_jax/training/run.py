@@ -1,39 +1,37 @@
-"""`elm-jax train`: gin-configured expert (or multitask-baseline) training.
+"""Training from a checkpoint directory: the Python API behind `elm-jax train` and the demo.
 
-    elm-jax train --gin_file=gin_configs/runs/train_experts.gin \
-        --gin.MODEL_DIR="'/tmp/experts'" --gin.EXPERT_TASKS="['task_a', 'task_b']"
-
-The run file binds `train` below (t5x style); model files bind MODEL_CONFIG.
+`train` loads the backbone (a Hugging Face or T5X checkpoint; a randomly initialised one,
+saved beside the run, when none is given; or a Mixture-of-Experts model upcycled from a dense
+checkpoint), checks everything that can be checked before it does, and runs the trainer. Gin
+run files (`gin_configs/runs/*.gin`) bind its keyword arguments.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import sys
 from typing import Callable, Optional, Sequence
 
 import flax.linen as nn
-import gin
 import jax
+import seqio
 
-from elm_jax import partitioning
+from elm_jax import defaults, partitioning
+from elm_jax.checkpoints import expert_files, hf, loading
 from elm_jax.models.adapters import ExpertConfig
 from elm_jax.models.t5 import init_params
 from elm_jax.models.t5_config import T5Config
+from elm_jax.models.upcycling import upcycle_params
+from elm_jax.training import inputs, trainer
 from elm_jax.training import train_step as ts
-from elm_jax.training import trainer
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--no_progress", action="store_true", help="no progress bar")
 
 
 def train(model_dir: str, expert_tasks: Sequence[str], steps: int, *,
           model_config: T5Config, backbone_checkpoint: Optional[str] = None,
           expert_names: Optional[Sequence[str]] = None, batch_size: int = 8,
-          input_length: int = 256, target_length: int = 128, seed: int = 42,
+          input_length: int = defaults.TRAIN_INPUT_LENGTH,
+          target_length: int = defaults.TRAIN_TARGET_LENGTH, seed: int = defaults.SEED,
           save_every: int = 100, keep: int = 3, log_every: int = 10,
           expert_config: ExpertConfig = ExpertConfig(),
           optimizer_config: ts.OptimizerConfig = ts.OptimizerConfig(),
@@ -66,19 +64,16 @@ def train(model_dir: str, expert_tasks: Sequence[str], steps: int, *,
       shuffle_buffer_size=shuffle_buffer_size, shared_init=shared_init)
   config.names()
   trainer.check_settings(config)
-  trainer.check_tasks(config.expert_tasks, model_config.vocab_size)
+  inputs.check_tasks(config.expert_tasks, model_config.vocab_size)
   fingerprint = None
   if upcycle and (not backbone_checkpoint or model_config.moe is None):
     raise trainer.TrainingError("train.upcycle: needs a dense BACKBONE_CHECKPOINT and a model "
                                 "config with `moe` set")
   if backbone_checkpoint:
-    from elm_jax.checkpoints import loading
-    from elm_jax.library import expert_files
     loaded = loading.load_model_checkpoint(
         backbone_checkpoint, config=model_config.replace(moe=None) if upcycle else model_config)
     backbone = loaded.params
     if upcycle:
-      from elm_jax.models.upcycling import upcycle_params
       fingerprint = expert_files.backbone_fingerprint(backbone)
       model_config = loaded.config.replace(moe=model_config.moe, dtype=model_config.dtype)
       backbone = upcycle_params(backbone, model_config, jax.random.PRNGKey(seed))
@@ -106,10 +101,6 @@ def save_random_backbone(model_dir: str, model_config: T5Config, params, expert_
   """Saves a randomly initialised backbone as a Hugging Face directory `<model_dir>/backbone`
   (with the first task's SentencePiece model), so its experts can be scored later. A backbone
   already there is kept when it is the same one, and is an error otherwise."""
-  import seqio
-
-  from elm_jax.checkpoints import hf
-  from elm_jax.library import expert_files
   path = os.path.abspath(os.path.join(model_dir, "backbone"))
   if os.path.isdir(path) and os.listdir(path):
     saved = hf.load_hf_checkpoint(path)
@@ -126,12 +117,3 @@ def save_random_backbone(model_dir: str, model_config: T5Config, params, expert_
   return path
 
 
-def main(args: argparse.Namespace) -> int:
-  if not gin.config_str():
-    print("elm-jax train: error: pass a run file, e.g. --gin_file=gin_configs/runs/train_experts.gin",
-          file=sys.stderr)
-    return 2
-  final = gin.get_configurable(train)(progress=not args.no_progress)
-  for name, metrics in final.items():
-    print(f"{name}: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-  return 0

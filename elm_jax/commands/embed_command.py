@@ -12,9 +12,12 @@ import sys
 
 import numpy as np
 
-from elm_jax import files, flags
+from elm_jax import files
+from elm_jax.checkpoints import loading
+from elm_jax.commands import flags, gin_utils
 from elm_jax.errors import UserInputError
 from elm_jax.library import retrieval
+from elm_jax.vocabularies import SentencePieceVocabulary
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,9 +54,7 @@ def main(args: argparse.Namespace) -> int:
   else:
     if not args.checkpoint:
       raise UserInputError("--embedder=t5 needs --checkpoint=DIR (a T5 checkpoint with spiece.model)")
-    from elm_jax.checkpoints import loading
-    from elm_jax.vocabularies import SentencePieceVocabulary
-    loaded = loading.load_model_checkpoint(args.checkpoint)
+    loaded = loading.load_model_checkpoint(args.checkpoint, config=gin_utils.model_config_or_none())
     if loaded.vocab_path is None:
       raise UserInputError(f"{args.checkpoint}: no spiece.model in the checkpoint directory")
     embedder = retrieval.T5EncoderEmbedder(loaded.model, loaded.params, SentencePieceVocabulary(loaded.vocab_path))

@@ -6,7 +6,7 @@ import argparse
 import collections
 
 from elm_jax.errors import UserInputError
-from tasks import inventory
+from tasks import builtin_suite, inventory
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,7 +47,6 @@ def main(args: argparse.Namespace) -> int:
   for c in inv["continual"]:
     print(f"  {c['task']}: train prompt {c['train_prompt']}, {c['epochs']} epoch(s)")
   print(f"\nCompositional: {inv['compositional']}")
-  from tasks import builtin_suite
   print("\nBuilt-in suite (no download; registered by tasks.builtin_registry.register_builtin_suite):")
   for spec in builtin_suite.SUITE:
     print(f"  {builtin_suite.describe(spec)}")

@@ -15,9 +15,14 @@ import sys
 import time
 from typing import Any
 
-from elm_jax import files, flags, jsonl
+from elm_jax import defaults, files, jsonl
+from elm_jax.checkpoints import loading
+from elm_jax.commands import flags, gin_utils
 from elm_jax.errors import UserInputError
 from elm_jax.evaluation import rank_scoring
+from elm_jax.evaluation.expert_eval import score_instances
+from elm_jax.library.loaded import load_experts
+from elm_jax.vocabularies import SentencePieceVocabulary
 
 
 class InputError(UserInputError):
@@ -35,11 +40,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="with --library: experts per device pass (bounds memory)")
   parser.add_argument("--input", required=True, help="JSONL file of {id, inputs, choices}")
   parser.add_argument("--output", required=True, help="JSONL file to write {id, scores, prediction}")
-  parser.add_argument("--batch_size", type=flags.positive_int, default=32)
+  parser.add_argument("--batch_size", type=flags.positive_int, default=defaults.BATCH_SIZE)
   parser.add_argument("--length_normalize", action="store_true",
                       help="divide each choice's score by its token count (EOS included)")
-  parser.add_argument("--max_input_length", type=flags.token_length, default=512)
-  parser.add_argument("--max_target_length", type=flags.token_length, default=128)
+  parser.add_argument("--max_input_length", type=flags.token_length, default=defaults.MAX_INPUT_LENGTH)
+  parser.add_argument("--max_target_length", type=flags.token_length, default=defaults.MAX_TARGET_LENGTH)
   parser.add_argument("--vocabulary", default=None,
                       help="SentencePiece model (default: spiece.model in the checkpoint directory)")
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
@@ -87,9 +92,9 @@ def score_records(records, scorer: rank_scoring.RankScorer, vocabulary, *,
 
 
 def score_with_library(args: argparse.Namespace, records) -> list[dict[str, Any]]:
-  from elm_jax.library.loaded import load_experts, score_instances
   loaded = load_experts(args.library, args.experts, checkpoint=args.checkpoint, dtype=args.dtype,
-                        vocabulary=args.vocabulary, check_integrity=not args.skip_integrity_check)
+                        vocabulary=args.vocabulary, check_integrity=not args.skip_integrity_check,
+                        config=gin_utils.model_config_or_none())
   rows = [{"inputs": r["inputs"], "answer_choices": r["choices"]} for r in records]
   scores, counts = score_instances(loaded, rows, batch_size=args.batch_size,
                                    expert_chunk=args.expert_chunk, max_input_length=args.max_input_length,
@@ -105,9 +110,6 @@ def score_with_library(args: argparse.Namespace, records) -> list[dict[str, Any]
 
 
 def main(args: argparse.Namespace) -> int:
-  from elm_jax.checkpoints import loading
-  from elm_jax.vocabularies import SentencePieceVocabulary
-
   files.check_output_file(args.output, "--output", inputs=[args.input])
   records = read_examples(args.input)
   if args.library:
@@ -119,7 +121,8 @@ def main(args: argparse.Namespace) -> int:
     return 0
   if not args.checkpoint:
     raise InputError("pass --checkpoint=DIR (a T5 checkpoint) or --library=DIR (an Expert Library)")
-  checkpoint = loading.load_model_checkpoint(args.checkpoint, dtype=args.dtype)
+  checkpoint = loading.load_model_checkpoint(args.checkpoint, config=gin_utils.model_config_or_none(),
+                                             dtype=args.dtype)
   vocab_path = args.vocabulary or checkpoint.vocab_path
   if vocab_path is None:
     raise InputError(f"{args.checkpoint}: no spiece.model in the checkpoint directory; "

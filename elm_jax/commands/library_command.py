@@ -13,9 +13,13 @@ import json
 import os
 import sys
 
-from elm_jax import flags, jsonl
-from elm_jax.library import expert_files, instances
+from etils import epath
+
+from elm_jax import files, jsonl
+from elm_jax.checkpoints import expert_files
+from elm_jax.commands import flags
 from elm_jax.library.store import ExpertLibrary, LibraryError, check_keys
+from tasks import instances
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,7 +48,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def expert_dirs(paths) -> list[str]:
   """Expert directories from arguments that may also be training run directories (any epath)."""
-  from etils import epath
   found = []
   for path in map(epath.Path, paths):
     if (path / expert_files.METADATA_FILE).is_file():
@@ -102,7 +105,6 @@ def main(args: argparse.Namespace) -> int:
   elif args.action == "show":
     entry = library.entry(args.name)
     if args.skip_integrity_check:
-      from elm_jax import files
       files.warn_unchecked(f"expert {args.name!r}")
     meta = expert_files.load_metadata(os.fspath(library.expert_dir(args.name)), recorded=entry["files"],
                                       what=f"expert {args.name!r}",

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from elm_jax.library import expert_files as ef
+from elm_jax.checkpoints import expert_files as ef
 from elm_jax.models.adapters import ExpertConfig
 
 

@@ -12,9 +12,11 @@ import argparse
 import sys
 import time
 
-from elm_jax import flags
+from elm_jax import defaults
+from elm_jax.commands import flags, gin_utils
 from elm_jax.evaluation import expert_eval
-from elm_jax.library import instances
+from elm_jax.library.loaded import load_experts
+from tasks import instances
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,12 +26,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--output_dir", required=True)
   parser.add_argument("--overwrite", action="store_true", help="replace an existing --output_dir")
   parser.add_argument("--split", default="validation")
-  parser.add_argument("--max_examples", type=flags.positive_int, default=1000, help="per task")
-  parser.add_argument("--batch_size", type=flags.positive_int, default=32)
+  parser.add_argument("--max_examples", type=flags.positive_int, default=defaults.MAX_EXAMPLES, help="per task")
+  parser.add_argument("--batch_size", type=flags.positive_int, default=defaults.BATCH_SIZE)
   parser.add_argument("--expert_chunk", type=flags.positive_int, default=None,
                       help="experts per device pass (memory)")
-  parser.add_argument("--max_input_length", type=flags.token_length, default=512)
-  parser.add_argument("--max_target_length", type=flags.token_length, default=128,
+  parser.add_argument("--max_input_length", type=flags.token_length, default=defaults.MAX_INPUT_LENGTH)
+  parser.add_argument("--max_target_length", type=flags.token_length, default=defaults.MAX_TARGET_LENGTH,
                       help="choice length for rank classification; decode length for generation")
   parser.add_argument("--beam_size", type=flags.positive_int, default=1, help="1 = greedy decoding")
   parser.add_argument("--checkpoint", default=None, help="backbone (default: the one the library records)")
@@ -39,13 +41,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-  from elm_jax.library.loaded import load_experts
   expert_eval.check_output_dir(args.output_dir, args.overwrite)
   instances.register_setup(args.setup)
   instances.ensure_registered([args.task])
   tasks = expert_eval.member_tasks(args.task)
   loaded = load_experts(args.library, args.experts, checkpoint=args.checkpoint, force=args.force,
-                        check_integrity=not args.skip_integrity_check)
+                        check_integrity=not args.skip_integrity_check,
+                        config=gin_utils.model_config_or_none())
   results = []
   start = time.perf_counter()
   for task in tasks:

@@ -14,9 +14,13 @@ import argparse
 import json
 import sys
 
-from elm_jax import files, flags
-from elm_jax.library import instances, retrieval
+from elm_jax import defaults, files
+from elm_jax.commands import flags, gin_utils
+from elm_jax.evaluation.expert_eval import score_instances
+from elm_jax.library import retrieval
+from elm_jax.library.loaded import load_experts
 from elm_jax.library.store import ExpertLibrary
+from tasks import instances
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--num_queries", type=flags.positive_int, default=instances.NUM_QUERIES)
   parser.add_argument("--split", default="validation", help="split of the target task the queries come from")
   parser.add_argument("--checkpoint", default=None, help="backbone (default: the one the library records)")
-  parser.add_argument("--batch_size", type=flags.positive_int, default=32)
+  parser.add_argument("--batch_size", type=flags.positive_int, default=defaults.BATCH_SIZE)
   parser.add_argument("--expert_chunk", type=flags.positive_int, default=None,
                       help="experts scored per pass (memory)")
   parser.add_argument("--setup", default=None, help="tasks to register: builtin, elm, module:function")
@@ -54,13 +58,13 @@ def rank(args: argparse.Namespace) -> dict:
     if args.embedder == "minilm":
       embedder = retrieval.MiniLMTextEmbedder()
     elif args.embedder == "t5":
-      embedder = t5_embedder(library, args.checkpoint)
+      embedder = retrieval.backbone_embedder(library, args.checkpoint, gin_utils.model_config_or_none())
     ranking = retrieval.roe_ranking(library, names, queries, embedder=embedder,
                                     bm25=args.embedder == "bm25", text_format=args.text_format)
   else:
-    from elm_jax.library.loaded import load_experts, score_instances
     loaded = load_experts(args.library, names, checkpoint=args.checkpoint,
-                          check_integrity=not args.skip_integrity_check)
+                          check_integrity=not args.skip_integrity_check,
+                          config=gin_utils.model_config_or_none())
     scores, _ = score_instances(loaded, queries, batch_size=args.batch_size,
                                 expert_chunk=args.expert_chunk, source=f"task {args.task}")
     if args.method == "likelihood":
@@ -73,15 +77,6 @@ def rank(args: argparse.Namespace) -> dict:
   return {"task": args.task, "method": args.method, "embedder": args.embedder if args.method == "roe" else None,
           "text_format": args.text_format, "criterion": args.criterion if args.method == "likelihood" else None,
           "queries": len(queries), "split": args.split, "ranking": ranking}
-
-
-def t5_embedder(library: ExpertLibrary, checkpoint):
-  from elm_jax.library.loaded import load_backbone
-  from elm_jax.vocabularies import SentencePieceVocabulary
-  loaded, _ = load_backbone(library, checkpoint)
-  if loaded.vocab_path is None:
-    raise retrieval.RetrievalError(f"{loaded.source}: no spiece.model beside the backbone")
-  return retrieval.T5EncoderEmbedder(loaded.model, loaded.params, SentencePieceVocabulary(loaded.vocab_path))
 
 
 def main(args: argparse.Namespace) -> int:

@@ -1,0 +1,49 @@
+"""Length bucketing and batching: the one way variable-length token rows become a few fixed
+array shapes (so a run compiles a handful of programs, not one per batch).
+
+Rows are sorted by length, cut into batches of `batch_size` rows, and each batch is padded to
+`batch_size` rows and to a power-of-two length (at least `minimum`, at most `maximum`).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+
+
+def bucket(length: int, minimum: int, maximum: Optional[int] = None) -> int:
+  """The smallest power of two >= length, at least `minimum` (itself a power of two) and at
+  most `maximum` when given."""
+  size = max(minimum, 1)
+  while size < length:
+    size *= 2
+  return min(size, maximum) if maximum else size
+
+
+def length_sorted_batches(lengths: Sequence, batch_size: int, longest_first: bool = False) -> list[list[int]]:
+  """Indices of the rows, sorted by length (a number, or a tuple compared in order; stable;
+  shortest first unless `longest_first`), in batches of at most `batch_size`."""
+  if longest_first:
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+  else:
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+  return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def pad_rows(rows: Sequence[Sequence[int]], batch_size: int, length: int, pad_id: int = 0) -> np.ndarray:
+  """Token rows -> int32 [batch_size, length], zero-padded (rows longer than `length` are an
+  error: truncate first)."""
+  out = np.full((batch_size, length), pad_id, np.int32)
+  for r, row in enumerate(rows):
+    out[r, :len(row)] = row
+  return out
+
+
+def padded_batches(rows: Sequence[Sequence[int]], batch_size: int, minimum: int,
+                   maximum: Optional[int] = None, longest_first: bool = False
+                   ) -> Iterator[tuple[list[int], np.ndarray]]:
+  """(row indices, tokens [batch_size, bucketed length]) for every length-sorted batch."""
+  for indices in length_sorted_batches([len(r) for r in rows], batch_size, longest_first):
+    length = bucket(max(len(rows[i]) for i in indices), minimum, maximum)
+    yield indices, pad_rows([rows[i] for i in indices], batch_size, length)

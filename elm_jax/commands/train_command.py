@@ -1,0 +1,31 @@
+"""`elm-jax train`: gin-configured expert (or multitask-baseline) training.
+
+    elm-jax train --gin_file=gin_configs/runs/train_experts.gin \
+        --gin.MODEL_DIR="'/tmp/experts'" --gin.EXPERT_TASKS="['task_a', 'task_b']"
+
+The run file binds `elm_jax.training.run.train` (t5x style); model files bind MODEL_CONFIG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import gin
+
+from elm_jax.training import run
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+
+
+def main(args: argparse.Namespace) -> int:
+  if not gin.config_str():
+    print("elm-jax train: error: pass a run file, e.g. --gin_file=gin_configs/runs/train_experts.gin",
+          file=sys.stderr)
+    return 2
+  final = gin.get_configurable(run.train)(progress=not args.no_progress)
+  for name, metrics in final.items():
+    print(f"{name}: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+  return 0

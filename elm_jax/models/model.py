@@ -1,0 +1,142 @@
+"""The model seam (t5x's `BaseModel`): what training, evaluation and retrieval ask of a T5.
+
+`EncoderDecoderModel` wraps the Flax `Transformer` and defines, once, everything done with it:
+
+- `loss`: token cross-entropy of a teacher-forced batch (plus the weighted router losses of a
+  Mixture-of-Experts model), with its metrics;
+- `choice_log_likelihoods`: rank classification, the sum of each answer choice's token
+  log-probabilities (EOS included) given the input;
+- `predict`: greedy or beam decoding with a KV cache;
+- `encode_mean`: the mean-pooled, L2-normalised encoder output (retrieval by the backbone).
+
+Every method takes the full parameter tree (backbone and expert merged: `adapters.merge_params`)
+and is a pure function of its arrays, so callers jit or vmap it over experts with the model
+as a static argument (it is hashable). The model knows nothing of meshes or optimizers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from elm_jax.models import decoding
+from elm_jax.models.adapters import ExpertConfig
+from elm_jax.models.moe import router_losses_and_metrics
+from elm_jax.models.t5 import Transformer
+from elm_jax.models.t5_config import T5Config
+
+Array = jax.Array
+Batch = dict[str, Array]
+
+
+def shift_right(targets: Array, start_id: int) -> Array:
+  """Decoder inputs from targets [..., length]: the start token, then targets[..., :-1]."""
+  start = jnp.full(targets.shape[:-1] + (1,), start_id, targets.dtype)
+  return jnp.concatenate([start, targets[..., :-1]], axis=-1)
+
+
+def token_log_likelihoods(logits: Array, targets: Array) -> Array:
+  """log softmax(logits)[target] per position: [..., length, vocab], [..., length] -> [..., length]."""
+  logits = logits.astype(jnp.float32)
+  target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  return target_logits - jax.nn.logsumexp(logits, axis=-1)
+
+
+def cross_entropy(logits: Array, targets: Array, weights: Array) -> tuple[Array, Array, Array]:
+  """Token cross-entropy [batch, length, vocab] vs [batch, length] -> (mean loss over weighted
+  tokens, correct-token count, token count). Mean over tokens, as the paper's HF loss."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  tokens = jnp.sum(weights)
+  loss = jnp.sum(nll * weights) / jnp.maximum(tokens, 1.0)
+  correct = jnp.sum((jnp.argmax(logits, -1) == targets) * weights)
+  return loss, correct, tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderDecoderModel:
+  """A T5 (`module`) and the computations every part of elm_jax runs with it."""
+  module: Transformer
+
+  @classmethod
+  def build(cls, config: T5Config, expert: Optional[ExpertConfig] = None) -> "EncoderDecoderModel":
+    return cls(Transformer(config, expert))
+
+  @property
+  def config(self) -> T5Config:
+    return self.module.config
+
+  @property
+  def expert(self) -> Optional[ExpertConfig]:
+    return self.module.expert
+
+  # ------------------------------------------------------------------ training
+  def loss(self, params, batch: Batch, dropout_rng: Optional[Array] = None) -> tuple[Array, dict[str, Array]]:
+    """Loss of a batch ({encoder_input_tokens, decoder_input_tokens, decoder_target_tokens,
+    [decoder_loss_weights]}, each [batch, length]) in training mode: dropout and router jitter
+    draw from `dropout_rng` (needed only when they are on); Mixture-of-Experts layers use their
+    training capacity and add their weighted router losses. Metrics: loss, token accuracy,
+    tokens; for MoE also `cross_entropy`, the router losses and drop and load figures."""
+    rngs = {} if dropout_rng is None else {"dropout": dropout_rng}
+    inputs = (batch["encoder_input_tokens"], batch["decoder_input_tokens"])
+    moe = self.config.moe
+    if moe is None:
+      logits = self.module.apply({"params": params}, *inputs, deterministic=False, rngs=rngs)
+    else:
+      logits, state = self.module.apply({"params": params}, *inputs, deterministic=False, rngs=rngs,
+                                        mutable=["intermediates"])
+    targets = batch["decoder_target_tokens"]
+    weights = batch.get("decoder_loss_weights")
+    weights = (targets > 0).astype(jnp.float32) if weights is None else weights.astype(jnp.float32)
+    loss, correct, tokens = cross_entropy(logits, targets, weights)
+    metrics = {"loss": loss, "accuracy": correct / jnp.maximum(tokens, 1.0), "tokens": tokens}
+    if moe is not None:
+      # Switch load balancing + ST-MoE z-loss, weighted, on top of the cross-entropy.
+      auxiliary, router_metrics = router_losses_and_metrics(state, moe)
+      metrics.update(router_metrics, cross_entropy=loss)
+      loss = loss + auxiliary
+      metrics["loss"] = loss
+    return loss, metrics
+
+  # ------------------------------------------------------------------ evaluation
+  def encode(self, params, encoder_tokens: Array) -> tuple[Array, Array]:
+    """(encoder outputs [N, Li, emb], mask [N, Li]) of tokens [N, Li] (0 = padding)."""
+    mask = encoder_tokens != self.config.pad_id
+    return self.module.apply({"params": params}, encoder_tokens, mask, method=Transformer.encode), mask
+
+  def choice_log_likelihoods(self, params, encoder_tokens: Array, choice_targets: Array) -> Array:
+    """encoder_tokens [N, Li] (EOS included, 0 = padding), choice_targets [N, C, Lt] (EOS
+    included, 0 = padding) -> [N, C] float32: the sum of each choice's token log-probabilities,
+    teacher-forced. Each input is encoded once and shared by its C choices."""
+    cfg = self.config
+    n, c, lt = choice_targets.shape
+    encoded, mask = self.encode(params, encoder_tokens)
+    encoded = jnp.repeat(encoded, c, axis=0)
+    mask = jnp.repeat(mask, c, axis=0)
+    targets = choice_targets.reshape(n * c, lt)
+    logits = self.module.apply({"params": params}, encoded, mask, shift_right(targets, cfg.decoder_start_id),
+                               method=Transformer.decode)
+    per_token = token_log_likelihoods(logits, targets) * (targets != cfg.pad_id)
+    return per_token.sum(axis=-1).reshape(n, c)
+
+  def predict(self, params, encoder_tokens: Array, *, max_decode_length: int,
+              beam_size: int = 1) -> tuple[Array, Array]:
+    """Greedy (beam_size 1) or beam decoding of encoder_tokens [N, Li] -> (tokens [N,
+    max_decode_length], pad after EOS; scores [N])."""
+    if beam_size == 1:
+      return decoding.greedy_decode(self.module, params, encoder_tokens, max_decode_length=max_decode_length)
+    return decoding.beam_search(self.module, params, encoder_tokens, beam_size=beam_size,
+                                max_decode_length=max_decode_length)
+
+  # ------------------------------------------------------------------ retrieval
+  def encode_mean(self, params, tokens: Array) -> Array:
+    """tokens [N, L] (0 = padding) -> the mean of the encoder outputs over real tokens,
+    L2-normalised: [N, emb] float32."""
+    hidden, mask = self.encode(params, tokens)
+    weights = mask[..., None].astype(jnp.float32)
+    pooled = (hidden.astype(jnp.float32) * weights).sum(1) / jnp.maximum(weights.sum(1), 1.0)
+    return pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
+
