@@ -7,10 +7,11 @@ yours). Evaluation keeps at most 300 examples per task, chosen with seed 42, as 
 
 from __future__ import annotations
 
+import os
 import random
 from typing import Mapping, Optional
 
-from tasks import prompted, raw_sources
+from tasks import inventory, mixtures, prompted, raw_sources
 
 EVAL_EXAMPLES = 300
 EVAL_SEED = 42
@@ -45,3 +46,32 @@ def register_continual_task(name: str, split_files: Mapping[str, str], vocabular
   prompted.register_prompted_task(name, rows_fn, vocabulary, splits=tuple(split_files),
                                   score_eval=False, source=name)
   return name
+
+
+# ---------------------------------------------------------------------------- the cT0 experts
+CONTINUAL_DATA_DIR_ENV = "ELM_CONTINUAL_DATA_DIR"
+CONTINUAL_MIXTURE = inventory.CONTINUAL_MIXTURE
+CONTINUAL_EXPERTS = inventory.CONTINUAL_EXPERTS
+
+
+def register_continual_experts(data_dir: Optional[str] = None, vocabulary=None) -> list[str]:
+  """Registers the 10 continual experts' tasks (and the mixture `continual_10`) from local copies
+  of their data: `<data_dir or $ELM_CONTINUAL_DATA_DIR>/<expert name>/{train,validation}.jsonl`
+  with `source` / `target` fields (the cT0 JSON files, converted). Nothing is read until a
+  dataset is asked for; a missing directory is named then."""
+  root = data_dir or os.environ.get(CONTINUAL_DATA_DIR_ENV)
+  if vocabulary is None and os.environ.get(mixtures.T5_VOCAB_ENV):
+    vocabulary = mixtures.t5_vocabulary()
+  names = []
+  for expert in CONTINUAL_EXPERTS:
+    if not root or vocabulary is None:
+      # Registered anyway (a dry run needs no data); reading it says what to set.
+      mixtures.unavailable_task(expert.name, f"{expert.name}: set ${CONTINUAL_DATA_DIR_ENV} (holding "
+                                f"{expert.name}/train.jsonl and validation.jsonl) and ${mixtures.T5_VOCAB_ENV}")
+    else:
+      directory = os.path.join(root, expert.name)
+      files = {split: os.path.join(directory, f"{split}.jsonl") for split in ("train", "validation")}
+      register_continual_task(expert.name, files, vocabulary)
+    names.append(expert.name)
+  mixtures.add_mixture(CONTINUAL_MIXTURE, names)
+  return names

@@ -61,11 +61,13 @@ def _text(value) -> str:
   return str(value)
 
 
-def _source_rows(task, split: str, limit: int) -> list[dict[str, Any]]:
+def _source_rows(task, split: str, limit: Optional[int]) -> list[dict[str, Any]]:
   tf_input.tensorflow()
   if split not in task.source.splits:
     raise InstanceError(f"task {task.name!r}: no split {split!r}; it has {list(task.source.splits)}")
-  dataset = task.source.get_dataset(split=split, shuffle=False).take(limit)
+  dataset = task.source.get_dataset(split=split, shuffle=False)
+  if limit is not None:
+    dataset = dataset.take(limit)
   tf = tf_input.tensorflow()
   specs = tf.nest.flatten(dataset.element_spec)
   if not isinstance(dataset.element_spec, dict) or not all(
@@ -117,13 +119,13 @@ def _from_text_rows(rows: list[dict[str, Any]], task_name: str) -> list[dict[str
   return out
 
 
-def task_instances(name: str, split: str, limit: int) -> list[dict[str, Any]]:
-  """Up to `limit` instances of a registered task or mixture, in source order."""
+def task_instances(name: str, split: str, limit: Optional[int]) -> list[dict[str, Any]]:
+  """Up to `limit` instances (None: all) of a registered task or mixture, in source order."""
   if name in seqio.MixtureRegistry.names():
     members = [t.name for t in seqio.MixtureRegistry.get(name).tasks]
     per_member = [task_instances(m, split, limit) for m in members]
     out = []
-    for row in range(limit):
+    for row in range(max((len(r) for r in per_member), default=0) if limit is None else limit):
       out.extend(rows[row] for rows in per_member if row < len(rows))
     return out[:limit]
   if name not in seqio.TaskRegistry.names():
@@ -133,7 +135,7 @@ def task_instances(name: str, split: str, limit: int) -> list[dict[str, Any]]:
   task = seqio.TaskRegistry.get(eval_twin if eval_twin in seqio.TaskRegistry.names() else name)
   # Rank rows (one per choice) are expected from score-eval tasks: read enough for `limit` examples.
   expect_rank = task.name.endswith("_score_eval")
-  rows = _source_rows(task, split, limit * 64 if expect_rank else limit)
+  rows = _source_rows(task, split, None if limit is None else (limit * 64 if expect_rank else limit))
   if rows and "idx" in rows[0]:
     return _from_rank_rows(rows, task.name)[:limit]
   return _from_text_rows(rows[:limit], task.name)

@@ -1,10 +1,13 @@
 """The ELM task inventory: 296 prompt experts, 36 dataset experts, the held-out suite, BIG-bench,
 continual and compositional tasks, as shipped in tasks/elm_inventory.json (made by
-tools/make_task_inventory.py from the paper's public configs). Reading it needs no data.
+tools/make_task_inventory.py from the paper's public configs). Reading it needs no data. The
+experts' training plans are `elm_jax.training.plans`; the 10 continual experts (the inventory's
+8 continual tasks, gigaword as 3) are `tasks.continual.CONTINUAL_EXPERTS`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -16,9 +19,9 @@ from elm_jax.errors import UserInputError
 INVENTORY_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "elm_inventory.json")
 
 PROMPT_EXPERTS_MIXTURE = "elm_prompt_experts"
+CONTINUAL_MIXTURE = "continual_10"
 HELD_OUT_MIXTURE = "t0_eval_score"
 BIGBENCH_MIXTURE = "bigbench_13"
-CONTINUAL_MIXTURE = "continual_8"
 
 
 @functools.lru_cache(maxsize=1)
@@ -56,31 +59,42 @@ def mixtures() -> dict[str, list[str]]:
   for de in inv["dataset_experts"]:
     out[f"{de['name']}_all_prompts"] = list(de["prompt_experts"])
   out[HELD_OUT_MIXTURE] = [held_out_task_name(h) for h in inv["held_out"] if h["original_task"]]
-  out[BIGBENCH_MIXTURE] = [
-      f"bigbench_{b['task']}" + (f"_{s}" if s else "")
-      for b in inv["bigbench"] for s in (b["subtasks"] or [""])]
-  out[CONTINUAL_MIXTURE] = [c["task"] for c in inv["continual"]]
+  out[BIGBENCH_MIXTURE] = [f"bigbench_{b['task']}_score_eval" for b in inv["bigbench"]]
   return out
 
 
-def expert_group(kind: str, group: int, group_size: int) -> list[str]:
-  """The `group`-th block of `group_size` experts to train together (vmapped): kind 'prompt'
-  (the 296 prompt experts, as SeqIO task names) or 'dataset' (the 36 `<dataset>_all_prompts`
-  mixtures), in inventory order. The last group may be smaller."""
-  inv = load_inventory()
-  if kind == "prompt":
-    names = [p["name"] for p in inv["prompt_experts"]]
-  elif kind == "dataset":
-    names = [f"{d['name']}_all_prompts" for d in inv["dataset_experts"]]
-  else:
-    raise UserInputError(f"expert_group.kind: expected 'prompt' or 'dataset', got {kind!r}")
-  groups = -(-len(names) // group_size) if group_size > 0 else 0
-  if group_size < 1 or not 0 <= group < groups:
-    raise UserInputError(f"expert_group: group {group} of size {group_size}; the {len(names)} {kind} "
-                         f"experts make groups 0..{groups - 1}")
-  return names[group * group_size:(group + 1) * group_size]
+@dataclasses.dataclass(frozen=True)
+class ContinualExpert:
+  """One continual-learning expert of the paper (ELM_NOTES §2.3): `task` is the inventory's
+  row it expands, `prompt` its training prompt, `metric` the one the authors' tables report for
+  it and `metric_here` the one `elm-jax eval` reports (BERTScore needs microsoft/deberta-large-mnli,
+  which cannot be shipped: ROUGE-L stands in for it)."""
+  name: str
+  task: str
+  dataset: str
+  prompt: str
+  batch_size: int
+  epochs: int
+  metric: str
+  metric_here: str
+  max_samples: int = 100_000
 
 
-def continual_tasks() -> list[str]:
-  """The 8 continual-learning tasks' SeqIO names (the `continual_8` mixture's members)."""
-  return list(mixtures()[CONTINUAL_MIXTURE])
+def _expert(task, dataset, prompt, batch, epochs, metric):
+  here = {"BLEU": "bleu", "ROUGE-1": "rouge1", "BERTScore": "rougeL"}[metric]
+  name = "ct0_" + "".join(c if c.isalnum() else "_" for c in f"{dataset}_{prompt}").strip("_")
+  return ContinualExpert(name, task, dataset, prompt, batch, epochs, metric, here)
+
+
+# The 8 cT0 tasks as 10 experts: gigaword with constraints is trained as 3 (one per constraint).
+CONTINUAL_EXPERTS = (
+    _expert("wiki_auto (simplification)", "wiki_auto", "simplification_1", 2, 1, "BLEU"),
+    *[_expert("gigaword with constraints", "gigaword", f"constrain_{c}+make_a_title", 8, 1, "ROUGE-1")
+      for c in ("contain", "end", "start")],
+    _expert("haiku", "haiku", "do_nothing", 8, 10, "ROUGE-1"),
+    _expert("covid_qa", "covid_qa", "covid_qa_deepset", 8, 50, "BERTScore"),
+    _expert("eli5", "eli5", "generate_a_question_1", 4, 2, "BERTScore"),
+    _expert("empathetic_dialogues", "empathetic_dialogues", "dialogue_with_emotion", 4, 2, "BERTScore"),
+    _expert("esnli", "esnli", "explain_why", 8, 1, "BERTScore"),
+    _expert("twitter_top20", "twitter_top20", "tweet_as+about", 8, 8, "BERTScore"),
+)

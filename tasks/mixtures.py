@@ -1,17 +1,35 @@
-"""SeqIO tasks and mixtures of the ELM inventory over a local P3 copy.
+"""SeqIO tasks and mixtures of the ELM inventory, as the paper's runs used them.
 
-- `elm_pe_<p3 subset>`: one task per prompt expert (296), its training data cut to the expert's
-  sample budget: the first N after a seeded shuffle (seed 42, buffer max(N, 10k)). The paper
-  took torch.randperm(seed=42) over the whole split, so the same number of examples, not the
-  same examples.
-- `<dataset>_all_prompts`: one mixture per dataset expert (36), each prompt capped at the
-  dataset expert's per-prompt budget.
-- `t0_train`: every training prompt, mixed at T0's rate: a prompt's train-example count, or
-  500,000 / (the dataset's prompt count) when the dataset has more than 500,000 examples.
-- `t0_eval_score`: the 113 original-task held-out prompts (P3 `_score_eval` subsets), scored by
-  rank classification.
+- `elm_pe_<name>`: one task per prompt expert (296). Its train split is cut to the expert's
+  sample budget as the paper's code draws it: the first N of a seed-42 permutation of the
+  whole split, or the first N rows for the task classes that took those (wiki_hop,
+  amazon_polarity, yelp, dbpedia, imdb, gigaword, multi_news), or the whole split (trec). The
+  permutation is numpy's (`default_rng(42)`), not torch's `randperm(42)`: the same number of
+  examples from the same split, not the same examples. Every input ends with exactly one EOS, as
+  the paper's T5 tokenizer ends it (P3 caches inputs without EOS: t-zero tokenized them with
+  add_eos=False); an input that already ends with EOS is left alone.
+- `<dataset>_all_prompts`: one mixture per adapter dataset expert (36), each prompt cut to the
+  per-prompt budget of the paper's `*_all` config, mixed in proportion to their sizes (the
+  paper concatenated them).
+- `<dataset>_random_prompt`: the full-parameter dataset experts' data: the dataset's prompts at
+  equal rates, each cut to the same 100k-example permutation, so each example is seen under a
+  random prompt (the paper drew one per example per epoch).
+- `t0_train`: T0's training mixture: every P3 training subset of T0's training datasets found
+  in the local copy (not only ELM's 296 prompts), each at T0's rate, its example count capped
+  at 500,000 / (that dataset's number of subsets). Inputs keep T0's convention (no EOS).
+- `t0_eval_score`: the 113 original-task held-out prompts (P3 `_score_eval` subsets; hellaswag's
+  `how_ends`, which P3 keeps only as text-to-text, is ranked from its answer choices).
 
-Registration reads no data: counts for mixing rates are read when a mixture is first used.
+Not in P3 as published (checked against P3's subset list): adversarial_qa's combined
+`adversarialQA` config, commonsense_qa, hotpot_qa `fullwiki` (16 prompt experts) and
+story_cloze 2016 (5 held-out prompts). Those are built from raw data and promptsource-format
+templates (`tasks.templated`): `$ELM_RAW_DATA_DIR/<dataset>[/<subset>]/<split>.jsonl|.csv` or a
+`datasets.save_to_disk` directory there, `$ELM_PROMPTSOURCE_DIR/<dataset>[/<subset>]/templates.yaml`,
+tokenized with `$ELM_T5_VOCAB` (T5's spiece.model). Registered without them, such a task says
+what to set when its data is first read.
+
+Registration reads no data: counts for budgets and mixing rates are read when a dataset is
+first requested.
 """
 
 from __future__ import annotations
@@ -19,16 +37,57 @@ from __future__ import annotations
 import functools
 import json
 import os
-from typing import Optional
+import re
+from typing import Callable, Optional
 
+import numpy as np
 import seqio
 
 from elm_jax import tf_input
 from elm_jax.errors import UserInputError
-from tasks import inventory, p3, rank_classification, templated
+from tasks import inventory, p3, rank_classification, templated, templates
 
 T0_MAX_EXAMPLES_PER_DATASET = 500_000
 SHUFFLE_SEED = 42
+EOS_ID = 1
+RAW_DATA_DIR_ENV = "ELM_RAW_DATA_DIR"
+PROMPTSOURCE_DIR_ENV = "ELM_PROMPTSOURCE_DIR"
+T5_VOCAB_ENV = "ELM_T5_VOCAB"
+# (dataset, subset) of the inventory that P3 as published does not hold.
+NOT_IN_P3 = {("adversarial_qa", "adversarialQA"), ("commonsense_qa", None), ("hotpot_qa", "fullwiki"),
+             ("story_cloze", "2016")}
+# Task classes of the paper's code that take the first N rows (ELM_NOTES §1.5).
+FIRST_ROWS_DATASETS = {"wiki_hop", "amazon_polarity", "yelp_review_full", "dbpedia_14", "imdb", "gigaword",
+                       "multi_news"}
+# T0's training datasets (t-zero's datasets.csv, do_train) as P3 subset-name prefixes.
+T0_TRAIN_DATASETS = (
+    "adversarial_qa_dbidaf", "adversarial_qa_dbert", "adversarial_qa_droberta", "ag_news",
+    "amazon_polarity", "app_reviews", "cnn_dailymail_3.0.0", "common_gen", "cos_e_v1.11", "cosmos_qa",
+    "dbpedia_14", "dream", "duorc_ParaphraseRC", "duorc_SelfRC", "gigaword", "glue_mrpc", "glue_qqp",
+    "imdb", "kilt_tasks_hotpotqa", "multi_news", "paws_labeled_final", "qasc", "quail", "quarel",
+    "quartz", "quoref", "ropes", "rotten_tomatoes", "samsum", "sciq", "social_i_qa", "trec", "wiki_bio",
+    "wiki_hop_original", "wiki_qa", "wiqa", "xsum", "yelp_review_full")
+
+
+def prompt_expert_task(name: str) -> str:
+  return f"elm_pe_{name}"
+
+
+def dataset_expert_mixture(name: str) -> str:
+  return f"{name}_all_prompts"
+
+
+def random_prompt_mixture(name: str) -> str:
+  return f"{name}_random_prompt"
+
+
+def t5_vocabulary():
+  """T5's SentencePiece vocabulary from $ELM_T5_VOCAB (read when first used)."""
+  path = os.environ.get(T5_VOCAB_ENV)
+  if not path:
+    raise MixtureError(f"${T5_VOCAB_ENV} is not set: point it at T5's spiece.model (e.g. the "
+                       "backbone checkpoint's) to tokenize tasks built from raw data")
+  return seqio.SentencePieceVocabulary(path)
 
 
 class MixtureError(UserInputError):
@@ -48,23 +107,78 @@ def add_mixture(name: str, members, default_rate=1.0, source: str = "mixture def
   seqio.MixtureRegistry.add(name, list(members), default_rate=default_rate)
 
 
-def _take_budget(budget: Optional[int]):
-  def preprocess(dataset):
-    if budget is None:
-      return dataset
-    return dataset.shuffle(max(budget, 10_000), seed=SHUFFLE_SEED,
-                           reshuffle_each_iteration=False).take(budget)
-  return preprocess
+def budget_rows(n: int, budget: Optional[int], sampling: str, seed: int = SHUFFLE_SEED) -> Optional[np.ndarray]:
+  """Which of a split's n rows an expert trains on: a bool mask [n] ('permutation': the first
+  `budget` of a seed-`seed` permutation; 'first': the first `budget`), or None for all rows."""
+  if budget is None or sampling == "all" or n <= budget:
+    return None
+  keep = np.zeros(n, bool)
+  if sampling == "first":
+    keep[:budget] = True
+  elif sampling == "permutation":
+    keep[np.random.default_rng(seed).permutation(n)[:budget]] = True
+  else:
+    raise MixtureError(f"sampling: expected 'permutation', 'first' or 'all', got {sampling!r}")
+  return keep
+
+
+def _budgeted_source(base: seqio.DataSource, budget: Optional[int], sampling: str,
+                     count: Callable[[], int]) -> seqio.DataSource:
+  """`base` with its train split cut to `budget` rows (`budget_rows`); rows are read in file
+  order so that row indices are the split's, then shuffled downstream by SeqIO."""
+  tf = tf_input.tensorflow()
+
+  def dataset_fn(split, shuffle_files, seed=None):
+    if split != "train" or budget is None or sampling == "all":
+      return base.get_dataset(split=split, shuffle=shuffle_files, seed=seed)
+    ds = base.get_dataset(split=split, shuffle=False)
+    if sampling == "first":
+      return ds.take(budget)
+    keep = budget_rows(count(), budget, sampling)
+    if keep is None:
+      return ds
+    mask = tf.constant(keep)
+    return ds.enumerate().filter(lambda i, ex: tf.gather(mask, i)).map(lambda i, ex: ex)
+  return seqio.FunctionDataSource(dataset_fn, splits=base.splits)
+
+
+def append_eos(dataset):
+  """Ends every (tokenized) input with exactly one EOS, as the T5 tokenizer ends text."""
+  tf = tf_input.tensorflow()
+
+  def add(example):
+    inputs = example["inputs"]
+    ends = tf.logical_and(tf.size(inputs) > 0, tf.equal(inputs[-1], EOS_ID))
+    example = dict(example)
+    example["inputs"] = tf.cond(ends, lambda: inputs, lambda: tf.concat(
+        [inputs, tf.constant([EOS_ID], inputs.dtype)], 0))
+    return example
+  return dataset.map(add)
 
 
 def num_train_examples(subset: str, data_dir: Optional[str] = None) -> int:
   """Train-split size of a P3 subset: `stats.train.json`'s `examples`, else a record count."""
+  known = known_train_sizes([subset], data_dir)
+  if subset in known:
+    return known[subset]
   directory = os.path.join(p3.p3_data_root(data_dir), subset)
-  stats = os.path.join(directory, "stats.train.json")
-  if os.path.isfile(stats):
-    with open(stats) as f:
-      return int(json.load(f)["examples"])
   return _count_records(tuple(p3.shard_files(directory, "train")))
+
+
+def known_train_sizes(subsets, data_dir: Optional[str] = None) -> dict[str, int]:
+  """{subset: train-split size} for the subsets whose `stats.train.json` a local P3 copy holds
+  (nothing else is read)."""
+  root = p3.p3_data_root(data_dir)
+  out = {}
+  for subset in subsets:
+    stats = os.path.join(root, subset, "stats.train.json")
+    if os.path.isfile(stats):
+      try:
+        with open(stats) as f:
+          out[subset] = int(json.load(f)["examples"])
+      except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise p3.P3DataError(f"{stats}: expected {{\"examples\": integer}} ({e})") from None
+  return out
 
 
 @functools.lru_cache(maxsize=None)
@@ -73,36 +187,69 @@ def _count_records(files: tuple[str, ...]) -> int:
   return int(sum(1 for f in files for _ in tf.data.TFRecordDataset(f)))
 
 
+def _source_task(dataset: str, subset: Optional[str], name: str, data_dir: Optional[str],
+                 template: Optional[str] = None) -> seqio.Task:
+  """The raw (unbudgeted) task of a P3 subset name: read from P3, or, for datasets P3 does not
+  hold, built from raw data and promptsource templates (`raw_templated_task`)."""
+  if name in seqio.TaskRegistry.names():
+    return seqio.TaskRegistry.get(name)
+  if (dataset, subset) in NOT_IN_P3:
+    return raw_templated_task(name, dataset, subset, template or name, score_eval=False)
+  return p3.register_p3_task(name, data_dir)
+
+
+def _register_budgeted(name: str, source: seqio.Task, budget: Optional[int], sampling: str,
+                       count: Callable[[], int], eos: bool = True) -> str:
+  """`source` with its train split cut to the budget. A P3 task (pre-tokenized, no
+  preprocessors) gets `append_eos`; a task rendered from raw text keeps its own tokenization,
+  which ends inputs with EOS already."""
+  if name not in seqio.TaskRegistry.names():
+    preprocessors = list(source.preprocessors) or ([append_eos] if eos else [])
+    seqio.TaskRegistry.add(name, source=_budgeted_source(source.source, budget, sampling, count),
+                           output_features=source.output_features, preprocessors=preprocessors,
+                           metric_fns=[])
+  return name
+
+
+def _sampling(dataset: str, budget: Optional[int]) -> str:
+  return "all" if budget is None else ("first" if dataset in FIRST_ROWS_DATASETS else "permutation")
+
+
 def register_elm_tasks(data_dir: Optional[str] = None) -> dict[str, list[str]]:
   """Registers the prompt-expert tasks and the mixtures above; returns mixture -> members."""
-
   inv = inventory.load_inventory()
   registered: dict[str, list[str]] = {}
-  prompts_per_dataset: dict[str, int] = {}
-  for de in inv["dataset_experts"]:
-    prompts_per_dataset.update({name: len(de["prompt_experts"]) for name in de["prompt_experts"]})
+  rows = {pe["name"]: pe for pe in inv["prompt_experts"]}
+  count = lambda subset: (lambda: train_size(subset, data_dir))  # noqa: E731
 
   for pe in inv["prompt_experts"]:
-    p3.register_p3_task(pe["name"], data_dir)  # the raw P3 subset, under its own name
-    _register_budgeted(seqio, f"elm_pe_{pe['name']}", pe["name"], pe["max_train_samples"], data_dir)
+    source = _source_task(pe["dataset"], pe["subset"], pe["name"], data_dir, pe["prompt"])
+    budget = pe["max_train_samples"]
+    _register_budgeted(prompt_expert_task(pe["name"]), source, budget, _sampling(pe["dataset"], budget),
+                       count(pe["name"]))
 
   for de in inv["dataset_experts"]:
-    budget = (de["adapter_config"] or {}).get("max_train_samples")
+    config = de["adapter_config"] or {"max_train_samples": rows[de["prompt_experts"][0]]["max_train_samples"]}
+    budget = config["max_train_samples"]
     members = []
     for name in de["prompt_experts"]:
-      members.append(_register_budgeted(seqio, f"elm_de_{name}", name, budget, data_dir))
-    mixture = f"{de['name']}_all_prompts"
-    add_mixture(mixture, members)
-    registered[mixture] = members
+      source = seqio.TaskRegistry.get(name)
+      members.append(_register_budgeted(f"elm_de_{name}", source, budget, _sampling(de["dataset"], budget),
+                                        count(name)))
+    # The paper concatenates the prompts' examples: each member's share is its size.
+    rate = lambda task, b=budget: float(min(b, train_size(task.name[len("elm_de_"):], data_dir))  # noqa: E731
+                                        if b is not None else train_size(task.name[len("elm_de_"):], data_dir))
+    add_mixture(dataset_expert_mixture(de["name"]), members, default_rate=rate)
+    registered[dataset_expert_mixture(de["name"])] = members
+    # The full-parameter dataset expert: one 100k permutation, each example under a random prompt.
+    full = []
+    for name in de["prompt_experts"]:
+      full.append(_register_budgeted(f"elm_fde_{name}", seqio.TaskRegistry.get(name), 100_000, "permutation",
+                                     count(name)))
+    add_mixture(random_prompt_mixture(de["name"]), full)
+    registered[random_prompt_mixture(de["name"])] = full
 
-  def t0_rate(task) -> float:
-    count = num_train_examples(task.name, data_dir)
-    if count > T0_MAX_EXAMPLES_PER_DATASET:
-      return T0_MAX_EXAMPLES_PER_DATASET // prompts_per_dataset[task.name]
-    return count
-
-  train = [pe["name"] for pe in inv["prompt_experts"]]
-  add_mixture("t0_train", train, default_rate=t0_rate)
+  train = register_t0_train(data_dir)
   registered["t0_train"] = train
 
   held_out = []
@@ -110,36 +257,165 @@ def register_elm_tasks(data_dir: Optional[str] = None) -> dict[str, list[str]]:
     if not entry["original_task"]:
       continue
     name = inventory.held_out_task_name(entry)
-    p3.register_p3_task(name, data_dir,
-                        postprocess_fn=rank_classification.rank_classification_postprocessor,
-                        metric_fns=[rank_classification.seqio_rank_classification])
+    if name not in seqio.TaskRegistry.names():
+      subset = "2016" if entry["dataset"] == "story_cloze" else entry["subset"]
+      if (entry["dataset"], subset) in NOT_IN_P3:
+        raw_templated_task(name[:-len("_score_eval")], entry["dataset"], subset, entry["prompt"],
+                           score_eval=True)
+      else:
+        # P3 keeps hellaswag's how_ends only as text-to-text: its rows carry the answer choices,
+        # which rank classification reads (tasks.instances).
+        p3_name = name if name != "hellaswag_how_ends_score_eval" else "hellaswag_how_ends"
+        base = p3.register_p3_task(p3_name, data_dir,
+                                   postprocess_fn=rank_classification.rank_classification_postprocessor,
+                                   metric_fns=[rank_classification.seqio_rank_classification])
+        if p3_name != name:
+          seqio.TaskRegistry.add(name, source=base.source, output_features=base.output_features,
+                                 preprocessors=[append_eos], metric_fns=[])
     held_out.append(name)
   add_mixture(inventory.HELD_OUT_MIXTURE, held_out)
   registered[inventory.HELD_OUT_MIXTURE] = held_out
   return registered
 
 
-def _register_budgeted(seqio, name: str, subset: str, budget: Optional[int], data_dir) -> str:
-  if name not in seqio.TaskRegistry.names():
-    raw = seqio.TaskRegistry.get(subset) if subset in seqio.TaskRegistry.names() else \
-        p3.register_p3_task(subset, data_dir)
-    seqio.TaskRegistry.add(name, source=raw.source, output_features=raw.output_features,
-                           preprocessors=[_take_budget(budget)], metric_fns=[])
-  return name
+@functools.lru_cache(maxsize=None)
+def train_size(subset: str, data_dir: Optional[str] = None) -> int:
+  """The train-split size of a subset (cached per process): from P3's stats file or records, or,
+  for a task built from raw data, by counting its rendered training rows."""
+  task = seqio.TaskRegistry.get(subset) if subset in seqio.TaskRegistry.names() else None
+  if task is not None and task.preprocessors:  # rendered from raw data
+    return int(sum(1 for _ in task.source.get_dataset(split="train", shuffle=False)))
+  return num_train_examples(subset, data_dir)
+
+
+def t0_train_subsets(data_dir: Optional[str] = None) -> list[str]:
+  """Every P3 training subset of T0's training datasets in the local copy (sorted), i.e. every
+  prompt T0 trained on: subsets named `<dataset>_<prompt>` with a train split, not `_score_eval`."""
+  root = p3.p3_data_root(data_dir)
+  out = []
+  for subset in sorted(os.listdir(root)):
+    if subset.endswith("_score_eval") or not os.path.isdir(os.path.join(root, subset)):
+      continue
+    if any(subset.startswith(prefix + "_") for prefix in T0_TRAIN_DATASETS) and \
+        os.path.isfile(os.path.join(root, subset, "info.train.json")):
+      out.append(subset)
+  return out
+
+
+def t0_dataset(subset: str) -> str:
+  """The T0 training dataset a P3 subset belongs to (the longest matching prefix)."""
+  return max((p for p in T0_TRAIN_DATASETS if subset.startswith(p + "_")), key=len)
+
+
+def register_t0_train(data_dir: Optional[str] = None) -> list[str]:
+  """`t0_train`: every subset of `t0_train_subsets`, at T0's rate: its train-example count, or
+  500,000 / (the number of its dataset's subsets) when the dataset has more than 500,000
+  examples. Subsets are read as P3 publishes them (inputs without EOS, T0's convention). The
+  subset list is read from the local copy when the mixture is first registered."""
+  if "t0_train" in seqio.MixtureRegistry.names():
+    return [t.name for t in seqio.MixtureRegistry.get("t0_train").tasks]
+  try:
+    subsets = t0_train_subsets(data_dir)
+  except p3.P3DataError:
+    return []  # no local P3 copy: `t0_train` is registered once there is one
+  per_dataset: dict[str, int] = {}
+  for subset in subsets:
+    per_dataset[t0_dataset(subset)] = per_dataset.get(t0_dataset(subset), 0) + 1
+  for subset in subsets:
+    p3.register_p3_task(subset, data_dir)
+
+  def t0_rate(task) -> float:
+    n = train_size(task.name, data_dir)
+    if n > T0_MAX_EXAMPLES_PER_DATASET:
+      return T0_MAX_EXAMPLES_PER_DATASET // per_dataset[t0_dataset(task.name)]
+    return n
+  if subsets:
+    add_mixture("t0_train", subsets, default_rate=t0_rate)
+  return subsets
+
+
+def raw_templated_task(name: str, dataset: str, subset: Optional[str], template_name: str, *,
+                       score_eval: bool) -> seqio.Task:
+  """Task `name` (and `name_score_eval` when its template has answer choices) rendered from raw
+  data with a promptsource-format template (`tasks.templated`). The template is the one of
+  `$ELM_PROMPTSOURCE_DIR/<dataset>[/<subset>]/templates.yaml` whose name matches `template_name`
+  once P3's naming is applied (runs of other characters than letters, digits, '.' and '_'
+  become '_'). Without the three environment variables the task is registered anyway and says
+  what to set when its data is first read."""
+  relative = os.path.join(dataset, subset) if subset else dataset
+  raw_root, templates_root = os.environ.get(RAW_DATA_DIR_ENV), os.environ.get(PROMPTSOURCE_DIR_ENV)
+  if not (raw_root and templates_root and os.environ.get(T5_VOCAB_ENV)):
+    message = (f"{name}: {relative} is not in P3 as published; build it from raw data and templates "
+               f"by setting ${RAW_DATA_DIR_ENV} (holding {relative}/), ${PROMPTSOURCE_DIR_ENV} "
+               f"(promptsource's templates folder) and ${T5_VOCAB_ENV}")
+    if score_eval:
+      unavailable_task(name + "_score_eval", message)
+    return unavailable_task(name, message)
+  template_file = os.path.join(templates_root, relative, "templates.yaml")
+  data_dir = os.path.join(raw_root, relative)
+  sources = {split: _raw_source(data_dir, split) for split in ("train", "validation")}
+  matched = _template_by_p3_name(template_file, template_name)
+  templated.register_templated_task(name, template_file, matched, t5_vocabulary(), sources=sources)
+  return seqio.TaskRegistry.get(name)
+
+
+def _raw_source(directory: str, split: str) -> str:
+  for suffix in (".jsonl", ".json", ".csv", ".tsv"):
+    path = os.path.join(directory, split + suffix)
+    if os.path.isfile(path):
+      return path
+  return f"hf:{directory}"
+
+
+def _template_by_p3_name(template_file: str, wanted: str) -> str:
+  if not os.path.isfile(template_file):
+    raise MixtureError(f"{template_file}: promptsource templates file not found")
+  names = list(templates.load_templates(template_file))
+  p3_name = lambda n: re.sub(r"[^\w\d\._]+", "_", n)  # noqa: E731
+  for name in names:
+    if name == wanted or p3_name(name) == wanted or p3_name(name).strip("_") == wanted.strip("_"):
+      return name
+  raise MixtureError(f"{template_file}: no template named like {wanted!r}; it has {sorted(names)}")
+
+
+def unavailable_task(name: str, message: str) -> seqio.Task:
+  """A registered task whose data, when read, raises `message` (what to set to get it)."""
+  if name in seqio.TaskRegistry.names():
+    return seqio.TaskRegistry.get(name)
+
+  def dataset_fn(split, shuffle_files, seed=None):
+    raise p3.P3DataError(message)
+  vocabulary = seqio.PassThroughVocabulary(size=32128, eos_id=1)
+  return seqio.TaskRegistry.add(
+      name, source=seqio.FunctionDataSource(dataset_fn, splits=p3.SPLITS),
+      output_features={"inputs": seqio.Feature(vocabulary, add_eos=False, dtype="int32"),
+                       "targets": seqio.Feature(vocabulary, add_eos=False, dtype="int32")},
+      preprocessors=[], metric_fns=[])
+
+
+# The paper's list repeats one sub-task (`retrieval/make_benchmarks.py`), so its examples count
+# twice in that task's score; kept, as the paper reports it.
+BIGBENCH_REPEATED_SUBTASKS = {"conceptual_combinations": ("homonyms",)}
 
 
 def register_bigbench_13(data_dir: str, vocabulary) -> list[str]:
   """The paper's 13 BIG-bench tasks from a BIG-bench checkout's `benchmark_tasks` directory
-  (`<task>/task.json`, or `<task>/<subtask>/task.json` for tasks with sub-tasks) as
-  `bigbench_<task>[_<subtask>]` tasks and the mixture `bigbench_13` of their _score_eval twins.
-  Files are read when a dataset is requested."""
-
+  (`<task>/task.json`, or `<task>/<subtask>/task.json` for tasks with sub-tasks): each sub-task
+  as `bigbench_<task>_<subtask>`, each of the 13 tasks as `bigbench_<task>` holding its
+  sub-tasks' examples together (the paper groups them so; conceptual_combinations' homonyms
+  twice, as its list has them), and the mixture `bigbench_13` of the 13 tasks' _score_eval
+  twins. Files are read when a dataset is requested."""
   members = []
   for entry in inventory.load_inventory()["bigbench"]:
-    for subtask in entry["subtasks"] or [None]:
-      parts = [entry["task"]] + ([subtask] if subtask else [])
+    task = entry["task"]
+    paths = []
+    subtasks = list(entry["subtasks"]) + list(BIGBENCH_REPEATED_SUBTASKS.get(task, ()))
+    for subtask in subtasks or [None]:
+      parts = [task] + ([subtask] if subtask else [])
       path = os.path.join(data_dir, *parts, "task.json")
-      names = templated.register_bigbench_task("bigbench_" + "_".join(parts), path, vocabulary)
-      members.append(names[-1])
+      paths.append(path)
+      if subtask:
+        templated.register_bigbench_task("bigbench_" + "_".join(parts), path, vocabulary)
+    members.append(templated.register_bigbench_group(f"bigbench_{task}", paths, vocabulary)[-1])
   add_mixture(inventory.BIGBENCH_MIXTURE, members)
   return members

@@ -69,15 +69,26 @@ def _template_fields(template_file: str, template_name: str) -> set[str]:
   return {"answer_choices"} if template is not None and template.answer_choices else set()
 
 
+def _bigbench_rows(path: str) -> list[dict[str, Any]]:
+  task = bigbench.load_bigbench_task(path)
+  rows = []
+  for example in task.examples:
+    inputs, choices, correct = bigbench.format_example(task, example)
+    rows.append({"inputs": inputs, "targets": choices[correct], "answer_choices": choices, "label": correct})
+  return rows
+
+
 def register_bigbench_task(name: str, path: str, vocabulary) -> list[str]:
   """A BIG-bench JSON task as `name` (text-to-text) and `name_score_eval` (rank classification),
   both on the `validation` split (BIG-bench tasks are evaluation-only here)."""
+  return register_bigbench_group(name, [path], vocabulary)
+
+
+def register_bigbench_group(name: str, paths: list[str], vocabulary) -> list[str]:
+  """One task whose examples are those of every task.json in `paths`, in order (a path listed
+  twice gives its examples twice): a BIG-bench task with sub-tasks, grouped as the paper's
+  `make_benchmarks.py` groups them."""
   def rows_fn(split: str):
-    task = bigbench.load_bigbench_task(path)
-    rows = []
-    for example in task.examples:
-      inputs, choices, correct = bigbench.format_example(task, example)
-      rows.append({"inputs": inputs, "targets": choices[correct], "answer_choices": choices,
-                   "label": correct})
-    return rows
-  return prompted.register_prompted_task(name, rows_fn, vocabulary, splits=("validation",), source=path)
+    return [row for path in paths for row in _bigbench_rows(path)]
+  return prompted.register_prompted_task(name, rows_fn, vocabulary, splits=("validation",),
+                                         source=", ".join(dict.fromkeys(paths)))

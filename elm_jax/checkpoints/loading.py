@@ -26,8 +26,9 @@ class LoadedModel:
 
 
 def load_model_checkpoint(path: str, config: Optional[T5Config] = None,
-                          dtype: Optional[str] = None) -> LoadedModel:
-  """Loads any supported checkpoint; `dtype` sets the activation dtype (params stay float32)."""
+                          dtype: Optional[str] = None, softmax_vocab_size: Optional[int] = None) -> LoadedModel:
+  """Loads any supported checkpoint; `dtype` sets the activation dtype (params stay float32),
+  `softmax_vocab_size` the logits scores are normalised over (default: all)."""
   if not os.path.exists(path):
     raise hf.CheckpointError(f"{path}: checkpoint directory not found")
   kind = t5x.detect_checkpoint_format(path)
@@ -47,4 +48,6 @@ def load_model_checkpoint(path: str, config: Optional[T5Config] = None,
         break
   if dtype is not None:
     config = config.replace(dtype=dtype)
+  if softmax_vocab_size is not None:
+    config = config.replace(softmax_vocab_size=softmax_vocab_size)
   return LoadedModel(config, EncoderDecoderModel.build(config), params, vocab_path, path)

@@ -26,7 +26,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--output_dir", required=True)
   parser.add_argument("--overwrite", action="store_true", help="replace an existing --output_dir")
   parser.add_argument("--split", default="validation")
-  parser.add_argument("--max_examples", type=flags.positive_int, default=defaults.MAX_EXAMPLES, help="per task")
+  parser.add_argument("--max_examples", type=flags.positive_int_or_all, default=defaults.MAX_EXAMPLES,
+                      help="per task, or 'all' (the paper evaluates full validation splits)")
+  parser.add_argument("--softmax_vocab_size", type=flags.positive_int, default=None,
+                      help="log-softmax over the first N logits (the paper: 32100); default: what the "
+                           "experts were trained with")
   parser.add_argument("--batch_size", type=flags.positive_int, default=defaults.BATCH_SIZE)
   parser.add_argument("--expert_chunk", type=flags.positive_int, default=None,
                       help="experts per device pass (memory)")
@@ -47,7 +51,7 @@ def main(args: argparse.Namespace) -> int:
   tasks = expert_eval.member_tasks(args.task)
   loaded = load_experts(args.library, args.experts, checkpoint=args.checkpoint, force=args.force,
                         check_integrity=not args.skip_integrity_check,
-                        config=gin_utils.model_config_or_none())
+                        config=gin_utils.model_config_or_none(), softmax_vocab_size=args.softmax_vocab_size)
   results = []
   start = time.perf_counter()
   for task in tasks:

@@ -50,3 +50,10 @@ def add_integrity_flag(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--skip_integrity_check", action="store_true",
                       help="load library files without comparing them with the manifest's sha256 "
                            "(each such load prints a warning)")
+
+
+def positive_int_or_all(text: str):
+  """A positive integer, or 'all' (None: no limit)."""
+  if text == "all":
+    return None
+  return _integer(text, 1, "a positive integer or 'all'")

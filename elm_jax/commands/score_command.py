@@ -49,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="SentencePiece model (default: spiece.model in the checkpoint directory)")
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                       help="activation dtype (parameters stay float32)")
+  parser.add_argument("--softmax_vocab_size", type=flags.positive_int, default=None,
+                      help="log-softmax over the first N logits only (the paper: 32100, its tokenizer's "
+                           "size); with --library the default is what the experts were trained with")
   flags.add_integrity_flag(parser)
 
 
@@ -94,7 +97,7 @@ def score_records(records, scorer: rank_scoring.RankScorer, vocabulary, *,
 def score_with_library(args: argparse.Namespace, records) -> list[dict[str, Any]]:
   loaded = load_experts(args.library, args.experts, checkpoint=args.checkpoint, dtype=args.dtype,
                         vocabulary=args.vocabulary, check_integrity=not args.skip_integrity_check,
-                        config=gin_utils.model_config_or_none())
+                        config=gin_utils.model_config_or_none(), softmax_vocab_size=args.softmax_vocab_size)
   rows = [{"inputs": r["inputs"], "answer_choices": r["choices"]} for r in records]
   scores, counts = score_instances(loaded, rows, batch_size=args.batch_size,
                                    expert_chunk=args.expert_chunk, max_input_length=args.max_input_length,
@@ -122,7 +125,7 @@ def main(args: argparse.Namespace) -> int:
   if not args.checkpoint:
     raise InputError("pass --checkpoint=DIR (a T5 checkpoint) or --library=DIR (an Expert Library)")
   checkpoint = loading.load_model_checkpoint(args.checkpoint, config=gin_utils.model_config_or_none(),
-                                             dtype=args.dtype)
+                                             dtype=args.dtype, softmax_vocab_size=args.softmax_vocab_size)
   vocab_path = args.vocabulary or checkpoint.vocab_path
   if vocab_path is None:
     raise InputError(f"{args.checkpoint}: no spiece.model in the checkpoint directory; "

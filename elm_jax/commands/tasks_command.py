@@ -40,12 +40,15 @@ def main(args: argparse.Namespace) -> int:
         "original-task prompts, rank classification):")
   for dataset, n in counts.items():
     print(f"  {dataset}: {n} prompts")
-  print(f"\nBIG-bench ({inventory.BIGBENCH_MIXTURE}, {len(inv['bigbench'])} tasks):")
+  print(f"\nBIG-bench ({inventory.BIGBENCH_MIXTURE}, {len(inv['bigbench'])} tasks; sub-tasks grouped "
+        "into their task, as the paper reports them):")
   for b in inv["bigbench"]:
     print(f"  {b['task']}" + (f" ({', '.join(b['subtasks'])})" if b["subtasks"] else ""))
-  print(f"\nContinual generative tasks ({inventory.CONTINUAL_MIXTURE}):")
-  for c in inv["continual"]:
-    print(f"  {c['task']}: train prompt {c['train_prompt']}, {c['epochs']} epoch(s)")
+  print(f"\nContinual experts ({inventory.CONTINUAL_MIXTURE}: the {len(inv['continual'])} cT0 tasks, "
+        "gigaword with constraints as 3):")
+  for e in inventory.CONTINUAL_EXPERTS:
+    print(f"  {e.name}: {e.task}, prompt {e.prompt}, batch {e.batch_size}, {e.epochs} epoch(s), "
+          f"metric {e.metric}" + (f" (reported here: {e.metric_here})" if e.metric == "BERTScore" else ""))
   print(f"\nCompositional: {inv['compositional']}")
   print("\nBuilt-in suite (no download; registered by tasks.builtin_registry.register_builtin_suite):")
   for spec in builtin_suite.SUITE:

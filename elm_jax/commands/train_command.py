@@ -18,6 +18,9 @@ from elm_jax.training import run
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+  parser.add_argument("--dry_run", action="store_true",
+                      help="print every expert's training plan of the recipe (run.train.plan_group) "
+                           "and exit, reading no data and building no model")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -25,7 +28,7 @@ def main(args: argparse.Namespace) -> int:
     print("elm-jax train: error: pass a run file, e.g. --gin_file=gin_configs/runs/train_experts.gin",
           file=sys.stderr)
     return 2
-  final = gin.get_configurable(run.train)(progress=not args.no_progress)
+  final = gin.get_configurable(run.train)(progress=not args.no_progress, dry_run=args.dry_run)
   for name, metrics in final.items():
     print(f"{name}: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
   return 0

@@ -38,7 +38,15 @@ class TaskResult:
 
   @property
   def primary(self) -> str:
-    return "accuracy" if self.kind == "rank" else "rougeL"
+    """The metric reported for the task: accuracy for rank classification; for generation the
+    paper's metric of a continual task where we can compute it (BLEU, ROUGE-1; BERTScore needs
+    microsoft/deberta-large-mnli, which is not shipped, so ROUGE-L stands in), else ROUGE-L."""
+    if self.kind == "rank":
+      return "accuracy"
+    return _CONTINUAL_METRICS.get(self.task, "rougeL")
+
+
+_CONTINUAL_METRICS = {e.name: e.metric_here for e in inventory.CONTINUAL_EXPERTS}
 
 
 @functools.lru_cache(maxsize=1)
@@ -53,6 +61,11 @@ def _known_prompts() -> dict[str, tuple[str, str]]:
   for entry in inv["held_out"]:
     known[inventory.held_out_task_name(entry)] = (
         entry["dataset"] + (f"/{entry['subset']}" if entry["subset"] else ""), entry["prompt"])
+  for expert in inventory.CONTINUAL_EXPERTS:
+    known[expert.name] = (expert.dataset, expert.prompt)
+  for entry in inv["bigbench"]:  # the paper's 13 tasks, each one "prompt" of its own
+    known[f"bigbench_{entry['task']}"] = known[f"bigbench_{entry['task']}_score_eval"] = (
+        f"bigbench/{entry['task']}", "bigbench format")
   return known
 
 
@@ -72,7 +85,7 @@ def member_tasks(name: str) -> list[str]:
 
 
 def evaluate_task(loaded: ExpertsOnBackbone, task: str, *, split: str = "validation",
-                  max_examples: int = defaults.MAX_EXAMPLES, batch_size: int = defaults.BATCH_SIZE,
+                  max_examples: Optional[int] = defaults.MAX_EXAMPLES, batch_size: int = defaults.BATCH_SIZE,
                   expert_chunk: Optional[int] = None, max_input_length: int = defaults.MAX_INPUT_LENGTH,
                   max_target_length: int = defaults.MAX_TARGET_LENGTH,
                   beam_size: int = 1) -> TaskResult:
@@ -83,7 +96,7 @@ def evaluate_task(loaded: ExpertsOnBackbone, task: str, *, split: str = "validat
 
 
 def evaluate_tasks(loaded: ExpertsOnBackbone, tasks: Sequence[str], *, split: str = "validation",
-                   max_examples: int = defaults.MAX_EXAMPLES, batch_size: int = defaults.BATCH_SIZE,
+                   max_examples: Optional[int] = defaults.MAX_EXAMPLES, batch_size: int = defaults.BATCH_SIZE,
                    expert_chunk: Optional[int] = None, max_input_length: int = defaults.MAX_INPUT_LENGTH,
                    max_target_length: int = defaults.MAX_TARGET_LENGTH,
                    max_decode_length: Optional[int] = None, beam_size: int = 1) -> list[TaskResult]:
@@ -92,8 +105,8 @@ def evaluate_tasks(loaded: ExpertsOnBackbone, tasks: Sequence[str], *, split: st
   (fewer, fuller batches and fewer shapes to compile, compiled in parallel), and each chunk of
   experts is moved to the device once. `max_target_length` bounds choices; generation decodes
   `max_decode_length` tokens (default: `max_target_length`)."""
-  if max_examples < 1:
-    raise UserInputError(f"max_examples: expected a positive integer, got {max_examples}")
+  if max_examples is not None and max_examples < 1:
+    raise UserInputError(f"max_examples: expected a positive integer or None (all), got {max_examples}")
   rows = {task: instances.task_instances(task, split, max_examples) for task in tasks}
   ranked = [t for t in tasks if rows[t] and all(r.get("answer_choices") and r.get("label") is not None
                                                  for r in rows[t])]

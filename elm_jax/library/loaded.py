@@ -57,21 +57,36 @@ def load_backbone(library: ExpertLibrary, checkpoint: Optional[str] = None, *, d
 def load_experts(library_dir: str, selection: str | Sequence[str] = "all", *,
                  checkpoint: Optional[str] = None, dtype: Optional[str] = None,
                  vocabulary: Optional[str] = None, force: bool = False,
-                 check_integrity: bool = True, config: Optional[T5Config] = None) -> LoadedExperts:
+                 check_integrity: bool = True, config: Optional[T5Config] = None,
+                 softmax_vocab_size: Optional[int] = None) -> LoadedExperts:
   """Loads the backbone (`checkpoint`, or the one the manifest records; `config` for a T5X
   checkpoint, which carries none) and the selected experts, checking that they were trained on
   it (unless `force`) and that every expert file matches the manifest's sha256 (unless
-  `check_integrity` is False, which warns). Each expert file is read once and stacked once."""
+  `check_integrity` is False, which warns). Each expert file is read once and stacked once.
+  Scores normalise over the vocabulary the experts were trained with (their recorded
+  `softmax_vocab_size`: 32,100 for the paper's recipes) unless `softmax_vocab_size` says."""
   library = ExpertLibrary(library_dir, check_integrity=check_integrity)
   names = library.resolve(selection)
   loaded, fingerprint = load_backbone(library, checkpoint, dtype=dtype, force=force, config=config)
   stack, metadata = library.load_stack(names, None if force else fingerprint)
   expert_config = stack.expert_config
   model_config = _model_config(library, names, metadata, loaded.config, expert_config)
+  model_config = model_config.replace(
+      softmax_vocab_size=softmax_vocab_size or _recorded_softmax_vocab(library, names, metadata))
   backbone, _ = split_params(loaded.params, expert_config)
   return LoadedExperts(model=EncoderDecoderModel.build(model_config, expert_config), backbone=backbone,
                        stack=stack, vocab_path=vocabulary or loaded.vocab_path, library=library,
                        metadata=tuple(metadata), pretrained=loaded.params, fingerprint=fingerprint)
+
+
+def _recorded_softmax_vocab(library, names, metadata) -> Optional[int]:
+  """The `softmax_vocab_size` the experts were trained with (they must agree), or None."""
+  found = {(m.training_config.get("model") or {}).get("softmax_vocab_size") for m in metadata}
+  if len(found) > 1:
+    raise LibraryError(f"{library.root}: experts {list(names)} were trained with different softmax "
+                       f"vocabularies {sorted(found, key=str)} (training_config.model.softmax_vocab_size); "
+                       "select experts of one kind, or pass --softmax_vocab_size")
+  return found.pop()
 
 
 def _model_config(library, names, metadata, config: T5Config, expert_config: ExpertConfig) -> T5Config:

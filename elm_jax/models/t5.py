@@ -179,6 +179,8 @@ class Decoder(nn.Module):
       kernel = layers.Kernel(name="logits_dense", shape=(cfg.emb_dim, cfg.vocab_size),
                                 axes=("embed", "vocab"))()
       logits = jnp.dot(x, kernel.astype(cfg.jnp_dtype))
+    if cfg.softmax_vocab_size is not None:  # the entries past it are never predicted or scored
+      logits = logits[..., :cfg.softmax_vocab_size]
     return layers.constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
 
 

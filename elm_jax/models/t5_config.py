@@ -59,6 +59,10 @@ class T5Config:
   eos_id: int = 1
   decoder_start_id: int = 0
   moe: Optional[MoeConfig] = None
+  # Log-softmax over the first N logits only (None: all `vocab_size`). The paper's code resizes
+  # T5's 32,128-entry output layer to its tokenizer's 32,100 entries (resize_token_embeddings),
+  # so its losses and scores normalise over 32,100; the ELM recipes set 32100.
+  softmax_vocab_size: Optional[int] = None
 
   def __post_init__(self):
     if isinstance(self.moe, Mapping):  # as written to JSON metadata
@@ -79,6 +83,10 @@ class T5Config:
           "T5Config.mlp_activations: expected ('relu',), ('gelu',), ('gelu', 'linear') or "
           f"('relu', 'linear'), got {self.mlp_activations!r}")
     object.__setattr__(self, "mlp_activations", acts)
+    if self.softmax_vocab_size is not None and not (
+        isinstance(self.softmax_vocab_size, int) and 0 < self.softmax_vocab_size <= self.vocab_size):
+      raise ConfigError(f"T5Config.softmax_vocab_size: expected None or an integer in 1..vocab_size "
+                        f"({self.vocab_size}), got {self.softmax_vocab_size!r}")
     if not 0.0 <= self.dropout_rate < 1.0:
       raise ConfigError(f"T5Config.dropout_rate: expected a value in [0, 1), got {self.dropout_rate}")
 

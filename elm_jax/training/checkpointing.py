@@ -81,15 +81,15 @@ class Logs:
 
 
 def exported_metrics(config: "TrainConfig", names) -> Optional[dict[str, dict[str, float]]]:
-  """Each expert's recorded final metrics, if all were exported after `config.steps` steps."""
+  """Each expert's recorded final metrics, if all were exported after their planned steps."""
   out = {}
-  for name in names:
+  for name, steps in zip(names, config.steps_per_expert()):
     directory = config.expert_dir(name)
     try:
       meta = expert_files.load_metadata(directory)
     except expert_files.ExpertFileError:
       return None
-    if meta.steps != config.steps or not os.path.isfile(os.path.join(directory, expert_files.TENSORS_FILE)):
+    if meta.steps != steps or not os.path.isfile(os.path.join(directory, expert_files.TENSORS_FILE)):
       return None
     out[name] = dict(meta.metrics)
   return out
@@ -97,11 +97,15 @@ def exported_metrics(config: "TrainConfig", names) -> Optional[dict[str, dict[st
 
 def export(config: "TrainConfig", names, model_config, expert_config, optimizer_config,
             fingerprint: str, state, metrics) -> None:
+  """Writes each expert with its own step count, plan and the metrics of its last step."""
+  expert_steps = np.asarray(state.expert_steps)
+  rates = config.expert_learning_rates or (optimizer_config.learning_rate,) * len(names)
   for e, name in enumerate(names):
     meta = expert_files.ExpertMetadata(
         name=name, task=config.expert_tasks[e], expert_config=dataclasses.asdict(expert_config),
         backbone_fingerprint=fingerprint,
         training_config={**dataclasses.asdict(config), "optimizer": dataclasses.asdict(optimizer_config),
-                         "model": dataclasses.asdict(model_config)},
-        steps=int(state.step), metrics={k: float(v[e]) for k, v in metrics.items()})
+                         "model": dataclasses.asdict(model_config),
+                         "plan": {"steps": int(expert_steps[e]), "learning_rate": float(rates[e])}},
+        steps=int(expert_steps[e]), metrics={k: float(v[e]) for k, v in metrics.items()})
     expert_files.save_expert(config.expert_dir(name), expert_stack.index(state.params, e), meta, overwrite=True)

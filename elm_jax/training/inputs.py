@@ -3,7 +3,8 @@
 
 `check_tasks` refuses unknown tasks (and vocabularies larger than the model's) without reading
 data; `expert_batches` builds the stream. Each expert's pipeline is SeqIO's shuffled, repeated
-dataset (seed `seed + e`), cut to fixed lengths by `unpacked_encdec_features`; restoring a run
+dataset (seeded from the run's seed and the expert's name, so an expert reads the same
+stream alone or in any group), cut to fixed lengths by `unpacked_encdec_features`; restoring a run
 replays the stream to its step, so resumption needs no input state.
 """
 
@@ -55,12 +56,13 @@ def _stacked_stream(config: "TrainConfig", providers) -> Iterator[dict[str, np.n
   lengths = {"inputs": config.input_length, "targets": config.target_length}
   options = _input_options(config.input_prefetch)
   iterators = []
+  seeds = config.expert_seeds()
   for e, (name, provider) in enumerate(zip(config.expert_tasks, providers)):
     shuffle = {}
     if config.shuffle_buffer_size is not None and isinstance(provider, seqio.Task):
       shuffle["shuffle_buffer_size"] = config.shuffle_buffer_size  # mixtures keep SeqIO's default
     ds = provider.get_dataset(sequence_length=lengths, split=config.split, shuffle=True,
-                              seed=config.seed + e, num_epochs=None, **shuffle)
+                              seed=seeds[e], num_epochs=None, **shuffle)
     ds = unpacked_encdec_features(ds, lengths, name).batch(config.batch_size, drop_remainder=True)
     iterators.append(ds.with_options(options).as_numpy_iterator())
   for batches in zip(*iterators):

@@ -23,11 +23,12 @@ from elm_jax.models.adapters import ExpertConfig
 from elm_jax.models.t5 import init_params
 from elm_jax.models.t5_config import T5Config
 from elm_jax.models.upcycling import upcycle_params
-from elm_jax.training import inputs, trainer
+from elm_jax.training import inputs, plans, trainer
 from elm_jax.training import train_step as ts
+from tasks import mixtures
 
 
-def train(model_dir: str, expert_tasks: Sequence[str], steps: int, *,
+def train(model_dir: str, expert_tasks: Optional[Sequence[str]] = None, steps: Optional[int] = None, *,
           model_config: T5Config, backbone_checkpoint: Optional[str] = None,
           expert_names: Optional[Sequence[str]] = None, batch_size: int = 8,
           input_length: int = defaults.TRAIN_INPUT_LENGTH,
@@ -38,7 +39,9 @@ def train(model_dir: str, expert_tasks: Sequence[str], steps: int, *,
           setup: Sequence[Callable] = (), progress: bool = True,
           mesh_config: Optional[partitioning.MeshConfig] = None,
           shuffle_buffer_size: Optional[int] = None, upcycle: bool = False,
-          logical_axis_rules: Optional[Sequence] = None, shared_init: bool = True):
+          logical_axis_rules: Optional[Sequence] = None, shared_init: bool = True,
+          plan_group: Optional[plans.PlanGroup] = None, dry_run: bool = False,
+          data_dir: Optional[str] = None):
   """Trains one expert per entry of `expert_tasks` over the backbone in `backbone_checkpoint`
   (Hugging Face or T5X directory), or over a randomly initialised `model_config` when none is
   given (useful only for smoke tests and the demo's own pretraining). With `mesh_config`, the
@@ -49,8 +52,42 @@ def train(model_dir: str, expert_tasks: Sequence[str], steps: int, *,
   dense `backbone_checkpoint` by sparse upcycling; use it with `expert_config.kind='full'`.
 
   `shared_init` (default, as the paper) starts every expert's adapters from the same random
-  draw, which is what makes averaging experts meaningful; False draws them per expert."""
+  draw, which is what makes averaging experts meaningful; False draws them per expert.
+
+  `plan_group` (a group of one of the paper's recipes, `plans.recipe_group`) sets the tasks,
+  names, batch size, lengths, dropout and optimizer, and each expert's own steps and learning
+  rate; step counts the plan could not know without the data are counted first (from the P3
+  copy in `data_dir` or $ELM_P3_DATA_DIR). `dry_run` prints the plans of the whole recipe and
+  returns without reading data or building the model."""
   del setup  # gin evaluates `@register_fn()` references in it before this body runs
+  expert_steps = expert_learning_rates = None
+  if plan_group is not None:
+    if dry_run:
+      print(recipe_table(plan_group))
+      return {}
+    plan_group = plan_group.resolved(lambda plan: _split_size(plan, data_dir))
+    unknown = [p.name for p in plan_group.plans if p.steps is None]
+    if unknown:
+      raise trainer.TrainingError(f"plan_group: the step counts of {unknown} need their train splits' "
+                                  "sizes; set ELM_P3_DATA_DIR (or data_dir) to the P3 copy")
+    first = plan_group.first
+    expert_tasks = [p.task for p in plan_group.plans]
+    expert_names = [p.name for p in plan_group.plans]
+    expert_steps = tuple(p.steps for p in plan_group.plans)
+    expert_learning_rates = tuple(p.learning_rate for p in plan_group.plans)
+    steps = max(expert_steps)
+    batch_size, input_length, target_length = first.batch_size, first.input_length, first.target_length
+    model_config = model_config.replace(dropout_rate=first.dropout)
+    optimizer_config = dataclasses.replace(
+        optimizer_config, name=first.optimizer, schedule=first.schedule, warmup_steps=first.warmup_steps,
+        max_grad_norm=first.max_grad_norm, learning_rate=first.learning_rate)
+    seed = first.seed
+  elif dry_run:
+    raise trainer.TrainingError("--dry_run prints a recipe's plans: pass an experiment gin file that "
+                                "binds run.train.plan_group (gin_configs/experiments/)")
+  if expert_tasks is None or steps is None:
+    raise trainer.TrainingError("train: pass expert_tasks and steps (EXPERT_TASKS, TRAIN_STEPS), or a "
+                                "plan_group")
   # Everything that can be checked without the backbone is checked before it is loaded.
   for field, value in (("EXPERT_TASKS", expert_tasks), ("EXPERT_NAMES", expert_names)):
     if isinstance(value, str) or (value is not None and not isinstance(value, (list, tuple))):
@@ -61,7 +98,8 @@ def train(model_dir: str, expert_tasks: Sequence[str], steps: int, *,
       input_length=input_length, target_length=target_length,
       expert_names=tuple(expert_names) if expert_names else None, seed=seed,
       save_every=save_every, keep=keep, log_every=log_every,
-      shuffle_buffer_size=shuffle_buffer_size, shared_init=shared_init)
+      shuffle_buffer_size=shuffle_buffer_size, shared_init=shared_init,
+      expert_steps=expert_steps, expert_learning_rates=expert_learning_rates)
   config.names()
   trainer.check_settings(config)
   inputs.check_tasks(config.expert_tasks, model_config.vocab_size)
@@ -75,10 +113,10 @@ def train(model_dir: str, expert_tasks: Sequence[str], steps: int, *,
     backbone = loaded.params
     if upcycle:
       fingerprint = expert_files.backbone_fingerprint(backbone)
-      model_config = loaded.config.replace(moe=model_config.moe, dtype=model_config.dtype)
+      model_config = _with_run_settings(loaded.config.replace(moe=model_config.moe), model_config)
       backbone = upcycle_params(backbone, model_config, jax.random.PRNGKey(seed))
     else:
-      model_config = loaded.config
+      model_config = _with_run_settings(loaded.config, model_config)
     backbone_checkpoint = os.path.abspath(backbone_checkpoint)
   else:
     # Compiled: eager initialisation dispatches (and compiles) every op on its own (4 s for
@@ -95,6 +133,36 @@ def train(model_dir: str, expert_tasks: Sequence[str], steps: int, *,
   return trainer.train_experts(config, model_config, backbone, expert_config=expert_config,
                                optimizer_config=optimizer_config, progress=progress,
                                partitioner=partitioner, backbone_fingerprint=fingerprint)
+
+
+def _with_run_settings(checkpoint_config: T5Config, run_config: T5Config) -> T5Config:
+  """The checkpoint's architecture with the run's training settings (activation dtype, dropout,
+  the softmax's vocabulary), which a checkpoint's config.json does not carry for us."""
+  return checkpoint_config.replace(dtype=run_config.dtype, dropout_rate=run_config.dropout_rate,
+                                   softmax_vocab_size=run_config.softmax_vocab_size)
+
+
+def _split_size(plan: plans.ExpertPlan, data_dir: Optional[str]) -> Optional[int]:
+  """The training examples an expert's budget is drawn from (a P3 subset's, or for a dataset
+  expert all its prompts' together): what an inexact plan needs for its steps."""
+  if plan.kind == "dataset":
+    sizes = [mixtures.train_size(p, data_dir) for p in plan.prompts]
+    per_prompt = plan.samples
+    return sum(s if per_prompt is None else min(s, per_prompt) for s in sizes)
+  if plan.kind == "prompt":
+    return mixtures.train_size(plan.name, data_dir)
+  return None
+
+
+def recipe_table(group: plans.PlanGroup) -> str:
+  """Every expert of the group's recipe with its group index, the group's marked."""
+  groups = ([list(group.plans)] if not group.kind else
+            plans.recipe_groups(group.kind, group.group_size, plans.available_split_sizes(None)))
+  rows = [p for g in groups for p in g]
+  indices = [i for i, g in enumerate(groups) for _ in g]
+  return (f"{group.kind} recipe: {len(rows)} experts in {len(groups)} vmapped groups of at most "
+          f"{group.group_size}; this run trains group {group.index} ({len(group.plans)} experts)\n"
+          + plans.describe(rows, indices))
 
 
 def save_random_backbone(model_dir: str, model_config: T5Config, params, expert_tasks) -> str:

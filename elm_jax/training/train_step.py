@@ -4,6 +4,11 @@ Expert parameters and optimizer state carry a leading `expert` axis [E, ...]; th
 `jax.vmap`-ed over that axis with the backbone broadcast, so memory is one backbone plus E
 experts. Batches are [E, batch, length]: each expert trains on its own task's examples.
 Gradient clipping, the learning-rate schedule and the metrics are per expert.
+
+Experts of one program may follow different plans (`ExpertPlans`): each has its own number of
+steps, peak learning rate and dropout seed. An expert that has taken its steps stops changing:
+its parameters and optimizer state stay bit for bit as after its last step while the others go
+on, so a group of experts ends exactly where each expert trained alone would.
 """
 
 from __future__ import annotations
@@ -14,7 +19,9 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import PartitionSpec
 
+from elm_jax import expert_stack
 from elm_jax.errors import UserInputError
 from elm_jax.models.adapters import merge_params
 from elm_jax.models.model import EncoderDecoderModel
@@ -56,9 +63,11 @@ def learning_rate_schedule(config: OptimizerConfig, total_steps: int) -> optax.S
   return decay
 
 
-def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
-  """The per-expert optimizer (vmapped over experts by the train step)."""
-  schedule = learning_rate_schedule(config, total_steps)
+def make_optimizer(config: OptimizerConfig, total_steps: Optional[int] = None) -> optax.GradientTransformation:
+  """The per-expert optimizer (vmapped over experts by the train step). With `total_steps` it
+  applies `config`'s schedule itself; without, it steps with a learning rate of 1 and the train
+  step scales each expert's update by its own schedule (`ExpertPlans`)."""
+  schedule = 1.0 if total_steps is None else learning_rate_schedule(config, total_steps)
   if config.name == "adamw":
     opt = optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
                       weight_decay=config.weight_decay)
@@ -74,16 +83,18 @@ def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientT
 
 @dataclasses.dataclass
 class ExpertTrainState:
-  """Stacked expert parameters and optimizer state ([E, ...] leaves), the step, and the
-  target tokens each expert has trained on so far (`tokens_seen`, [E])."""
+  """Stacked expert parameters and optimizer state ([E, ...] leaves), the step of the group,
+  the steps each expert has taken (`expert_steps`, [E]) and the target tokens each expert has
+  trained on so far (`tokens_seen`, [E])."""
   step: Array
   params: Any
   opt_state: Any
   tokens_seen: Array
+  expert_steps: Array
 
 
 jax.tree_util.register_dataclass(ExpertTrainState,
-                                 data_fields=["step", "params", "opt_state", "tokens_seen"],
+                                 data_fields=["step", "params", "opt_state", "tokens_seen", "expert_steps"],
                                  meta_fields=[])
 
 
@@ -91,7 +102,62 @@ def init_train_state(expert_params, optimizer: optax.GradientTransformation) -> 
   """expert_params with a leading [E] axis -> state with per-expert optimizer state."""
   num_experts = jax.tree_util.tree_leaves(expert_params)[0].shape[0]
   return ExpertTrainState(jnp.zeros((), jnp.int32), expert_params,
-                          jax.vmap(optimizer.init)(expert_params), jnp.zeros((num_experts,), jnp.float32))
+                          jax.vmap(optimizer.init)(expert_params), jnp.zeros((num_experts,), jnp.float32),
+                          jnp.zeros((num_experts,), jnp.int32))
+
+
+def state_specs(expert_specs, opt_state) -> ExpertTrainState:
+  """Logical specs of a train state: the stacked experts' (`expert_stack.logical_specs`), the
+  optimizer state's leading expert axis, per-expert counters on `expert`, the step replicated."""
+  return ExpertTrainState(PartitionSpec(), expert_specs, expert_stack.leading_axis_specs(opt_state),
+                          PartitionSpec("expert"), PartitionSpec("expert"))
+
+
+@dataclasses.dataclass
+class ExpertPlans:
+  """Each expert's own schedule, [E] arrays: steps to take, peak learning rate, warm-up steps,
+  whether the rate stays constant (else it decays linearly to 0 at `total_steps`), and the
+  seed of its dropout masks (drawn from its own seed and step, so they do not depend on which
+  experts share its program)."""
+  total_steps: Array
+  learning_rate: Array
+  warmup_steps: Array
+  constant: Array
+  seed: Array
+
+  @classmethod
+  def build(cls, total_steps, learning_rates, warmup_steps: int = 0, constant: bool = False,
+            seeds=None) -> "ExpertPlans":
+    e = len(total_steps)
+    seeds = range(e) if seeds is None else seeds
+    return cls(jnp.asarray(total_steps, jnp.int32), jnp.asarray(learning_rates, jnp.float32),
+               jnp.full((e,), warmup_steps, jnp.int32), jnp.full((e,), constant, jnp.bool_),
+               jnp.asarray(list(seeds), jnp.uint32))
+
+  @classmethod
+  def from_config(cls, config: OptimizerConfig, total_steps, learning_rates=None, seeds=None) -> "ExpertPlans":
+    """Plans that follow `config`'s schedule kind and warm-up, with per-expert steps and rates
+    (default: config.learning_rate for every expert)."""
+    if config.schedule not in ("linear", "constant"):
+      raise OptimizerConfigError(f"OptimizerConfig.schedule: expected 'linear' or 'constant', "
+                                 f"got {config.schedule!r}")
+    rates = learning_rates if learning_rates is not None else [config.learning_rate] * len(total_steps)
+    return cls.build(total_steps, rates, config.warmup_steps, config.schedule == "constant", seeds)
+
+
+jax.tree_util.register_dataclass(ExpertPlans, data_fields=["total_steps", "learning_rate", "warmup_steps",
+                                                           "constant", "seed"], meta_fields=[])
+
+
+def planned_learning_rate(step: Array, total_steps: Array, peak: Array, warmup: Array, constant: Array) -> Array:
+  """The learning rate of an expert at its own `step`: linear warm-up to `peak` over `warmup`
+  steps, then constant or linear decay to 0 at `total_steps` (optax's linear and joined
+  schedules, per expert)."""
+  step = step.astype(jnp.float32)
+  warm = peak * step / jnp.maximum(warmup, 1).astype(jnp.float32)
+  frac = jnp.clip((step - warmup) / jnp.maximum(total_steps - warmup, 1).astype(jnp.float32), 0.0, 1.0)
+  after = jnp.where(constant, peak, peak + (0.0 - peak) * frac)
+  return jnp.where(step < warmup, warm, after)
 
 
 def expert_loss(expert_params, backbone, batch: dict[str, Array], model: EncoderDecoderModel,
@@ -102,12 +168,24 @@ def expert_loss(expert_params, backbone, batch: dict[str, Array], model: Encoder
 
 
 def train_step(state: ExpertTrainState, backbone, batch: dict[str, Array], *, model: EncoderDecoderModel,
-               optimizer: optax.GradientTransformation, dropout_rng: Optional[Array] = None
-               ) -> tuple[ExpertTrainState, dict[str, Array]]:
+               optimizer: optax.GradientTransformation, dropout_rng: Optional[Array] = None,
+               plans: Optional[ExpertPlans] = None) -> tuple[ExpertTrainState, dict[str, Array]]:
   """Updates every expert on its own batch ([E, batch, length] leaves). Metrics are [E]: loss,
-  token accuracy, tokens in this batch, gradient norm (before clipping), tokens seen so far."""
+  token accuracy, tokens in this batch, gradient norm (before clipping), tokens seen so far,
+  the learning rate used and whether the expert stepped (`active`).
+
+  Without `plans` every expert steps and `optimizer` carries the schedule. With `plans`,
+  `optimizer` steps at rate 1 (`make_optimizer(config)`), each expert's update is scaled by its
+  own rate, and an expert whose `expert_steps` has reached its `total_steps` keeps its
+  parameters and optimizer state unchanged."""
   num_experts = jax.tree_util.tree_leaves(state.params)[0].shape[0]
-  rngs = None if dropout_rng is None else jax.random.split(jax.random.fold_in(dropout_rng, state.step), num_experts)
+  if dropout_rng is None:
+    rngs = None
+  elif plans is None:
+    rngs = jax.random.split(jax.random.fold_in(dropout_rng, state.step), num_experts)
+  else:
+    rngs = jax.vmap(lambda seed, step: jax.random.fold_in(jax.random.fold_in(dropout_rng, seed), step))(
+        plans.seed, state.expert_steps)
 
   def one(expert_params, expert_batch, rng):
     grad_fn = jax.value_and_grad(expert_loss, has_aux=True)
@@ -118,7 +196,21 @@ def train_step(state: ExpertTrainState, backbone, batch: dict[str, Array], *, mo
   grads, metrics = jax.vmap(one, in_axes=(0, 0, 0 if rngs is not None else None))(
       state.params, batch, rngs)
   updates, opt_state = jax.vmap(optimizer.update)(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  tokens_seen = state.tokens_seen + metrics["tokens"]
+  if plans is None:
+    params = optax.apply_updates(state.params, updates)
+    active = jnp.ones((num_experts,), jnp.bool_)
+  else:
+    rate = jax.vmap(planned_learning_rate)(state.expert_steps, plans.total_steps, plans.learning_rate,
+                                           plans.warmup_steps, plans.constant)
+    per_expert = lambda x, v: v.reshape((num_experts,) + (1,) * (x.ndim - 1))  # noqa: E731
+    updates = jax.tree_util.tree_map(lambda u: u * per_expert(u, rate).astype(u.dtype), updates)
+    active = state.expert_steps < plans.total_steps
+    keep = lambda new, old: jnp.where(per_expert(old, active), new, old)  # noqa: E731
+    params = jax.tree_util.tree_map(keep, optax.apply_updates(state.params, updates), state.params)
+    opt_state = jax.tree_util.tree_map(keep, opt_state, state.opt_state)
+    metrics["learning_rate"] = rate
+  tokens_seen = state.tokens_seen + metrics["tokens"] * active
   metrics["tokens_seen"] = tokens_seen
-  return ExpertTrainState(state.step + 1, params, opt_state, tokens_seen), metrics
+  metrics["active"] = active.astype(jnp.float32)
+  return ExpertTrainState(state.step + 1, params, opt_state, tokens_seen,
+                          state.expert_steps + active.astype(jnp.int32)), metrics

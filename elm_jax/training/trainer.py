@@ -12,13 +12,13 @@ last good state. Each expert is exported to `<model_dir>/experts/<name>/`.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 import logging
 import os
 import sys
 import threading
 import time
+import zlib
 from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
@@ -64,6 +64,19 @@ class TrainConfig:
   # Background input threads (tf.data autotuning and prefetch). None: on, except on a CPU
   # backend, where they compete with XLA for the same cores (and delay shutdown by seconds).
   input_prefetch: Optional[bool] = None
+  # Each expert's own plan inside the group (training.plans): its number of steps (`steps` is
+  # then their maximum, the group's length) and its peak learning rate (default: the
+  # optimizer's). An expert that has taken its steps stops changing while the others go on.
+  expert_steps: Optional[tuple[int, ...]] = None
+  expert_learning_rates: Optional[tuple[float, ...]] = None
+
+  def steps_per_expert(self) -> tuple[int, ...]:
+    return tuple(self.expert_steps) if self.expert_steps is not None else (self.steps,) * len(self.expert_tasks)
+
+  def expert_seeds(self) -> tuple[int, ...]:
+    """Each expert's seed for its input order and dropout masks: from `seed` and its name, so
+    neither depends on which experts share its program (trained alone, it draws the same)."""
+    return tuple((self.seed * 1_000_003 + zlib.crc32(name.encode())) % (1 << 32) for name in self.names())
 
   def names(self) -> tuple[str, ...]:
     """The experts' names (default: their tasks), each with its own export directory: names
@@ -95,6 +108,20 @@ def check_settings(config: TrainConfig) -> None:
     value = getattr(config, field)
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
       raise TrainingError(f"TrainConfig.{field}: expected a positive integer, got {value!r}")
+  for field in ("expert_steps", "expert_learning_rates"):
+    values = getattr(config, field)
+    if values is not None and len(values) != len(config.expert_tasks):
+      raise TrainingError(f"TrainConfig.{field}: {len(values)} values for {len(config.expert_tasks)} experts")
+  if config.expert_steps is not None:
+    if any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in config.expert_steps):
+      raise TrainingError(f"TrainConfig.expert_steps: expected positive integers, got {list(config.expert_steps)}")
+    if max(config.expert_steps) != config.steps:
+      raise TrainingError(f"TrainConfig.steps: {config.steps}, but the longest expert plan has "
+                          f"{max(config.expert_steps)} steps; the group runs exactly as long as that")
+  if config.expert_learning_rates is not None and any(
+      not isinstance(v, (int, float)) or not v > 0 for v in config.expert_learning_rates):
+    raise TrainingError(f"TrainConfig.expert_learning_rates: expected positive numbers, got "
+                        f"{list(config.expert_learning_rates)}")
   for field in ("input_length", "target_length"):
     value = getattr(config, field)
     if not isinstance(value, int) or isinstance(value, bool) or value < 2:
@@ -183,30 +210,37 @@ def train_experts(config: TrainConfig, model_config: T5Config, backbone_params: 
   model = EncoderDecoderModel.build(model_config, expert_config)
   backbone, stacked = initial_experts(model_config, expert_config, backbone_params, len(names), config.seed,
                                       shared_init=config.shared_init)
-  optimizer = ts.make_optimizer(optimizer_config, config.steps)
+  optimizer = ts.make_optimizer(optimizer_config)  # rate 1: each expert's plan scales its update
+  plans = ts.ExpertPlans.from_config(optimizer_config, config.steps_per_expert(),
+                                     config.expert_learning_rates, config.expert_seeds())
   state = ts.init_train_state(stacked, optimizer)
   restored = checkpoints.restore_latest(state)
   if restored is not None:
     state = restored
   start = int(state.step)
   noisy = model_config.dropout_rate > 0 or (model_config.moe is not None and model_config.moe.router_jitter > 0)
-  rng = jax.random.PRNGKey(config.seed) if noisy else None  # folded with the step: resumable
-  step = functools.partial(ts.train_step, model=model, optimizer=optimizer, dropout_rng=rng)
+  # Dropout masks come from each expert's seed and own step count: resumable, and the same
+  # whether an expert trains alone or in a group.
+  rng = jax.random.PRNGKey(config.seed) if noisy else None
+
+  def step(state, backbone, batch, plans):
+    return ts.train_step(state, backbone, batch, model=model, optimizer=optimizer, dropout_rng=rng,
+                         plans=plans)
   if partitioner is None:
     step_fn = jax.jit(step)
   else:
     backbone_specs, expert_specs = expert_stack.logical_specs(model_config, expert_config)
-    state_specs = ts.ExpertTrainState(PartitionSpec(), expert_specs,
-                                      expert_stack.leading_axis_specs(state.opt_state),
-                                      PartitionSpec("expert"))
+    state_specs = ts.state_specs(expert_specs, state.opt_state)
+    plan_specs = jax.tree_util.tree_map(lambda _: PartitionSpec("expert"), plans)
     state = partitioner.place(state, state_specs)
+    plans = partitioner.place(plans, plan_specs)
     backbone = partitioner.place(backbone, backbone_specs)
     batch_specs = {k: PartitionSpec("expert", "batch", "length") for k in inputs.FEATURES}
-    step_fn = partitioner.partition(step, (state_specs, backbone_specs, batch_specs),
+    step_fn = partitioner.partition(step, (state_specs, backbone_specs, batch_specs, plan_specs),
                                     (state_specs, PartitionSpec("expert")))
   if start < config.steps:
     try:
-      step_fn.lower(state, backbone, inputs.batch_shapes(config)).compile()  # the first step finds it
+      step_fn.lower(state, backbone, inputs.batch_shapes(config), plans).compile()  # the first step finds it
     except Exception as e:  # the first step compiles again and reports it
       logging.info("ahead-of-time compilation failed (%s: %s)", type(e).__name__, e)
   if first is not None:
@@ -240,7 +274,7 @@ def train_experts(config: TrainConfig, model_config: T5Config, backbone_params: 
 
   for step in range(start, config.steps):
     before = state
-    state, step_metrics = step_fn(state, backbone, next(batches))
+    state, step_metrics = step_fn(state, backbone, next(batches), plans)
     if pending is not None:
       metrics = check(*pending)
     done = step + 1

@@ -256,10 +256,10 @@ CASES = [
     # ------------------------------------------------------------------ eval
     Case("eval: --max_examples=-5 (used to evaluate 195 of 200)",
          lambda w: ["eval", lib_arg(w), "--task=builtin_nli_gpt3_style", f"--output_dir={w.path('ev')}", "--max_examples=-5"],
-         message=r"argument --max_examples: expected a positive integer, got '-5'"),
+         message=r"argument --max_examples: expected a positive integer or 'all', got '-5'"),
     Case("eval: --max_examples=0",
          lambda w: ["eval", lib_arg(w), "--task=builtin_nli_gpt3_style", f"--output_dir={w.path('ev')}", "--max_examples=0"],
-         message=r"argument --max_examples: expected a positive integer, got '0'"),
+         message=r"argument --max_examples: expected a positive integer or 'all', got '0'"),
     Case("eval: --output_dir is a file, refused before any work",
          lambda w: ["eval", lib_arg(w), "--task=builtin_nli_gpt3_style", f"--output_dir={w.write('ev', 'x')}"],
          message=r"--output_dir=.*ev: exists and is not a directory"),

@@ -164,8 +164,7 @@ def test_expert_parallel_step_equals_unsharded(dense):
                                   partitioning.MOE_RULES)
   _, specs = expert_stack.logical_specs(moe_config, FULL)
   sharded_state = ts.init_train_state(experts, optimizer)
-  state_specs = ts.ExpertTrainState(P(), specs, expert_stack.leading_axis_specs(sharded_state.opt_state),
-                                    P("expert"))
+  state_specs = ts.state_specs(specs, sharded_state.opt_state)
   sharded_state = part.place(sharded_state, state_specs)
   batch_specs = {k: P("expert", "batch", "length") for k in batches[0]}
   sharded = part.partition(step, (state_specs, {}, batch_specs), (state_specs, P("expert")))

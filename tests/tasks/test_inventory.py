@@ -35,7 +35,8 @@ def test_mixtures():
   assert len(mixtures["cosmos_qa_all_prompts"]) == 13
   assert len(mixtures[inventory.HELD_OUT_MIXTURE]) == 113
   assert "super_glue_cb_can_we_infer_score_eval" in mixtures[inventory.HELD_OUT_MIXTURE]
-  assert "bigbench_logical_deduction_five_objects" in mixtures[inventory.BIGBENCH_MIXTURE]
+  assert len(mixtures[inventory.BIGBENCH_MIXTURE]) == 13
+  assert "bigbench_logical_deduction_score_eval" in mixtures[inventory.BIGBENCH_MIXTURE]
 
 
 def test_tasks_list_command(capsys):

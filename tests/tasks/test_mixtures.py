@@ -3,6 +3,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 import seqio
 
@@ -15,41 +16,89 @@ def registered(tmp_path_factory):
   root = str(tmp_path_factory.mktemp("p3_mix"))
   inv = inventory.load_inventory()
   cosmos = [p["name"] for p in inv["prompt_experts"] if p["dataset"] == "cosmos_qa"][:2]
+  examples = make_examples(12)
+  for i, example in enumerate(examples):  # as P3 caches them: inputs without EOS (some with, here)
+    if i % 3:
+      example["inputs"] = example["inputs"][:-1]
   for name in cosmos:
-    write_subset(root, name, "train", TRAIN_FEATURES, make_examples(12), shards=1)
+    write_subset(root, name, "train", TRAIN_FEATURES, examples, shards=1)
   # Pretend the second prompt's dataset is "too large" for T0's cap: its stats say 600,000.
   with open(os.path.join(root, cosmos[1], "stats.train.json"), "w") as f:
     json.dump({"examples": 600_000}, f)
+  # A T0 training prompt that is none of ELM's 296, and subsets T0 did not train on.
+  for extra in ("duorc_SelfRC_answer_question", "super_glue_cb_can_we_infer", f"{cosmos[0]}_score_eval"):
+    write_subset(root, extra, "train", TRAIN_FEATURES, make_examples(4), shards=1)
   cb = "super_glue_cb_can_we_infer_score_eval"
   write_subset(root, cb, "validation", SCORE_FEATURES, make_examples(6, score=True), shards=1)
   return root, mixtures.register_elm_tasks(data_dir=root), cosmos, cb
 
 
-def test_everything_is_registered_without_data(registered):
+def test_everything_is_registered_without_reading_data(registered):
   _, reg, _, _ = registered
-  assert len(reg) == 36 + 2
-  assert len(reg["t0_train"]) == 296 and len(reg[inventory.HELD_OUT_MIXTURE]) == 113
+  assert len(reg) == 36 + 36 + 2  # dataset experts, their random-prompt twins, t0_train, held-out
+  assert len(reg[inventory.HELD_OUT_MIXTURE]) == 113
   assert len([n for n in seqio.TaskRegistry.names() if n.startswith("elm_pe_")]) == 296
   assert seqio.MixtureRegistry.get("cosmos_qa_all_prompts")
+  assert seqio.MixtureRegistry.get("cosmos_qa_random_prompt")
 
 
-def test_prompt_expert_task_respects_its_budget(registered):
+def test_elm_inputs_end_with_exactly_one_eos_and_t0s_keep_p3s(registered):
+  """The paper tokenized its inputs with the T5 tokenizer, which ends them with EOS; P3 caches
+  them without (t-zero used add_eos=False). ELM's tasks add one EOS where it is missing and
+  leave an input that has one alone; T0's mixture keeps P3's inputs as they are."""
   _, _, cosmos, _ = registered
-  task = seqio.TaskRegistry.get(f"elm_pe_{cosmos[0]}")
-  # Budget of cosmos_qa prompt experts is 50k: all 12 examples, shuffled deterministically.
-  a = [e["inputs_pretokenized"] for e in task.get_dataset(split="train", shuffle=False).as_numpy_iterator()]
-  b = [e["inputs_pretokenized"] for e in task.get_dataset(split="train", shuffle=False).as_numpy_iterator()]
-  assert len(a) == 12 and a == b
-  budgeted = mixtures._take_budget(5)(seqio.TaskRegistry.get(cosmos[0]).get_dataset(split="train", shuffle=False))
-  assert len(list(budgeted)) == 5
+  elm = list(seqio.TaskRegistry.get(f"elm_pe_{cosmos[0]}").get_dataset(
+      split="train", shuffle=False).as_numpy_iterator())
+  raw = list(seqio.TaskRegistry.get(cosmos[0]).get_dataset(split="train", shuffle=False).as_numpy_iterator())
+  assert len(elm) == len(raw) == 12
+  assert sum(r["inputs"][-1] != 1 for r in raw) == 8  # P3 as published: most without EOS
+  for e, r in zip(elm, raw):
+    assert e["inputs"][-1] == 1 and (len(e["inputs"]) < 2 or e["inputs"][-2] != 1)
+    base = r["inputs"] if r["inputs"][-1] == 1 else np.append(r["inputs"], 1)
+    np.testing.assert_array_equal(e["inputs"], base)
+  t0_rows = list(seqio.TaskRegistry.get(cosmos[0]).get_dataset(split="train", shuffle=False).as_numpy_iterator())
+  assert [list(r["inputs"]) for r in t0_rows] == [list(r["inputs"]) for r in raw]
 
 
-def test_t0_rates_follow_t0s_cap(registered):
-  root, _, cosmos, _ = registered
+@pytest.mark.parametrize("sampling", ["permutation", "first"])
+def test_budgets_are_drawn_as_the_papers_task_classes_draw_them(registered, sampling):
+  """A budget of 5 of 12 rows: the first 5, or the first 5 of numpy's seed-42 permutation of
+  the whole split (the paper used torch's randperm(42): the same count, not the same rows)."""
+  _, _, cosmos, _ = registered
+  base = seqio.TaskRegistry.get(cosmos[0])
+  source = mixtures._budgeted_source(base.source, 5, sampling, lambda: 12)
+  rows = [r["inputs_pretokenized"] for r in source.get_dataset(split="train", shuffle=False).as_numpy_iterator()]
+  every = [r["inputs_pretokenized"] for r in base.get_dataset(split="train", shuffle=False).as_numpy_iterator()]
+  if sampling == "first":
+    assert rows == every[:5]
+  else:
+    chosen = sorted(np.random.default_rng(42).permutation(12)[:5])
+    assert rows == [every[i] for i in chosen]
+  validation_untouched = mixtures._budgeted_source(base.source, 5, sampling, lambda: 12)
+  assert validation_untouched.splits == base.source.splits
+  assert mixtures.budget_rows(12, None, "all") is None and mixtures.budget_rows(4, 5, "permutation") is None
+
+
+def test_t0_train_is_t0s_mixture_at_t0s_rates(registered):
+  root, reg, cosmos, _ = registered
+  # Every P3 training subset of T0's training datasets in the copy, not only ELM's prompts; not
+  # other datasets' subsets, not _score_eval ones.
+  assert reg["t0_train"] == sorted(cosmos + ["duorc_SelfRC_answer_question"])
   mixture = seqio.MixtureRegistry.get("t0_train")
-  rates = {t.name: mixture.get_rate(t) for t in mixture.tasks if t.name in cosmos}
+  rates = {t.name: mixture.get_rate(t) for t in mixture.tasks}
   assert rates[cosmos[0]] == 12  # under the cap: its example count
-  assert rates[cosmos[1]] == 500_000 // 13  # over the cap: 500k / cosmos_qa's 13 prompts
+  assert rates[cosmos[1]] == 500_000 // 2  # over the cap: 500k / the 2 cosmos_qa subsets T0 trains on
+  assert rates["duorc_SelfRC_answer_question"] == 4
+
+
+def test_experts_p3_does_not_hold_name_what_to_set(registered, monkeypatch):
+  _, _, _, _ = registered
+  name = next(p["name"] for p in inventory.load_inventory()["prompt_experts"] if p["dataset"] == "commonsense_qa")
+  task = seqio.TaskRegistry.get(f"elm_pe_{name}")
+  with pytest.raises(Exception, match=r"commonsense_qa is not in P3 as published.*ELM_RAW_DATA_DIR"):
+    list(task.get_dataset(split="train", shuffle=False))
+  assert "hellaswag_how_ends_score_eval" in seqio.TaskRegistry.names()
+  assert "story_cloze_2016_Answer_Given_options_score_eval" in seqio.TaskRegistry.names()
 
 
 def test_held_out_task_scores_with_rank_classification(registered):

@@ -41,8 +41,7 @@ def test_sharded_equals_unsharded(tiny_config):
   part = partitioning.Partitioner(partitioning.MeshConfig(data=2, expert=4, model=1))
   backbone_specs, expert_specs = expert_stack.logical_specs(tiny_config, cfg)
   sharded_state = ts.init_train_state(stacked, optimizer)
-  state_specs = ts.ExpertTrainState(P(), expert_specs,
-                                    expert_stack.leading_axis_specs(sharded_state.opt_state), P("expert"))
+  state_specs = ts.state_specs(expert_specs, sharded_state.opt_state)
   batch_specs = {k: P("expert", "batch", "length") for k in batches[0]}
   sharded_state = part.place(sharded_state, state_specs)
   placed_backbone = part.place(backbone, backbone_specs)
