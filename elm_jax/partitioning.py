@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from elm_jax.errors import UserInputError
@@ -96,12 +97,68 @@ class MeshConfig:
 
 def initialize_distributed(coordinator_address: Optional[str] = None,
                            num_processes: Optional[int] = None,
-                           process_id: Optional[int] = None) -> None:
-  """Starts JAX's multi-host runtime when running on more than one host (no-op otherwise)."""
+                           process_id: Optional[int] = None, *, auto: bool = False,
+                           heartbeat_timeout_seconds: int = 60) -> None:
+  """Starts JAX's multi-process runtime: with `num_processes` > 1 on the coordinator given
+  (every process runs the same command with its own `process_id`), or with `auto` where JAX
+  detects the cluster itself (TPU pods, SLURM, ...). A no-op for one process. A process that
+  stops sending heartbeats for `heartbeat_timeout_seconds` makes every other process stop with
+  "The following tasks are unhealthy (stopped sending heartbeats): <its id>"."""
+  if auto:
+    jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_timeout_seconds)
+    return
   if num_processes is None or num_processes <= 1:
     return
-  jax.distributed.initialize(coordinator_address=coordinator_address,
-                             num_processes=num_processes, process_id=process_id)
+  if coordinator_address is None or process_id is None:
+    raise PartitioningError("--num_processes > 1 needs --coordinator_address=HOST:PORT and "
+                            "--process_id=N (0 .. num_processes - 1)")
+  if not 0 <= process_id < num_processes:
+    raise PartitioningError(f"--process_id: expected 0 .. {num_processes - 1}, got {process_id}")
+  jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                             process_id=process_id, heartbeat_timeout_seconds=heartbeat_timeout_seconds)
+
+
+def is_primary() -> bool:
+  """Whether this process writes the files every process would write the same (expert files,
+  manifests, reports): process 0."""
+  return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+  """Waits until every process has reached `name` (a no-op for one process)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def to_host(tree: Any) -> Any:
+  """A tree of (possibly multi-process) arrays as full numpy arrays on every process."""
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  def host(x):
+    if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+      return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return jax.tree_util.tree_map(host, tree)
+
+
+def local_block(sharding: NamedSharding, shape: tuple[int, ...]) -> tuple[slice, ...]:
+  """The block of a global array of `shape` that this process's devices hold under `sharding`
+  (the smallest box around their shards; for the meshes built here it is exactly theirs)."""
+  index = sharding.addressable_devices_indices_map(shape)
+  block = []
+  for dim, size in enumerate(shape):
+    starts = [(s[dim].start or 0) if dim < len(s) else 0 for s in index.values()]
+    stops = [(size if s[dim].stop is None else s[dim].stop) if dim < len(s) else size for s in index.values()]
+    block.append(slice(min(starts), max(stops)))
+  return tuple(block)
+
+
+def global_array(sharding: NamedSharding, shape: tuple[int, ...], local: np.ndarray) -> jax.Array:
+  """A global array of `shape` from this process's block of it (`local_block`)."""
+  block = local_block(sharding, shape)
+  return jax.make_array_from_callback(
+      shape, sharding, lambda index: local[tuple(slice((i.start or 0) - b.start, (size if i.stop is None else i.stop) - b.start)
+                                              for i, b, size in zip(index, block, shape))])
 
 
 class Partitioner:

@@ -26,6 +26,8 @@ SUBCOMMANDS = {
               "rank-classify JSONL examples with a T5 checkpoint"),
     "train": ("elm_jax.commands.train_command",
               "train experts (vmapped) or the multitask baseline from a gin run file"),
+    "plan": ("elm_jax.commands.plan_command",
+             "will a training recipe fit a pod? per-device memory and FLOPs of its programs, no weights"),
     "eval": ("elm_jax.commands.eval_command",
              "evaluate library experts on every prompt of a task or mixture"),
     "library": ("elm_jax.commands.library_command",
@@ -92,6 +94,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return int(e.code or 0)
   host_memory.keep_freed_memory()  # before the first large allocation
   try:
+    if getattr(args, "num_processes", None) or getattr(args, "distributed_auto", False):
+      from elm_jax import partitioning  # lazy, like the subcommands: it imports JAX
+      partitioning.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id,
+                                          auto=args.distributed_auto,
+                                          heartbeat_timeout_seconds=args.heartbeat_timeout)
     gin_utils.parse_gin(gin_flags)
     run = main_version if command == "version" else module.main
     return run(args)

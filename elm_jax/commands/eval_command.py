@@ -12,7 +12,7 @@ import argparse
 import sys
 import time
 
-from elm_jax import defaults
+from elm_jax import defaults, partitioning
 from elm_jax.commands import flags, gin_utils
 from elm_jax.evaluation import expert_eval
 from elm_jax.library.loaded import load_experts
@@ -20,6 +20,7 @@ from tasks import instances
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+  flags.add_distributed_flags(parser)
   parser.add_argument("--library", required=True)
   parser.add_argument("--experts", default="all", help="all or NAME,NAME,...")
   parser.add_argument("--task", required=True, help="registered SeqIO task or mixture")
@@ -65,7 +66,9 @@ def main(args: argparse.Namespace) -> int:
     results.append(result)
   run = {k: v for k, v in vars(args).items() if not k.startswith("_")}
   run["experts"] = loaded.names
-  expert_eval.write_reports(args.output_dir, results, loaded.names, run, overwrite=args.overwrite)
+  if partitioning.is_primary():  # every process holds every result; one writes them
+    expert_eval.write_reports(args.output_dir, results, loaded.names, run, overwrite=args.overwrite)
+  partitioning.barrier("elm_jax.eval.reports")
   print(expert_eval.markdown_table(results, loaded.names))
   print(f"evaluated {len(loaded.names)} expert(s) on {len(tasks)} task(s) in "
         f"{time.perf_counter() - start:.1f}s -> {args.output_dir}", file=sys.stderr)

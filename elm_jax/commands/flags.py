@@ -57,3 +57,17 @@ def positive_int_or_all(text: str):
   if text == "all":
     return None
   return _integer(text, 1, "a positive integer or 'all'")
+
+
+def add_distributed_flags(parser: argparse.ArgumentParser) -> None:
+  """Flags that run the command as one of several JAX processes (every process runs the same
+  command line with its own --process_id; or --distributed_auto where JAX finds the cluster)."""
+  group = parser.add_argument_group("multi-process (TPU pods, multi-GPU hosts)")
+  group.add_argument("--coordinator_address", default=None, help="HOST:PORT of process 0")
+  group.add_argument("--num_processes", type=positive_int, default=None)
+  group.add_argument("--process_id", type=int, default=None, help="0 .. num_processes - 1")
+  group.add_argument("--distributed_auto", action="store_true",
+                     help="let JAX detect the cluster (TPU pod slices, SLURM, ...)")
+  group.add_argument("--heartbeat_timeout", type=positive_int, default=60,
+                     help="seconds without a heartbeat after which a process counts as failed and "
+                          "the others stop, naming it")

@@ -76,6 +76,15 @@ def split_gin_flags(argv: Sequence[str]) -> tuple[list[str], GinFlags]:
 # a missing `include` (OSError).
 _GIN_PARSE_ERRORS = (ValueError, SyntaxError, tokenize.TokenError, ImportError, NameError, OSError)
 _search_paths_added: set[str] = set()
+# Command-line bindings may name these modules by their short names whatever the gin files
+# imported (gin resolves a binding's names against the imports of the text it is parsed with).
+_BINDING_IMPORTS = ("from __gin__ import dynamic_registration\n"
+                    "import elm_jax.partitioning as partitioning\n"
+                    "import elm_jax.models.t5_config as t5_config\n"
+                    "import elm_jax.models.adapters as adapters\n"
+                    "import elm_jax.training.train_step as train_step\n"
+                    "import elm_jax.training.run as run\n"
+                    "import elm_jax.training.plans as plans\n")
 
 
 def parse_gin(flags: GinFlags) -> None:
@@ -106,7 +115,7 @@ def parse_gin(flags: GinFlags) -> None:
       raise GinFlagError(f"--gin_file={file}: {_describe(e)}") from None
   for binding in flags.bindings:
     try:
-      gin.parse_config(binding)
+      gin.parse_config(_BINDING_IMPORTS + binding)
     except _GIN_PARSE_ERRORS as e:
       hint = ""
       if "Failed to parse token" in str(e) or "malformed node" in str(e):

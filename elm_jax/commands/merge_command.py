@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from elm_jax import files
+from elm_jax import files, partitioning
 from elm_jax.commands import flags, gin_utils
 from elm_jax.errors import UserInputError
 from elm_jax.library.merged import METHODS, merge_into_library
@@ -18,6 +18,7 @@ from elm_jax.library.store import ExpertLibrary, safe_name
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+  flags.add_distributed_flags(parser)
   parser.add_argument("--library", required=True)
   parser.add_argument("--name", required=True, help="library name of the merged expert")
   parser.add_argument("--experts", default=None, help="NAME,NAME,... to merge")
@@ -63,7 +64,9 @@ def main(args: argparse.Namespace) -> int:
       raise UserInputError(f"--weights={args.weights}: {e}; expected numbers separated by commas") from None
   elif args.method == "weighted":
     raise UserInputError("--method=weighted needs --weights=W,W,...")
-  merge_into_library(library, names, args.name, args.method, weights=weights, scale=args.scale,
-                     density=args.density, checkpoint=args.checkpoint, config=gin_utils.model_config_or_none())
+  if partitioning.is_primary():  # the library has one writer; the other processes wait for it
+    merge_into_library(library, names, args.name, args.method, weights=weights, scale=args.scale,
+                       density=args.density, checkpoint=args.checkpoint, config=gin_utils.model_config_or_none())
+  partitioning.barrier("elm_jax.merge")
   print(f"merged {len(names)} expert(s) ({args.method}) into {args.name}: {', '.join(names)}")
   return 0

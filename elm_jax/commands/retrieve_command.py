@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 
-from elm_jax import defaults, files
+from elm_jax import defaults, files, partitioning
 from elm_jax.commands import flags, gin_utils
 from elm_jax.evaluation.expert_eval import score_instances
 from elm_jax.library import retrieval
@@ -24,6 +24,7 @@ from tasks import instances
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+  flags.add_distributed_flags(parser)
   parser.add_argument("--library", required=True)
   parser.add_argument("--task", required=True, help="target task (registered SeqIO task)")
   parser.add_argument("--method", choices=retrieval.METHODS, default="roe")
@@ -88,6 +89,8 @@ def main(args: argparse.Namespace) -> int:
                       for k, v in entry.items() if k != "expert")
     print(f"{i + 1}\t{entry['expert']}\t{detail}")
   if args.output:
-    files.write_atomically(args.output, json.dumps(result, indent=1, allow_nan=False).encode())
+    if partitioning.is_primary():
+      files.write_atomically(args.output, json.dumps(result, indent=1, allow_nan=False).encode())
+    partitioning.barrier("elm_jax.retrieve.output")
     print(f"wrote the ranking of {len(result['ranking'])} experts to {args.output}", file=sys.stderr)
   return 0

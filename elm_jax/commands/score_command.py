@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Any
 
-from elm_jax import defaults, files, jsonl
+from elm_jax import defaults, files, jsonl, partitioning
 from elm_jax.checkpoints import loading
 from elm_jax.commands import flags, gin_utils
 from elm_jax.errors import UserInputError
@@ -30,6 +30,7 @@ class InputError(UserInputError):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+  flags.add_distributed_flags(parser)
   parser.add_argument("--checkpoint", default=None,
                       help="Hugging Face T5/mT5 directory (config.json, *.safetensors, spiece.model), "
                            "or a T5X checkpoint (legacy or Orbax; needs a model --gin_file); with "
@@ -118,7 +119,9 @@ def main(args: argparse.Namespace) -> int:
   if args.library:
     start = time.perf_counter()
     out = score_with_library(args, records)
-    jsonl.write_objects(args.output, out)
+    if partitioning.is_primary():
+      jsonl.write_objects(args.output, out)
+    partitioning.barrier("elm_jax.score.output")
     print(f"scored {len(out)} examples with {len(out[0]['scores'])} experts in "
           f"{time.perf_counter() - start:.1f}s -> {args.output}", file=sys.stderr)
     return 0

@@ -13,10 +13,12 @@ import sys
 
 import gin
 
+from elm_jax.commands import flags
 from elm_jax.training import run
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+  flags.add_distributed_flags(parser)
   parser.add_argument("--no_progress", action="store_true", help="no progress bar")
   parser.add_argument("--dry_run", action="store_true",
                       help="print every expert's training plan of the recipe (run.train.plan_group) "

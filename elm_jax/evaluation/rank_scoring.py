@@ -17,6 +17,7 @@ from typing import Iterable, Optional, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from elm_jax import batching, defaults, expert_stack
 from elm_jax.models.adapters import merge_params
@@ -231,14 +232,37 @@ def score_all_experts(model: EncoderDecoderModel, backbone, experts, examples: S
   scorer = RankScorer(model, backbone, experts=experts, expert_chunk=expert_chunk,
                       partitioner=partitioner, batch_size=batch_size,
                       max_input_length=max_input_length, max_target_length=max_target_length)
-  per_example, per_counts = scorer.score(examples)
   num_choices = max((len(ex.choices) for ex in examples), default=0)
+  processes, me = jax.process_count(), jax.process_index()
+  if partitioner is not None or processes == 1:
+    return (*_padded(scorer, examples, scorer.num_experts, num_choices), scorer)
+  # Several processes, each on its own devices: process p scores examples p, p + P, ...; the
+  # results are gathered so that every process holds every (example, choice) once.
+  share = -(-len(examples) // processes)
+  local_scores, local_counts = _padded(scorer, examples[me::processes], scorer.num_experts, num_choices, share)
+  gathered_scores = np.asarray(multihost_utils.process_allgather(local_scores))   # [P, E, share, C]
+  gathered_counts = np.asarray(multihost_utils.process_allgather(local_counts))   # [P, share, C]
   scores = np.full((scorer.num_experts, len(examples), num_choices), -np.inf, np.float32)
   counts = np.zeros((len(examples), num_choices), np.int32)
-  for n, (s, c) in enumerate(zip(per_example, per_counts)):
-    scores[:, n, :s.shape[-1]] = s
-    counts[n, :len(c)] = c
+  for p in range(processes):
+    n = len(examples[p::processes])
+    scores[:, p::processes] = gathered_scores[p, :, :n]
+    counts[p::processes] = gathered_counts[p, :n]
   return scores, counts, scorer
+
+
+def _padded(scorer: "RankScorer", examples: Sequence[Example], num_experts: int, num_choices: int,
+            rows: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+  """(scores [E, rows, C] with -inf padding, token counts [rows, C]) of `examples`."""
+  rows = len(examples) if rows is None else rows
+  scores = np.full((num_experts, rows, num_choices), -np.inf, np.float32)
+  counts = np.zeros((rows, num_choices), np.int32)
+  if examples:
+    per_example, per_counts = scorer.score(examples)
+    for n, (s, c) in enumerate(zip(per_example, per_counts)):
+      scores[:, n, :s.shape[-1]] = s
+      counts[n, :len(c)] = c
+  return scores, counts
 
 
 def predictions(scores: Iterable[np.ndarray]) -> list[int]:

@@ -25,7 +25,7 @@ from typing import Any, Optional, Sequence
 import jax
 import numpy as np
 
-from elm_jax import batching, defaults, files
+from elm_jax import batching, defaults, files, partitioning
 from elm_jax.errors import UserInputError
 from elm_jax.library.loaded import load_backbone
 from elm_jax.library.store import ExpertLibrary
@@ -157,10 +157,11 @@ def key_embeddings(library: ExpertLibrary, names: Sequence[str], embedder, text_
       block = embedded[start:start + len(group)].astype(np.float32)
       start += len(group)
       path = library.embeddings_path(name, embedder.name, text_format)
-      path.parent.mkdir(parents=True, exist_ok=True)
-      buffer = io.BytesIO()
-      np.save(buffer, block)
-      files.write_atomically(path, buffer.getvalue())
+      if partitioning.is_primary():  # the cache has one writer; every process computed the same
+        path.parent.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        np.save(buffer, block)
+        files.write_atomically(path, buffer.getvalue())
       blocks[name] = block
   vectors = [blocks[name] for name in names]
   owners = [e for e, block in enumerate(vectors) for _ in range(len(block))]

@@ -68,6 +68,17 @@ def _feed_forward(cfg: T5Config, sparse: bool, expert: Optional[ExpertConfig], h
                          _lora(expert), name="mlp")(h, deterministic=deterministic)
 
 
+def _remat(layer: type[nn.Module], cfg: T5Config, static_argnums: tuple[int, ...]) -> type[nn.Module]:
+  """`layer` under the config's rematerialization policy (`T5Config.remat_policy`).
+
+  `static_argnums` count `self` as 0 and name the Python flags (`deterministic`, `decode`)."""
+  if cfg.remat_policy == "none":
+    return layer
+  policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+            if cfg.remat_policy == "minimal" else jax.checkpoint_policies.nothing_saveable)
+  return nn.remat(layer, policy=policy, static_argnums=static_argnums)
+
+
 class EncoderLayer(nn.Module):
   config: T5Config
   expert: Optional[ExpertConfig] = None
@@ -135,8 +146,9 @@ class Encoder(nn.Module):
         cfg.num_heads, cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance,
         bidirectional=True, name="relpos_bias")(length, length)
     bias = position_bias + _key_mask_bias(mask)
+    layer = _remat(EncoderLayer, cfg, static_argnums=(3,))
     for i in range(cfg.num_encoder_layers):
-      x = EncoderLayer(cfg, self.expert, cfg.is_sparse(i), name=f"layers_{i}")(
+      x = layer(cfg, self.expert, cfg.is_sparse(i), name=f"layers_{i}")(
           x, bias, deterministic, mask)
     x = layers.RMSNorm(cfg.layer_norm_epsilon, cfg.jnp_dtype, name="encoder_norm")(x)
     return nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=deterministic)
@@ -168,8 +180,10 @@ class Decoder(nn.Module):
     token_mask = None
     if cfg.moe is not None and not decode:
       token_mask = (tokens != cfg.pad_id) | (jnp.arange(tokens.shape[1]) == 0)[None, :]
+    # Incremental decoding never differentiates, so its cache updates run un-rematerialized.
+    layer = DecoderLayer if decode else _remat(DecoderLayer, cfg, static_argnums=(5, 6))
     for i in range(cfg.num_decoder_layers):
-      x = DecoderLayer(cfg, self.expert, cfg.is_sparse(i), name=f"layers_{i}")(
+      x = layer(cfg, self.expert, cfg.is_sparse(i), name=f"layers_{i}")(
           x, encoded, self_bias, cross_bias, deterministic, decode, token_mask)
     x = layers.RMSNorm(cfg.layer_norm_epsilon, cfg.jnp_dtype, name="decoder_norm")(x)
     x = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=deterministic)

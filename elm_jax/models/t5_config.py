@@ -28,6 +28,7 @@ _HF_ACTIVATIONS = {
     "gelu": ("gelu",),
 }
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+REMAT_POLICIES = ("none", "minimal", "full")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +64,12 @@ class T5Config:
   # T5's 32,128-entry output layer to its tokenizer's 32,100 entries (resize_token_embeddings),
   # so its losses and scores normalise over 32,100; the ELM recipes set 32100.
   softmax_vocab_size: Optional[int] = None
+  # Rematerialization of each encoder/decoder block in training (a `jax.checkpoint` policy):
+  # "none" keeps every activation for the backward pass; "minimal" keeps only the products with
+  # the weights that have no batch dimension and recomputes the rest of the block (t5x's
+  # "minimal"); "full" keeps only each block's input and recomputes the whole block. It changes
+  # memory and time, never the numbers; `elm-jax plan` shows the effect.
+  remat_policy: str = "none"
 
   def __post_init__(self):
     if isinstance(self.moe, Mapping):  # as written to JSON metadata
@@ -87,6 +94,9 @@ class T5Config:
         isinstance(self.softmax_vocab_size, int) and 0 < self.softmax_vocab_size <= self.vocab_size):
       raise ConfigError(f"T5Config.softmax_vocab_size: expected None or an integer in 1..vocab_size "
                         f"({self.vocab_size}), got {self.softmax_vocab_size!r}")
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ConfigError(f"T5Config.remat_policy: expected one of {list(REMAT_POLICIES)}, "
+                        f"got {self.remat_policy!r}")
     if not 0.0 <= self.dropout_rate < 1.0:
       raise ConfigError(f"T5Config.dropout_rate: expected a value in [0, 1), got {self.dropout_rate}")
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Optional, Sequence
 import numpy as np
 import orbax.checkpoint as ocp
 
-from elm_jax import expert_stack, tf_input
+from elm_jax import expert_stack, partitioning, tf_input
 from elm_jax.checkpoints import expert_files
 from elm_jax.training import train_step as ts
 
@@ -49,7 +49,7 @@ class Checkpoints:
         print(f"warning: checkpoint at step {step} is unreadable ({type(e).__name__}); "
               "falling back to an earlier one", file=sys.stderr)
         continue
-      return ts.ExpertTrainState(**restored)
+      return ts.ExpertTrainState(**partitioning.to_host(restored))  # host arrays: placed by the caller
     return None
 
 
@@ -97,7 +97,11 @@ def exported_metrics(config: "TrainConfig", names) -> Optional[dict[str, dict[st
 
 def export(config: "TrainConfig", names, model_config, expert_config, optimizer_config,
             fingerprint: str, state, metrics) -> None:
-  """Writes each expert with its own step count, plan and the metrics of its last step."""
+  """Writes each expert with its own step count, plan and the metrics of its last step (`state`
+  on the host). With several processes, process 0 writes and the others wait for it."""
+  if not partitioning.is_primary():
+    partitioning.barrier("elm_jax.export")
+    return
   expert_steps = np.asarray(state.expert_steps)
   rates = config.expert_learning_rates or (optimizer_config.learning_rate,) * len(names)
   for e, name in enumerate(names):
@@ -109,3 +113,4 @@ def export(config: "TrainConfig", names, model_config, expert_config, optimizer_
                          "plan": {"steps": int(expert_steps[e]), "learning_rate": float(rates[e])}},
         steps=int(expert_steps[e]), metrics={k: float(v[e]) for k, v in metrics.items()})
     expert_files.save_expert(config.expert_dir(name), expert_stack.index(state.params, e), meta, overwrite=True)
+  partitioning.barrier("elm_jax.export")

@@ -44,20 +44,26 @@ def check_tasks(tasks: Sequence[str], vocab_size: Optional[int] = None) -> list:
   return providers
 
 
-def expert_batches(config: "TrainConfig", vocab_size: Optional[int] = None
-                   ) -> Iterator[dict[str, np.ndarray]]:
-  """An endless, deterministic stream of stacked batches [E, batch, length]. Every task is
-  checked now (`check_tasks`); the input pipelines are built when the first batch is asked for."""
-  return _stacked_stream(config, check_tasks(config.expert_tasks, vocab_size))
+def expert_batches(config: "TrainConfig", vocab_size: Optional[int] = None, *,
+                   experts: slice = slice(None), rows: slice = slice(None)) -> Iterator[dict[str, np.ndarray]]:
+  """An endless, deterministic stream of stacked batches [E, batch, length], or of the block of
+  them `experts` x `rows` (a process of a multi-process run reads only its own experts' streams
+  and keeps its rows of each batch). Every task is checked now (`check_tasks`); the input
+  pipelines are built when the first batch is asked for."""
+  providers = check_tasks(config.expert_tasks, vocab_size)
+  return _stacked_stream(config, providers, experts, rows)
 
 
-def _stacked_stream(config: "TrainConfig", providers) -> Iterator[dict[str, np.ndarray]]:
+def _stacked_stream(config: "TrainConfig", providers, experts: slice = slice(None),
+                    rows: slice = slice(None)) -> Iterator[dict[str, np.ndarray]]:
   tf_input.tensorflow()
   lengths = {"inputs": config.input_length, "targets": config.target_length}
   options = _input_options(config.input_prefetch)
   iterators = []
   seeds = config.expert_seeds()
-  for e, (name, provider) in enumerate(zip(config.expert_tasks, providers)):
+  chosen = range(len(providers))[experts]
+  for e in chosen:
+    name, provider = config.expert_tasks[e], providers[e]
     shuffle = {}
     if config.shuffle_buffer_size is not None and isinstance(provider, seqio.Task):
       shuffle["shuffle_buffer_size"] = config.shuffle_buffer_size  # mixtures keep SeqIO's default
@@ -66,7 +72,7 @@ def _stacked_stream(config: "TrainConfig", providers) -> Iterator[dict[str, np.n
     ds = unpacked_encdec_features(ds, lengths, name).batch(config.batch_size, drop_remainder=True)
     iterators.append(ds.with_options(options).as_numpy_iterator())
   for batches in zip(*iterators):
-    yield {k: np.stack([b[k] for b in batches]) for k in FEATURES}
+    yield {k: np.stack([b[k][rows] for b in batches]) for k in FEATURES}
 
 
 def batch_shapes(config: "TrainConfig") -> dict[str, jax.ShapeDtypeStruct]:

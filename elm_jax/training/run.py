@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -41,7 +41,8 @@ def train(model_dir: str, expert_tasks: Optional[Sequence[str]] = None, steps: O
           shuffle_buffer_size: Optional[int] = None, upcycle: bool = False,
           logical_axis_rules: Optional[Sequence] = None, shared_init: bool = True,
           plan_group: Optional[plans.PlanGroup] = None, dry_run: bool = False,
-          data_dir: Optional[str] = None):
+          data_dir: Optional[str] = None, plan: Optional[Callable[["RunLayout"], Any]] = None,
+          all_shapes: bool = False):
   """Trains one expert per entry of `expert_tasks` over the backbone in `backbone_checkpoint`
   (Hugging Face or T5X directory), or over a randomly initialised `model_config` when none is
   given (useful only for smoke tests and the demo's own pretraining). With `mesh_config`, the
@@ -58,9 +59,19 @@ def train(model_dir: str, expert_tasks: Optional[Sequence[str]] = None, steps: O
   names, batch size, lengths, dropout and optimizer, and each expert's own steps and learning
   rate; step counts the plan could not know without the data are counted first (from the P3
   copy in `data_dir` or $ELM_P3_DATA_DIR). `dry_run` prints the plans of the whole recipe and
-  returns without reading data or building the model."""
+  returns without reading data or building the model.
+
+  `plan` (what `elm-jax plan` passes) is called with the run's `RunLayout` (its train-step
+  shapes, model, optimizer and mesh; with `all_shapes`, every distinct shape of the whole
+  recipe) instead of training, and its result returned; nothing is read or loaded."""
   del setup  # gin evaluates `@register_fn()` references in it before this body runs
   expert_steps = expert_learning_rates = None
+  if plan is not None:
+    return plan(run_layout(plan_group, expert_tasks, model_config=model_config, batch_size=batch_size,
+                           input_length=input_length, target_length=target_length,
+                           expert_config=expert_config, optimizer_config=optimizer_config,
+                           mesh_config=mesh_config, logical_axis_rules=logical_axis_rules,
+                           all_shapes=all_shapes))
   if plan_group is not None:
     if dry_run:
       print(recipe_table(plan_group))
@@ -77,10 +88,7 @@ def train(model_dir: str, expert_tasks: Optional[Sequence[str]] = None, steps: O
     expert_learning_rates = tuple(p.learning_rate for p in plan_group.plans)
     steps = max(expert_steps)
     batch_size, input_length, target_length = first.batch_size, first.input_length, first.target_length
-    model_config = model_config.replace(dropout_rate=first.dropout)
-    optimizer_config = dataclasses.replace(
-        optimizer_config, name=first.optimizer, schedule=first.schedule, warmup_steps=first.warmup_steps,
-        max_grad_norm=first.max_grad_norm, learning_rate=first.learning_rate)
+    model_config, optimizer_config = _group_settings(first, model_config, optimizer_config)
     seed = first.seed
   elif dry_run:
     raise trainer.TrainingError("--dry_run prints a recipe's plans: pass an experiment gin file that "
@@ -102,6 +110,8 @@ def train(model_dir: str, expert_tasks: Optional[Sequence[str]] = None, steps: O
       expert_steps=expert_steps, expert_learning_rates=expert_learning_rates)
   config.names()
   trainer.check_settings(config)
+  if mesh_config is not None:
+    _check_mesh(mesh_config, len(config.expert_tasks), batch_size)
   inputs.check_tasks(config.expert_tasks, model_config.vocab_size)
   fingerprint = None
   if upcycle and (not backbone_checkpoint or model_config.moe is None):
@@ -133,6 +143,88 @@ def train(model_dir: str, expert_tasks: Optional[Sequence[str]] = None, steps: O
   return trainer.train_experts(config, model_config, backbone, expert_config=expert_config,
                                optimizer_config=optimizer_config, progress=progress,
                                partitioner=partitioner, backbone_fingerprint=fingerprint)
+
+
+def _check_mesh(mesh_config: partitioning.MeshConfig, num_experts: int, batch_size: int) -> None:
+  """Refuses, before anything is loaded, experts or batch rows the mesh cannot split evenly."""
+  data, experts, _ = mesh_config.resolve(jax.device_count())
+  for what, size, axis, ways in (("experts", num_experts, "expert", experts),
+                                 ("batch rows per expert", batch_size, "data", data)):
+    if size % ways:
+      raise trainer.TrainingError(
+          f"MESH_CONFIG: {size} {what} cannot be split over the mesh's {axis!r} axis of {ways} devices "
+          f"({jax.device_count()} devices as data={data}, expert={experts}); choose "
+          f"partitioning.MeshConfig sizes that divide them (`elm-jax plan` suggests one)")
+
+
+def _group_settings(first: plans.ExpertPlan, model_config: T5Config, optimizer_config: ts.OptimizerConfig
+                    ) -> tuple[T5Config, ts.OptimizerConfig]:
+  """The model and optimizer settings a recipe group's plans set (shared by its experts)."""
+  return (model_config.replace(dropout_rate=first.dropout),
+          dataclasses.replace(optimizer_config, name=first.optimizer, schedule=first.schedule,
+                              warmup_steps=first.warmup_steps, max_grad_norm=first.max_grad_norm,
+                              learning_rate=first.learning_rate))
+
+
+@dataclasses.dataclass(frozen=True)
+class StepShape:
+  """One train-step program of a run: the shapes it is compiled for, and the groups that run it."""
+  groups: tuple[int, ...]
+  num_experts: int
+  batch_size: int
+  input_length: int
+  target_length: int
+  model_config: T5Config
+  optimizer_config: ts.OptimizerConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class RunLayout:
+  """What `elm-jax plan` needs of a run: its programs' shapes, expert and mesh settings."""
+  title: str
+  shapes: tuple[StepShape, ...]
+  expert_config: ExpertConfig
+  mesh_config: Optional[partitioning.MeshConfig]
+  logical_axis_rules: Optional[Sequence]
+  recipe_experts: int             # how many experts the whole recipe (or the run) trains
+
+
+def run_layout(plan_group: Optional[plans.PlanGroup], expert_tasks: Optional[Sequence[str]], *,
+               model_config: T5Config, batch_size: int, input_length: int, target_length: int,
+               expert_config: ExpertConfig, optimizer_config: ts.OptimizerConfig,
+               mesh_config: Optional[partitioning.MeshConfig], logical_axis_rules: Optional[Sequence],
+               all_shapes: bool = False) -> RunLayout:
+  """The train-step shapes of a run: its own group's (or its EXPERT_TASKS'), or with `all_shapes`
+  every distinct (experts, batch, lengths) of the group's whole recipe, with the groups that share
+  it. Step counts play no part: no data is read."""
+  if plan_group is None:
+    if not expert_tasks:
+      raise trainer.TrainingError("plan: pass EXPERT_TASKS or a recipe (run.train.plan_group)")
+    shape = StepShape((0,), len(expert_tasks), batch_size, input_length, target_length, model_config,
+                      optimizer_config)
+    return RunLayout(f"{len(expert_tasks)} experts", (shape,), expert_config, mesh_config,
+                     logical_axis_rules, len(expert_tasks))
+  recipe = ([list(plan_group.plans)] if not plan_group.kind else
+            plans.recipe_groups(plan_group.kind, plan_group.group_size, plans.available_split_sizes(None)))
+  if all_shapes:
+    groups, indices = recipe, range(len(recipe))
+    title = (f"the {plan_group.kind} recipe: {sum(map(len, groups))} experts in {len(groups)} groups "
+             f"of at most {plan_group.group_size}")
+  else:
+    groups, indices = [list(plan_group.plans)], [plan_group.index]
+    title = f"group {plan_group.index} of the {plan_group.kind or 'given'} recipe ({len(plan_group.plans)} experts)"
+  shapes: dict[tuple, StepShape] = {}
+  for index, group in zip(indices, groups):
+    first = group[0]
+    key = (len(group),) + first.shape_key()
+    if key in shapes:
+      shapes[key] = dataclasses.replace(shapes[key], groups=shapes[key].groups + (index,))
+      continue
+    model, optimizer = _group_settings(first, model_config, optimizer_config)
+    shapes[key] = StepShape((index,), len(group), first.batch_size, first.input_length, first.target_length,
+                            model, optimizer)
+  return RunLayout(title, tuple(shapes.values()), expert_config, mesh_config, logical_axis_rules,
+                   sum(map(len, recipe)))
 
 
 def _with_run_settings(checkpoint_config: T5Config, run_config: T5Config) -> T5Config:
@@ -168,8 +260,19 @@ def recipe_table(group: plans.PlanGroup) -> str:
 def save_random_backbone(model_dir: str, model_config: T5Config, params, expert_tasks) -> str:
   """Saves a randomly initialised backbone as a Hugging Face directory `<model_dir>/backbone`
   (with the first task's SentencePiece model), so its experts can be scored later. A backbone
-  already there is kept when it is the same one, and is an error otherwise."""
+  already there is kept when it is the same one, and is an error otherwise. With several
+  processes, process 0 writes it while the others wait."""
   path = os.path.abspath(os.path.join(model_dir, "backbone"))
+  if not partitioning.is_primary():
+    partitioning.barrier("elm_jax.random_backbone")
+    return path
+  try:
+    return _save_random_backbone(path, model_config, params, expert_tasks)
+  finally:
+    partitioning.barrier("elm_jax.random_backbone")
+
+
+def _save_random_backbone(path: str, model_config: T5Config, params, expert_tasks) -> str:
   if os.path.isdir(path) and os.listdir(path):
     saved = hf.load_hf_checkpoint(path)
     if expert_files.backbone_fingerprint(saved.params) != expert_files.backbone_fingerprint(params):

@@ -183,6 +183,26 @@ def initial_experts(model_config: T5Config, expert_config: ExpertConfig, backbon
   return frozen, tree_paths.unflatten(flat)
 
 
+def step_function(model: EncoderDecoderModel, optimizer, dropout_rng: Optional[jax.Array],
+                  state: ts.ExpertTrainState, plans: ts.ExpertPlans,
+                  partitioner: Optional[partitioning.Partitioner] = None):
+  """(the compiled train step `(state, backbone, batch, plans) -> (state, metrics)`, the logical
+  specs of those four inputs, or None without a partitioner). `state` and `plans` may be
+  abstract (`jax.eval_shape`): only their structure is read. `elm-jax plan` lowers this same
+  step."""
+  def step(state, backbone, batch, plans):
+    return ts.train_step(state, backbone, batch, model=model, optimizer=optimizer,
+                         dropout_rng=dropout_rng, plans=plans)
+  if partitioner is None:
+    return jax.jit(step), None
+  backbone_specs, expert_specs = expert_stack.logical_specs(model.config, model.expert)
+  state_specs = ts.state_specs(expert_specs, state.opt_state)
+  plan_specs = jax.tree_util.tree_map(lambda _: PartitionSpec("expert"), plans)
+  batch_specs = {k: PartitionSpec("expert", "batch", "length") for k in inputs.FEATURES}
+  specs = (state_specs, backbone_specs, batch_specs, plan_specs)
+  return partitioner.partition(step, specs, (state_specs, PartitionSpec("expert"))), specs
+
+
 def train_experts(config: TrainConfig, model_config: T5Config, backbone_params: dict, *,
                   expert_config: ExpertConfig = ExpertConfig(),
                   optimizer_config: ts.OptimizerConfig = ts.OptimizerConfig(),
@@ -200,7 +220,16 @@ def train_experts(config: TrainConfig, model_config: T5Config, backbone_params: 
   names = config.names()
   check_settings(config)
   os.makedirs(config.model_dir, exist_ok=True)
-  stream = inputs.expert_batches(config, model_config.vocab_size)  # every task is checked here
+  batch_sharding = None
+  experts_here, rows_here = slice(0, len(names)), slice(0, config.batch_size)
+  if partitioner is not None:
+    # Each process reads only the experts (and batch rows) its devices hold; the global batch is
+    # assembled from every process's block (one process: the whole batch).
+    batch_sharding = partitioner.sharding(PartitionSpec("expert", "batch", "length"))
+    experts_here, rows_here, _ = partitioning.local_block(
+        batch_sharding, (len(names), config.batch_size, config.input_length))
+  stream = inputs.expert_batches(config, model_config.vocab_size, experts=experts_here,  # tasks checked
+                                 rows=rows_here)
   checkpoints = checkpointing.Checkpoints(os.path.join(config.model_dir, "checkpoints"), config.keep)
   # The input pipelines (Python and TensorFlow) build on another thread while this one
   # initialises the experts and compiles the step (XLA, which releases the GIL).
@@ -223,21 +252,12 @@ def train_experts(config: TrainConfig, model_config: T5Config, backbone_params: 
   # whether an expert trains alone or in a group.
   rng = jax.random.PRNGKey(config.seed) if noisy else None
 
-  def step(state, backbone, batch, plans):
-    return ts.train_step(state, backbone, batch, model=model, optimizer=optimizer, dropout_rng=rng,
-                         plans=plans)
-  if partitioner is None:
-    step_fn = jax.jit(step)
-  else:
-    backbone_specs, expert_specs = expert_stack.logical_specs(model_config, expert_config)
-    state_specs = ts.state_specs(expert_specs, state.opt_state)
-    plan_specs = jax.tree_util.tree_map(lambda _: PartitionSpec("expert"), plans)
+  step_fn, specs = step_function(model, optimizer, rng, state, plans, partitioner)
+  if specs is not None:
+    state_specs, backbone_specs, _, plan_specs = specs
     state = partitioner.place(state, state_specs)
     plans = partitioner.place(plans, plan_specs)
     backbone = partitioner.place(backbone, backbone_specs)
-    batch_specs = {k: PartitionSpec("expert", "batch", "length") for k in inputs.FEATURES}
-    step_fn = partitioner.partition(step, (state_specs, backbone_specs, batch_specs, plan_specs),
-                                    (state_specs, PartitionSpec("expert")))
   if start < config.steps:
     try:
       step_fn.lower(state, backbone, inputs.batch_shapes(config), plans).compile()  # the first step finds it
@@ -246,8 +266,14 @@ def train_experts(config: TrainConfig, model_config: T5Config, backbone_params: 
   if first is not None:
     stream = itertools.chain([first.result()], stream)
   batches = itertools.islice(stream, start, None)  # replay to the saved position
-  logs = checkpointing.Logs(config.model_dir, names)
-  bar = _progress_bar(start, config.steps, names) if progress else None
+  logs = checkpointing.Logs(config.model_dir, names) if partitioning.is_primary() else None
+  bar = _progress_bar(start, config.steps, names) if progress and partitioning.is_primary() else None
+
+  def global_batch(local: dict[str, np.ndarray]):
+    if batch_sharding is None:
+      return local
+    return {k: partitioning.global_array(batch_sharding, (len(names), config.batch_size) + v.shape[2:], v)
+            for k, v in local.items()}
   # Metrics of step s are read back while step s+1 runs (one step of lag), so the host never
   # waits on the device between steps; `pending` keeps the state from before the unchecked step.
   metrics: dict[str, np.ndarray] = {}
@@ -255,7 +281,7 @@ def train_experts(config: TrainConfig, model_config: T5Config, backbone_params: 
   pending = None
 
   def check(done: int, step_metrics, before: ts.ExpertTrainState) -> dict[str, np.ndarray]:
-    values = jax.device_get(step_metrics)
+    values = partitioning.to_host(step_metrics)
     bad = np.where(~np.isfinite(values["loss"]))[0]
     if len(bad):
       checkpoints.save(before)
@@ -265,7 +291,8 @@ def train_experts(config: TrainConfig, model_config: T5Config, backbone_params: 
     meter["tokens"] += float(values["tokens"].sum())
     if done % config.log_every == 0 or done == config.steps:
       rate = meter["tokens"] / max(time.perf_counter() - meter["clock"], 1e-9)
-      logs.write(done, values, rate)
+      if logs is not None:
+        logs.write(done, values, rate)
       if bar is not None:
         bar.set_postfix_str(" ".join(f"{n[:16]}={values['loss'][i]:.3f}" for i, n in
                                      enumerate(names[:4])) + f" tok/s={rate:.0f}")
@@ -274,7 +301,7 @@ def train_experts(config: TrainConfig, model_config: T5Config, backbone_params: 
 
   for step in range(start, config.steps):
     before = state
-    state, step_metrics = step_fn(state, backbone, next(batches), plans)
+    state, step_metrics = step_fn(state, backbone, global_batch(next(batches)), plans)
     if pending is not None:
       metrics = check(*pending)
     done = step + 1
@@ -291,7 +318,8 @@ def train_experts(config: TrainConfig, model_config: T5Config, backbone_params: 
     metrics = check(*pending)
   if bar is not None:
     bar.close()
-  logs.close()
+  if logs is not None:
+    logs.close()
   if not metrics:
     # Restored at the last step (a finished run started again): its experts were exported
     # with their final metrics; keep them rather than overwrite them with none.
@@ -299,7 +327,8 @@ def train_experts(config: TrainConfig, model_config: T5Config, backbone_params: 
     if exported is not None:
       return exported
   fingerprint = backbone_fingerprint or expert_files.backbone_fingerprint(backbone_params)
-  checkpointing.export(config, names, model_config, expert_config, optimizer_config, fingerprint, state, metrics)
+  checkpointing.export(config, names, model_config, expert_config, optimizer_config, fingerprint,
+                       partitioning.to_host(state), metrics)
   return {n: {k: float(v[i]) for k, v in metrics.items()} for i, n in enumerate(names)} if metrics else {}
 
 
