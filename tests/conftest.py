@@ -8,7 +8,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest  # noqa: E402
 
+from elm_jax import compile_cache  # noqa: E402
 from elm_jax.models.t5_config import T5Config  # noqa: E402
+
+# Compiled programs are kept between runs (`elm_jax/compile_cache.py`): a second `./elm test`
+# on the same machine loads them instead of compiling them again.
+compile_cache.enable()
 
 
 @pytest.fixture(scope="session")

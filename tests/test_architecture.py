@@ -17,7 +17,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Bottom to top. A module belongs to the first entry that is it or a package above it.
 LAYERS = [
     ("foundation", ["elm_jax", "elm_jax.errors", "elm_jax.tree_paths", "elm_jax.files", "elm_jax.jsonl",
-                    "elm_jax.tf_input", "elm_jax.vocabularies", "elm_jax.defaults", "elm_jax.batching"]),
+                    "elm_jax.tf_input", "elm_jax.vocabularies", "elm_jax.defaults", "elm_jax.batching",
+                    "elm_jax.compile_cache"]),
     ("models, partitioning, tasks", ["elm_jax.models", "elm_jax.partitioning", "tasks"]),
     ("checkpoints", ["elm_jax.checkpoints"]),
     ("expert stack", ["elm_jax.expert_stack"]),

@@ -16,6 +16,7 @@ import sys
 from typing import Optional, Sequence
 
 import elm_jax
+from elm_jax import compile_cache
 from elm_jax.commands import gin_utils, host_memory
 from elm_jax.errors import UserInputError
 
@@ -100,6 +101,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                           auto=args.distributed_auto,
                                           heartbeat_timeout_seconds=args.heartbeat_timeout)
     gin_utils.parse_gin(gin_flags)
+    if command != "version":
+      compile_cache.enable()
     run = main_version if command == "version" else module.main
     return run(args)
   except UserInputError as e:  # names the file, the field and what was expected

@@ -46,6 +46,9 @@ class TaskResult:
     return _CONTINUAL_METRICS.get(self.task, "rougeL")
 
 
+# Generation pads inputs to powers of two, at least 64 tokens: each shape compiles a decoding
+# loop (far costlier than a scoring program), so its buckets stay coarse.
+GENERATION_MIN_INPUT_BUCKET = 64
 _CONTINUAL_METRICS = {e.name: e.metric_here for e in inventory.CONTINUAL_EXPERTS}
 
 
@@ -175,7 +178,7 @@ def decode_texts(loaded: ExpertsOnBackbone, inputs: Sequence[str], *, batch_size
   num_experts = len(loaded.names)
   chunk = min(expert_chunk or rank_scoring.default_expert_chunk(num_experts), num_experts)
   out: list[list[str]] = [[""] * len(inputs) for _ in range(num_experts)]
-  batches = list(batching.padded_batches(ids, batch_size, rank_scoring.MIN_INPUT_BUCKET, max_input_length))
+  batches = list(batching.padded_batches(ids, batch_size, GENERATION_MIN_INPUT_BUCKET, max_input_length))
   for start_e, stop_e, experts in expert_stack.chunks(loaded.stack.params, chunk):
     experts = expert_stack.place(experts)  # once per chunk, not per batch
     decoded = [rank_scoring.decode_all_experts(loaded.model, loaded.backbone, experts, tokens,

@@ -26,12 +26,12 @@ from elm_jax.models.t5 import logical_axes
 
 Array = jax.Array
 CPU_EXPERT_CHUNK = 2
-# Smallest padded input and choice lengths. Every distinct batch shape is one compilation
-# (about 2 s on a 2-core CPU even for the demo's 2-layer model; far more for XL on an accelerator), while padding a
-# short input to 64 tokens or a short choice to 16 costs little: coarse buckets mean few
-# programs (the demo's held-out and seen prompts: 4 shapes per model instead of 8).
-MIN_INPUT_BUCKET = 64
-MIN_TARGET_BUCKET = 16
+# Padded lengths: inputs and choices go to `batching.cost_bucket`'s ladder (at most 1/8
+# padding), inputs at least 16 tokens. A power-of-two floor of 16 target tokens made 1-5 token
+# answer choices pay 3-4x their decoder and softmax work, and a 65-token input twice its encoder
+# (bench/head_to_head.py); the few more shapes compile once and stay in JAX's compilation cache.
+MIN_INPUT_BUCKET = 16
+MIN_TARGET_BUCKET = 1
 # Choices scored in one row of a batch: an example with more is split over several rows (its
 # input encoded once per row), so memory stays that of batch_size x 16 choices however many
 # choices an example has (10,000 choices in one row needed 38.7 GB).
@@ -158,9 +158,10 @@ class RankScorer:
             [np.asarray(c, np.int32) for c in counts])
 
   def _pad_batch(self, batch: Sequence[tuple[list[int], list[list[int]]]]) -> tuple[np.ndarray, np.ndarray]:
-    li = batching.bucket(max(len(x) for x, _ in batch), MIN_INPUT_BUCKET, self.max_input_length)
+    li = batching.cost_bucket(max(len(x) for x, _ in batch), MIN_INPUT_BUCKET, self.max_input_length)
     c = batching.bucket(max(len(ch) for _, ch in batch), 2)
-    lt = batching.bucket(max(len(t) for _, ch in batch for t in ch), MIN_TARGET_BUCKET, self.max_target_length)
+    lt = batching.cost_bucket(max(len(t) for _, ch in batch for t in ch), MIN_TARGET_BUCKET,
+                              self.max_target_length)
     inputs = batching.pad_rows([x for x, _ in batch], self.batch_size, li)
     targets = np.zeros((self.batch_size, c, lt), np.int32)
     for row, (_, choices) in enumerate(batch):

@@ -130,7 +130,10 @@ class MultiHeadAttention(nn.Module):
   """Multi-head dot-product attention without logit scaling (T5 folds it into the query).
 
   Inputs `[batch, q_len, embed]` and `[batch, kv_len, embed]`, `bias` broadcastable to
-  `[batch, heads, q_len, kv_len]` (additive: masks and position bias). With `decode=True` the
+  `[batch, heads, q_len, kv_len]` (additive: masks and position bias). The key/value input may
+  instead have `batch / G` rows, each shared by G consecutive query rows (rank classification:
+  the choices of one input): its keys and values are then projected once per row and the G
+  query rows attend to them as one row of G x q_len queries; `bias` is then per key/value row. With `decode=True` the
   keys and values are appended to a cache (`cached_key`, `cached_value`: [batch, max_len, heads,
   head_dim]) at `cache_index`, and a full-length self-attention `bias` ([1, heads, max_len,
   max_len]) is sliced to the current query rows.
@@ -156,6 +159,13 @@ class MultiHeadAttention(nn.Module):
     query = project("query", inputs_q)
     key = project("key", inputs_kv)
     value = project("value", inputs_kv)
+    rows, q_len = inputs_q.shape[:2]
+    shared = inputs_kv.shape[0] != rows
+    if shared:  # fold each key/value row's G query rows into one row of G x q_len queries
+      if decode or rows % inputs_kv.shape[0]:
+        raise ValueError(f"MultiHeadAttention: {rows} query rows cannot share {inputs_kv.shape[0]} "
+                         "key/value rows" + (" while decoding" if decode else ""))
+      query = query.reshape(inputs_kv.shape[0], -1, *query.shape[2:])
 
     if decode:
       is_initialized = self.has_variable("cache", "cached_key")
@@ -186,7 +196,7 @@ class MultiHeadAttention(nn.Module):
       keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.dropout_rate, weights.shape)
       weights = weights * keep / (1.0 - self.dropout_rate)
     attended = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(self.dtype), value.astype(self.dtype))
-    attended = jnp.swapaxes(attended, 1, 2).reshape(*inputs_q.shape[:2], joined)
+    attended = jnp.swapaxes(attended, 1, 2).reshape(rows, q_len, joined)
     out_kernel = lora_kernel("out", (joined, emb), ("joined_kv", "embed"), self.lora)()
     out = jnp.dot(attended, out_kernel.astype(self.dtype))
     return constrain(out, ("batch", "length", "embed"))

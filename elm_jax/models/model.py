@@ -45,6 +45,38 @@ def token_log_likelihoods(logits: Array, targets: Array) -> Array:
   return target_logits - jax.nn.logsumexp(logits, axis=-1)
 
 
+VOCAB_CHUNK = 8192  # output-projection columns per piece in `projected_token_log_likelihoods`
+
+
+def projected_token_log_likelihoods(hidden: Array, kernel: Array, targets: Array, dtype=jnp.float32,
+                                    chunk: int = VOCAB_CHUNK) -> Array:
+  """log softmax(hidden @ kernel)[target] per position, never holding the [..., vocab] logits:
+  hidden [..., emb], kernel [emb, vocab], targets [...] -> [...] float32. The target's logit is
+  the dot product with its kernel column; the log-sum-exp runs over `chunk` columns at a time
+  with a running maximum (logits of one chunk at a time are alive: [..., chunk] float32)."""
+  emb, vocab = kernel.shape
+  hidden, kernel = hidden.astype(dtype), kernel.astype(dtype)
+  target_logits = jnp.einsum("...e,...e->...", hidden, jnp.take(kernel.T, targets, axis=0),
+                             preferred_element_type=jnp.float32)
+  pieces = -(-vocab // chunk)
+  if pieces == 1:
+    logits = jnp.dot(hidden, kernel, preferred_element_type=jnp.float32)
+    return target_logits - jax.nn.logsumexp(logits, axis=-1)
+  padded = jnp.pad(kernel, ((0, 0), (0, pieces * chunk - vocab))).reshape(emb, pieces, chunk)
+  real = (jnp.arange(pieces * chunk) < vocab).reshape(pieces, chunk)
+
+  def piece(carry, inputs):
+    running_max, running_sum = carry
+    columns, valid = inputs
+    logits = jnp.where(valid, jnp.dot(hidden, columns, preferred_element_type=jnp.float32), -jnp.inf)
+    new_max = jnp.maximum(running_max, logits.max(axis=-1))
+    running_sum = running_sum * jnp.exp(running_max - new_max) + jnp.exp(logits - new_max[..., None]).sum(-1)
+    return (new_max, running_sum), None
+  start = (jnp.full(hidden.shape[:-1], -jnp.inf, jnp.float32), jnp.zeros(hidden.shape[:-1], jnp.float32))
+  (running_max, running_sum), _ = jax.lax.scan(piece, start, (jnp.moveaxis(padded, 1, 0), real))
+  return target_logits - (running_max + jnp.log(running_sum))
+
+
 def cross_entropy(logits: Array, targets: Array, weights: Array) -> tuple[Array, Array, Array]:
   """Token cross-entropy [batch, length, vocab] vs [batch, length] -> (mean loss over weighted
   tokens, correct-token count, token count). Mean over tokens, as the paper's HF loss."""
@@ -114,13 +146,14 @@ class EncoderDecoderModel:
     cfg = self.config
     n, c, lt = choice_targets.shape
     encoded, mask = self.encode(params, encoder_tokens)
-    encoded = jnp.repeat(encoded, c, axis=0)
-    mask = jnp.repeat(mask, c, axis=0)
+    # The C choice rows of an input share its encoder output: cross-attention projects its keys
+    # and values once per input, not once per choice (`MultiHeadAttention`'s shared rows).
     targets = choice_targets.reshape(n * c, lt)
-    logits = self.module.apply({"params": params}, encoded, mask, shift_right(targets, cfg.decoder_start_id),
-                               method=Transformer.decode)
-    per_token = token_log_likelihoods(logits, targets) * (targets != cfg.pad_id)
-    return per_token.sum(axis=-1).reshape(n, c)
+    hidden, kernel = self.module.apply({"params": params}, encoded, mask,
+                                       shift_right(targets, cfg.decoder_start_id), project=False,
+                                       method=Transformer.decode)
+    per_token = projected_token_log_likelihoods(hidden, kernel, targets, cfg.jnp_dtype)
+    return (per_token * (targets != cfg.pad_id)).sum(axis=-1).reshape(n, c)
 
   def predict(self, params, encoder_tokens: Array, *, max_decode_length: int,
               beam_size: int = 1) -> tuple[Array, Array]:

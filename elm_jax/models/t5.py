@@ -162,7 +162,10 @@ class Decoder(nn.Module):
   @nn.compact
   def __call__(self, encoded: Array, encoder_mask: Array, tokens: Array, *,
                deterministic: bool = True, decode: bool = False,
-               max_decode_length: Optional[int] = None) -> Array:
+               max_decode_length: Optional[int] = None, project: bool = True):
+    """float32 logits [batch, length, vocab]; or, with `project=False`, (the final hidden
+    states, scaled as the output projection takes them, [batch, length, embed]; that projection's
+    kernel [embed, vocab], cut to the softmax's entries), for callers that project in pieces."""
     cfg = self.config
     length = max_decode_length if decode else tokens.shape[1]
     x = self.shared_embedding(tokens)
@@ -188,13 +191,16 @@ class Decoder(nn.Module):
     x = layers.RMSNorm(cfg.layer_norm_epsilon, cfg.jnp_dtype, name="decoder_norm")(x)
     x = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=deterministic)
     if cfg.logits_via_embedding:
-      logits = self.shared_embedding.attend(x * (cfg.emb_dim ** -0.5))
+      x = x * (cfg.emb_dim ** -0.5)
+      kernel = self.shared_embedding.embedding.T
     else:
       kernel = layers.Kernel(name="logits_dense", shape=(cfg.emb_dim, cfg.vocab_size),
-                                axes=("embed", "vocab"))()
-      logits = jnp.dot(x, kernel.astype(cfg.jnp_dtype))
+                             axes=("embed", "vocab"))()
     if cfg.softmax_vocab_size is not None:  # the entries past it are never predicted or scored
-      logits = logits[..., :cfg.softmax_vocab_size]
+      kernel = kernel[:, :cfg.softmax_vocab_size]
+    if not project:
+      return x, kernel
+    logits = jnp.dot(x.astype(cfg.jnp_dtype), kernel.astype(cfg.jnp_dtype))
     return layers.constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
 
 
@@ -222,10 +228,11 @@ class Transformer(nn.Module):
 
   def decode(self, encoded: Array, encoder_mask: Array, decoder_input_tokens: Array, *,
              deterministic: bool = True, decode: bool = False,
-             max_decode_length: Optional[int] = None) -> Array:
-    """Teacher-forced (or, with `decode=True`, one cached step of) decoding -> float32 logits."""
+             max_decode_length: Optional[int] = None, project: bool = True):
+    """Teacher-forced (or, with `decode=True`, one cached step of) decoding -> float32 logits
+    (`project=False`: the hidden states and the output kernel, see `Decoder`)."""
     return self.decoder(encoded, encoder_mask, decoder_input_tokens, deterministic=deterministic,
-                        decode=decode, max_decode_length=max_decode_length)
+                        decode=decode, max_decode_length=max_decode_length, project=project)
 
   def __call__(self, encoder_input_tokens: Array, decoder_input_tokens: Array,
                encoder_mask: Optional[Array] = None, deterministic: bool = True) -> Array:

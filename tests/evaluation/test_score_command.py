@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from tests.helpers.golden import GOLDEN_DIR, GOLDEN_VARIANTS
+from elm_jax import batching
 from elm_jax.commands import cli
 from elm_jax.evaluation import rank_scoring
 from elm_jax.models.model import EncoderDecoderModel
@@ -112,8 +113,11 @@ def test_bucketing_bounds_the_number_of_compiled_shapes(tiny_config):
                                     for _ in range(rng.integers(2, 5))]) for _ in range(40)]
   scores, counts = scorer.score(examples)
   assert len(scores) == 40 and all(len(s) == len(e.choices) for s, e in zip(scores, examples))
-  # 10 batches, but lengths and choice counts fall into few power-of-two buckets.
-  assert len(scorer.shapes_compiled) <= 6
+  # 10 batches, sorted by length, fall into fewer shapes: lengths on the cost ladder (at most a
+  # quarter of padding), choice counts on powers of two.
+  assert len(scorer.shapes_compiled) <= 8
+  for _, _, li, c, lt in scorer.shapes_compiled:
+    assert batching.cost_bucket(li) == li and batching.cost_bucket(lt) == lt and c in (2, 4)
   # Batching and padding do not change a score: score one example alone.
   alone, _ = scorer.score(examples[7:8])
   # Two code paths of ours: not exact by construction (another padded shape may get another
