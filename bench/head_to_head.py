@@ -93,8 +93,13 @@ HEADING = "## Head to head with PyTorch (bench/head_to_head.py)"
 # for that over thousands of scores and is still hundreds of times below how far the experts'
 # scores are apart (reported with the check), so a wrongly mapped expert tensor fails it.
 SCORE_TOLERANCE = 5e-4
-# First-step training loss (dropout 0, same weights and batch): one forward pass; float32.
-LOSS_TOLERANCE = 1e-5
+# First-step training loss (dropout 0, same weights and batch): one forward pass in float32.
+# Against a float64 run of the PyTorch model (also reported), the full-size model's first-step
+# losses were off by up to 5.0e-6 (PyTorch) and 6.8e-6 (elm_jax), so the two may differ by about
+# 1.2e-5; 3e-5 leaves room for that. Later steps are reported, not checked: Adam turns rounding
+# noise in near-zero gradients into steps of the full learning rate, and the float64 run showed
+# PyTorch's own float32 losses drifting 3.9e-4 from it by step 10.
+LOSS_TOLERANCE = 3e-5
 # A 1-minute load average above this fraction of the cores before the run marks the figures
 # as taken on a busy machine.
 BUSY_LOAD = 0.25
@@ -488,9 +493,10 @@ def main() -> int:
       batches_file = work / "batches.npz"
       np.savez(batches_file, **{k: v for k, v in batches.items() if k != "decoder_input_tokens"})
 
-      def torch_train(dropout_rate):
-        return worker.request(op="train", experts=inits_file, num_experts=t.experts, batches=str(batches_file),
-                              steps=t.steps, dropout_rate=dropout_rate)
+      def torch_train(dropout_rate, float64=False, num_experts=None):
+        return worker.request(op="train", experts=inits_file, num_experts=num_experts or t.experts,
+                              batches=str(batches_file), steps=t.steps, dropout_rate=dropout_rate,
+                              float64=float64)
 
       # Agreement with dropout off: same weights, same batches, so the same losses.
       torch_losses = np.asarray(torch_train(0.0)["losses"])
@@ -502,6 +508,14 @@ def main() -> int:
         raise HarnessError(f"training: first-step losses differ by up to {first.max():.2e} (relative; "
                            f"tolerance {LOSS_TOLERANCE:g}): elm_jax {jax_losses[:, 0]}, PyTorch {torch_losses[:, 0]}")
       log(f"  agree: first-step loss {first.max():.2e}, any step {every.max():.2e} (relative)")
+      # How far float32 is from float64 on each side (the first 2 experts; float64 is slow).
+      few = min(2, t.experts)
+      exact = np.asarray(torch_train(0.0, float64=True, num_experts=few)["losses"])
+      loss_rounding = {name: (float(np.max(np.abs(losses[:few, 0] - exact[:, 0]) / np.abs(exact[:, 0]))),
+                              float(np.max(np.abs(losses[:few] - exact) / np.abs(exact))))
+                       for name, losses in (("PyTorch", torch_losses), ("elm_jax", jax_losses))}
+      log("  float32 vs float64 (first step, any step): " +
+          ", ".join(f"{n} {a:.1e}, {b:.1e}" for n, (a, b) in loss_rounding.items()))
       trainer = checker if t.dropout_rate == 0 else JaxTrainer(config, expert_config, t.steps, t.dropout_rate)
       train_rows = [
           Row("PyTorch, one expert after another", lambda: torch_train(t.dropout_rate)["seconds"]),
@@ -517,7 +531,7 @@ def main() -> int:
   loads = (load_before, os.getloadavg())
   report = render(plan, args, started, loads, versions, scoring_results, (rounding, rounding_scope), train_rows,
                   {"first": float(first.max()), "every": float(every.max()),
-                   "loss": float(torch_losses[:, 0].mean())})
+                   "loss": float(torch_losses[:, 0].mean()), "rounding": loss_rounding, "few": few})
   print(report)
   if args.write:
     write_section(REPO / "BENCHMARKS.md", report)
@@ -621,10 +635,13 @@ def render(plan: Plan, args, started, loads, versions, scoring_results, rounding
     out.append(f"| {t.experts} experts x {t.steps} steps | {row.name} | {row.best:.3f} | {row.spread:.3f} | "
                f"{tokens / row.best:.0f} | {ratio(row, train_rows[1])} |")
   out += ["",
-          f"Agreement (dropout 0, checked before timing): first-step loss (mean {loss_check['loss']:.3f}) within "
-          f"{loss_check['first']:.1e} relative of PyTorch's (tolerance {LOSS_TOLERANCE:g}); over all {t.steps} "
-          f"steps within {loss_check['every']:.1e} (not checked: Adam turns rounding noise in near-zero "
-          "gradients into whole steps).",
+          f"Agreement (dropout 0, checked before timing): elm_jax's first-step losses (mean "
+          f"{loss_check['loss']:.3f}) within {loss_check['first']:.1e} relative of PyTorch's (tolerance "
+          f"{LOSS_TOLERANCE:g}); over all {t.steps} steps within {loss_check['every']:.1e} (not checked: Adam "
+          "turns rounding noise in near-zero gradients into whole steps). Float32 rounding on each side, "
+          f"against the PyTorch model trained in float64 (first {loss_check['few']} experts): "
+          + "; ".join(f"{n} {a:.1e} at the first step, {b:.1e} at any step"
+                      for n, (a, b) in loss_check["rounding"].items()) + ".",
           "",
           "What each row measures:",
           "- PyTorch, one expert after another (`train_sequential`): per expert, copy its initial tree in, "

@@ -328,7 +328,8 @@ class _Worker:
     """Requests: {op: 'setup', hf_dir} loads the model; {op: 'score', way: 'paper'|'careful',
     experts, num_experts, examples, num_examples?, batch_size, float64?, save?} scores the
     (first `num_examples`) examples with the first `num_experts` experts of a stacked .npz, in
-    float64 if asked; {op: 'train', experts, num_experts, batches, steps, dropout_rate} trains.
+    float64 if asked; {op: 'train', experts, num_experts, batches, steps, dropout_rate, float64?}
+    trains the first `num_experts` experts (from their initial trees) and returns their losses.
     `seconds` in the reply times the scoring or training call only (files are read before it);
     `save` writes the scores (.npy)."""
     op = request["op"]
@@ -353,10 +354,16 @@ class _Worker:
       return {"seconds": seconds}
     if op == "train":
       batches = self._read(request["batches"], _batches_from_npz)
-      start = time.perf_counter()
-      losses = train_sequential(self.model, experts, batches, request["steps"],
-                                dropout_rate=request["dropout_rate"])
-      return {"seconds": time.perf_counter() - start, "losses": losses.tolist()}
+      if request.get("float64"):
+        self.model.double()
+      try:
+        start = time.perf_counter()
+        losses = train_sequential(self.model, experts, batches, request["steps"],
+                                  dropout_rate=request["dropout_rate"])
+        seconds = time.perf_counter() - start
+      finally:
+        self.model.float()
+      return {"seconds": seconds, "losses": losses.tolist()}
     raise ValueError(f"unknown op {op!r}")
 
 
