@@ -2,8 +2,10 @@
 
 A choice's score is the sum of log-softmax probabilities of its tokens plus EOS, teacher-forced,
 given the input tokens plus EOS; the prediction is the argmax over choices. Inputs are padded to
-bucketed shapes (batch fixed; lengths and choice counts rounded up to powers of two) so a run
-compiles a handful of programs, not one per batch.
+bucketed shapes (batch fixed; lengths on `batching.cost_bucket`'s ladder, choice counts on powers
+of two) so a run compiles a handful of programs, not one per batch. A batch whose inputs differ
+widely in length packs them in pairs, the shortest with the longest, two to an encoder row
+(`pack_pairs`), when that saves at least PACK_MIN_SAVING of the encoder's positions.
 """
 
 from __future__ import annotations
@@ -36,23 +38,73 @@ MIN_TARGET_BUCKET = 1
 # input encoded once per row), so memory stays that of batch_size x 16 choices however many
 # choices an example has (10,000 choices in one row needed 38.7 GB).
 MAX_CHOICES_PER_ROW = 16
+# Pack a batch's inputs two to an encoder row when that removes at least this share of the
+# encoder's padded positions (32 inputs of 17-64 tokens: 16 rows of 88 instead of 32 of 64, 31%
+# fewer); the packed row's longer self-attention costs a little of the saving back.
+PACK_MIN_SAVING = 1 / 8
+
+
+@dataclasses.dataclass
+class PaddedBatch:
+  """One batch as the compiled scorer takes it: `inputs` [rows, Li] (two inputs a row when
+  `segments` [rows, Li] is set, see `EncoderDecoderModel.choice_log_likelihoods`), `targets`
+  [batch_size, C, Lt], `scored` [K] (the flat indices of the targets' real tokens, K on the
+  cost ladder, padded with the targets' size), and `order`: for each target row, the position
+  in the batch of the example it holds (None: a padding row)."""
+  inputs: np.ndarray
+  segments: Optional[np.ndarray]
+  targets: np.ndarray
+  scored: np.ndarray
+  order: list[Optional[int]]
+
+  @property
+  def arguments(self) -> tuple:
+    return (self.inputs, self.targets, self.segments, self.scored)
+
+  @property
+  def shapes(self) -> tuple:
+    return (self.inputs.shape, self.segments is not None, self.targets.shape, self.scored.shape)
+
+
+def pack_pairs(lengths: Sequence[int], batch_size: int, min_input_bucket: int, max_input_length: int
+               ) -> Optional[tuple[int, list[tuple[Optional[int], Optional[int]]]]]:
+  """(packed row length, pairs of batch positions, None for an empty slot) when packing the
+  inputs of `lengths` (a batch of at most `batch_size`, EOS included) two to a row saves at
+  least PACK_MIN_SAVING of the encoder's positions; else None. Row r holds the r-th shortest
+  and the r-th longest input, so every row is about as long as the shortest plus the longest."""
+  if batch_size < 2 or batch_size % 2 or not lengths:
+    return None
+  order: list[Optional[int]] = [None] * (batch_size - len(lengths))
+  order += sorted(range(len(lengths)), key=lambda i: lengths[i])
+  size = lambda i: 0 if i is None else lengths[i]
+  pairs = [(order[r], order[batch_size - 1 - r]) for r in range(batch_size // 2)]
+  packed = batching.cost_bucket(max(size(a) + size(b) for a, b in pairs), min_input_bucket, 2 * max_input_length)
+  unpacked = batching.cost_bucket(max(lengths), min_input_bucket, max_input_length)
+  if (batch_size // 2) * packed > (1 - PACK_MIN_SAVING) * batch_size * unpacked:
+    return None
+  return packed, pairs
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
 def choice_log_likelihoods(model: EncoderDecoderModel, params, encoder_tokens: Array,
-                           choice_targets: Array) -> Array:
+                           choice_targets: Array, encoder_segments: Optional[Array] = None,
+                           scored_positions: Optional[Array] = None) -> Array:
   """`EncoderDecoderModel.choice_log_likelihoods`, compiled: encoder_tokens [N, Li],
-  choice_targets [N, C, Lt] -> [N, C] float32."""
-  return model.choice_log_likelihoods(params, encoder_tokens, choice_targets)
+  choice_targets [N, C, Lt] -> [N, C] float32 (packed inputs: with `encoder_segments`; only
+  the tokens at `scored_positions` projected)."""
+  return model.choice_log_likelihoods(params, encoder_tokens, choice_targets, encoder_segments,
+                                      scored_positions)
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
 def expert_choice_log_likelihoods(model: EncoderDecoderModel, backbone, experts, encoder_tokens: Array,
-                                  choice_targets: Array) -> Array:
+                                  choice_targets: Array, encoder_segments: Optional[Array] = None,
+                                  scored_positions: Optional[Array] = None) -> Array:
   """`choice_log_likelihoods` for every expert at once: experts' leaves [E, ...] on a shared
   backbone; encoder_tokens [N, Li], choice_targets [N, C, Lt] -> [E, N, C] float32."""
   def one(expert):
-    return model.choice_log_likelihoods(merge_params(backbone, expert), encoder_tokens, choice_targets)
+    return model.choice_log_likelihoods(merge_params(backbone, expert), encoder_tokens, choice_targets,
+                                        encoder_segments, scored_positions)
   return jax.vmap(one)(experts)
 
 
@@ -87,12 +139,16 @@ class RankScorer:
   repeating an expert, so one program serves all chunks). With
   a `partitioner`, each chunk is split over the mesh's `expert` axis and the backbone by the
   model rules; `expert_chunk` must then be a multiple of the `expert` axis size.
+
+  `pack` (default: on, except for Mixture-of-Experts models, whose expert capacity depends on
+  which tokens share a batch, and with a partitioner, whose data axis must split the rows)
+  lets a batch of inputs of very different lengths pack two to an encoder row (`pack_pairs`).
   """
 
   def __init__(self, model: EncoderDecoderModel, params, *, experts=None, expert_chunk: Optional[int] = None,
                partitioner=None, batch_size: int = defaults.BATCH_SIZE,
                max_input_length: int = defaults.MAX_INPUT_LENGTH,
-               max_target_length: int = defaults.MAX_TARGET_LENGTH):
+               max_target_length: int = defaults.MAX_TARGET_LENGTH, pack: Optional[bool] = None):
     if batch_size < 1:
       raise ValueError(f"batch_size: expected a positive integer, got {batch_size}")
     self.model, self.params, self.experts = model, params, experts
@@ -106,6 +162,7 @@ class RankScorer:
         raise ValueError(f"expert_chunk: expected a positive integer, got {expert_chunk}")
     self.expert_chunk = expert_chunk
     self.partitioner = partitioner
+    self.pack = (model.config.moe is None and partitioner is None) if pack is None else pack
     self.batch_size = batch_size
     self.max_input_length, self.max_target_length = max_input_length, max_target_length
     self.truncated = TruncationReport()
@@ -141,14 +198,16 @@ class RankScorer:
     self._compile_ahead(arrays)
     if self.experts is None:
       # Dispatch every batch first; reading results back is the only host sync.
-      results = [choice_log_likelihoods(self.model, self.params, *a) for a in arrays]
+      results = [choice_log_likelihoods(self.model, self.params, *a.arguments) for a in arrays]
       results = [np.asarray(r) for r in results]
     else:
       results = self._score_with_experts(arrays)
     row_scores: list = [None] * len(prepared)
-    for chunk, batch_scores in zip(batches, results):
-      for row, i in enumerate(chunk):
-        row_scores[i] = batch_scores[..., row, :len(prepared[i][1])]
+    for chunk, padded, batch_scores in zip(batches, arrays, results):
+      for row, position in enumerate(padded.order):
+        if position is not None:
+          i = chunk[position]
+          row_scores[i] = batch_scores[..., row, :len(prepared[i][1])]
     scores: list[list] = [[] for _ in examples]
     counts: list[list] = [[] for _ in examples]
     for i, n in enumerate(owners):  # rows of one example are consecutive, in choice order
@@ -157,35 +216,58 @@ class RankScorer:
     return ([np.concatenate(s, axis=-1) for s in scores],
             [np.asarray(c, np.int32) for c in counts])
 
-  def _pad_batch(self, batch: Sequence[tuple[list[int], list[list[int]]]]) -> tuple[np.ndarray, np.ndarray]:
-    li = batching.cost_bucket(max(len(x) for x, _ in batch), MIN_INPUT_BUCKET, self.max_input_length)
+  def _pad_batch(self, batch: Sequence[tuple[list[int], list[list[int]]]]) -> PaddedBatch:
     c = batching.bucket(max(len(ch) for _, ch in batch), 2)
     lt = batching.cost_bucket(max(len(t) for _, ch in batch for t in ch), MIN_TARGET_BUCKET,
                               self.max_target_length)
-    inputs = batching.pad_rows([x for x, _ in batch], self.batch_size, li)
+    packing = (pack_pairs([len(x) for x, _ in batch], self.batch_size, MIN_INPUT_BUCKET, self.max_input_length)
+               if self.pack else None)
+    if packing is None:
+      li = batching.cost_bucket(max(len(x) for x, _ in batch), MIN_INPUT_BUCKET, self.max_input_length)
+      inputs, segments = batching.pad_rows([x for x, _ in batch], self.batch_size, li), None
+      order: list[Optional[int]] = list(range(len(batch))) + [None] * (self.batch_size - len(batch))
+    else:
+      li, pairs = packing
+      inputs = np.zeros((len(pairs), li), np.int32)
+      segments = np.zeros_like(inputs)
+      order = [position for pair in pairs for position in pair]
+      for r, pair in enumerate(pairs):
+        at = 0
+        for s, position in enumerate(pair):
+          if position is not None:
+            ids = batch[position][0]
+            inputs[r, at:at + len(ids)], segments[r, at:at + len(ids)] = ids, s + 1
+            at += len(ids)
     targets = np.zeros((self.batch_size, c, lt), np.int32)
-    for row, (_, choices) in enumerate(batch):
-      targets[row, :len(choices)] = batching.pad_rows(choices, len(choices), lt)
-    self.shapes_compiled.add((self.expert_chunk or 0, self.batch_size, li, c, lt))
-    return inputs, targets
+    for row, position in enumerate(order):
+      if position is not None:
+        choices = batch[position][1]
+        targets[row, :len(choices)] = batching.pad_rows(choices, len(choices), lt)
+    real = np.flatnonzero(targets.reshape(-1) != self.model.config.pad_id)
+    scored = np.full(batching.cost_bucket(len(real)), targets.size, np.int32)  # past the end: padding
+    scored[:len(real)] = real
+    self.shapes_compiled.add((self.expert_chunk or 0, len(inputs), li, c, lt))
+    return PaddedBatch(inputs, segments, targets, scored, order)
 
   def _compile_ahead(self, arrays) -> None:
     """Compiles the programs for every batch shape of `arrays` at once, on parallel threads
     (XLA compiles outside the GIL): a run with several new shapes waits for about the slowest
     compile rather than their sum. Shapes compiled before cost nothing (JAX's cache). With a
     partitioner the programs compile at their first call, under the mesh."""
-    shapes = sorted({(inputs.shape, targets.shape) for inputs, targets in arrays})
+    shapes = sorted({a.shapes for a in arrays})
     if len(shapes) < 2 or self.partitioner is not None:
       return
     spec = lambda shape: jax.ShapeDtypeStruct(shape, np.int32)
+    segments = lambda s: spec(s[0]) if s[1] else None
     if self.experts is None:
-      lower = lambda s: choice_log_likelihoods.lower(self.model, self.params, spec(s[0]), spec(s[1]))
+      lower = lambda s: choice_log_likelihoods.lower(self.model, self.params, spec(s[0]), spec(s[2]),
+                                                     segments(s), spec(s[3]))
     else:
       chunk = jax.tree_util.tree_map(
           lambda x: jax.ShapeDtypeStruct((self.expert_chunk,) + np.shape(x)[1:],
                                          jax.dtypes.canonicalize_dtype(x.dtype)), self.experts)
       lower = lambda s: expert_choice_log_likelihoods.lower(self.model, self.params, chunk, spec(s[0]),
-                                                            spec(s[1]))
+                                                            spec(s[2]), segments(s), spec(s[3]))
     workers = min(len(shapes), os.cpu_count() or 1)
     with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="elm-jax-compile") as pool:
       list(pool.map(lambda s: lower(s).compile(), shapes))
@@ -196,12 +278,12 @@ class RankScorer:
     results: list[list] = [[] for _ in arrays]
     for start, stop, chunk in expert_stack.chunks(self.experts, self.expert_chunk):
       chunk = expert_stack.place(chunk, self.partitioner, self._expert_specs)
-      for k, (inputs, targets) in enumerate(arrays):
+      for k, a in enumerate(arrays):
         if self.partitioner is None:
-          out = expert_choice_log_likelihoods(self.model, self.params, chunk, inputs, targets)
+          out = expert_choice_log_likelihoods(self.model, self.params, chunk, *a.arguments)
         else:
           with self.partitioner.context():
-            out = expert_choice_log_likelihoods(self.model, self.params, chunk, inputs, targets)
+            out = expert_choice_log_likelihoods(self.model, self.params, chunk, *a.arguments)
         results[k].append((out, stop - start))
     return [np.concatenate([np.asarray(out)[:n] for out, n in parts], axis=0) for parts in results]
 
@@ -222,7 +304,7 @@ def default_expert_chunk(num_experts: int) -> int:
 def score_all_experts(model: EncoderDecoderModel, backbone, experts, examples: Sequence[Example], *,
                       batch_size: int = defaults.BATCH_SIZE, expert_chunk: Optional[int] = None,
                       partitioner=None, max_input_length: int = defaults.MAX_INPUT_LENGTH,
-                      max_target_length: int = defaults.MAX_TARGET_LENGTH,
+                      max_target_length: int = defaults.MAX_TARGET_LENGTH, pack: Optional[bool] = None,
                       ) -> tuple[np.ndarray, np.ndarray, "RankScorer"]:
   """Every expert on every example in one vmapped pass per (expert chunk, batch).
 
@@ -232,7 +314,7 @@ def score_all_experts(model: EncoderDecoderModel, backbone, experts, examples: S
   """
   scorer = RankScorer(model, backbone, experts=experts, expert_chunk=expert_chunk,
                       partitioner=partitioner, batch_size=batch_size,
-                      max_input_length=max_input_length, max_target_length=max_target_length)
+                      max_input_length=max_input_length, max_target_length=max_target_length, pack=pack)
   num_choices = max((len(ex.choices) for ex in examples), default=0)
   processes, me = jax.process_count(), jax.process_index()
   if partitioner is not None or processes == 1:

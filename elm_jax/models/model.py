@@ -134,26 +134,57 @@ class EncoderDecoderModel:
     return loss, metrics
 
   # ------------------------------------------------------------------ evaluation
-  def encode(self, params, encoder_tokens: Array) -> tuple[Array, Array]:
-    """(encoder outputs [N, Li, emb], mask [N, Li]) of tokens [N, Li] (0 = padding)."""
+  def encode(self, params, encoder_tokens: Array, segment_ids: Optional[Array] = None) -> tuple[Array, Array]:
+    """(encoder outputs [N, Li, emb], mask [N, Li]) of tokens [N, Li] (0 = padding; packed
+    rows: `segment_ids`, see `Encoder`)."""
     mask = encoder_tokens != self.config.pad_id
-    return self.module.apply({"params": params}, encoder_tokens, mask, method=Transformer.encode), mask
+    return self.module.apply({"params": params}, encoder_tokens, mask, segment_ids=segment_ids,
+                             method=Transformer.encode), mask
 
-  def choice_log_likelihoods(self, params, encoder_tokens: Array, choice_targets: Array) -> Array:
+  def choice_log_likelihoods(self, params, encoder_tokens: Array, choice_targets: Array,
+                             encoder_segments: Optional[Array] = None,
+                             scored_positions: Optional[Array] = None) -> Array:
     """encoder_tokens [N, Li] (EOS included, 0 = padding), choice_targets [N, C, Lt] (EOS
     included, 0 = padding) -> [N, C] float32: the sum of each choice's token log-probabilities,
-    teacher-forced. Each input is encoded once and shared by its C choices."""
+    teacher-forced. Each input is encoded once and shared by its C choices.
+
+    Packed inputs: encoder_tokens [R, P] hold S inputs a row, told apart by `encoder_segments`
+    [R, P] (s + 1 for the row's s-th input, 0 = padding), and choice_targets [R x S, C, Lt] has
+    the choices of row r's s-th input at r x S + s (an input absent from its row: all padding,
+    scored 0). Scores equal the unpacked ones to float32 rounding; the encoder runs on R x P
+    positions instead of R x S x (longest input).
+
+    `scored_positions` [K] int32: the flat indices into choice_targets [N x C x Lt] of its
+    non-padding tokens (in any order; entries of N x C x Lt or more are padding, ignored). Only
+    those K positions go through the output projection and its log-softmax, the largest single
+    cost of a short choice; None: all N x C x Lt."""
     cfg = self.config
     n, c, lt = choice_targets.shape
-    encoded, mask = self.encode(params, encoder_tokens)
+    encoded, mask = self.encode(params, encoder_tokens, encoder_segments)
     # The C choice rows of an input share its encoder output: cross-attention projects its keys
     # and values once per input, not once per choice (`MultiHeadAttention`'s shared rows).
     targets = choice_targets.reshape(n * c, lt)
+    row_segments = None
+    if encoder_segments is not None:
+      per_row = n // encoder_tokens.shape[0]
+      if per_row * encoder_tokens.shape[0] != n:
+        raise ValueError(f"choice_log_likelihoods: {n} rows of choices cannot be {encoder_tokens.shape[0]} "
+                         "packed input rows' inputs")
+      row_segments = (jnp.arange(n * c) // c) % per_row + 1
     hidden, kernel = self.module.apply({"params": params}, encoded, mask,
                                        shift_right(targets, cfg.decoder_start_id), project=False,
+                                       encoder_segments=encoder_segments, row_segments=row_segments,
                                        method=Transformer.decode)
-    per_token = projected_token_log_likelihoods(hidden, kernel, targets, cfg.jnp_dtype)
-    return (per_token * (targets != cfg.pad_id)).sum(axis=-1).reshape(n, c)
+    if scored_positions is None:
+      per_token = projected_token_log_likelihoods(hidden, kernel, targets, cfg.jnp_dtype)
+      return (per_token * (targets != cfg.pad_id)).sum(axis=-1).reshape(n, c)
+    flat_targets = jnp.take(targets.reshape(-1), scored_positions, mode="clip")
+    per_token = projected_token_log_likelihoods(
+        jnp.take(hidden.reshape(n * c * lt, -1), scored_positions, axis=0, mode="clip"), kernel, flat_targets,
+        cfg.jnp_dtype)
+    per_token = per_token * (flat_targets != cfg.pad_id)
+    # Padding entries' rows (N x C or more) fall outside the segments: segment_sum drops them.
+    return jax.ops.segment_sum(per_token, scored_positions // lt, num_segments=n * c).reshape(n, c)
 
   def predict(self, params, encoder_tokens: Array, *, max_decode_length: int,
               beam_size: int = 1) -> tuple[Array, Array]:

@@ -45,6 +45,25 @@ def _key_mask_bias(mask: Array) -> Array:
   return jnp.where(mask[:, None, None, :], 0.0, layers.NEG_INF).astype(jnp.float32)
 
 
+def _segment_bias(query_segments: Array, key_segments: Array) -> Array:
+  """Packed rows: a query sees the keys of its own segment only (0 = padding, seen by none).
+  query_segments [batch, q], key_segments [batch, k] -> additive bias [batch, 1, q, k]. T5's
+  relative-position bias needs no per-segment positions: within a segment, the distance
+  between two packed positions is the distance between the unpacked ones."""
+  same = (query_segments[:, :, None] == key_segments[:, None, :]) & (key_segments[:, None, :] > 0)
+  return jnp.where(same[:, None], 0.0, layers.NEG_INF).astype(jnp.float32)
+
+
+def _cross_segment_bias(encoder_segments: Array, row_segments: Array, query_length: int) -> Array:
+  """Cross-attention bias for decoder rows over packed encoder rows: encoder_segments [kv_rows,
+  k], row_segments [rows] (the segment each decoder row reads; rows = G x kv_rows, the G rows
+  of a key/value row consecutive, as `MultiHeadAttention` folds them) -> [kv_rows, 1,
+  G x query_length, k]."""
+  kv_rows = encoder_segments.shape[0]
+  per_query = jnp.repeat(row_segments.reshape(kv_rows, -1), query_length, axis=1)
+  return _segment_bias(per_query, encoder_segments)
+
+
 def _adapt(expert: Optional[ExpertConfig], cfg: T5Config, name: str, h: Array) -> Array:
   """The paper's bottleneck adapter on a sub-layer output, when the expert is an adapter."""
   if expert is None or expert.kind != "adapter":
@@ -136,7 +155,10 @@ class Encoder(nn.Module):
   expert: Optional[ExpertConfig] = None
 
   @nn.compact
-  def __call__(self, tokens: Array, mask: Array, deterministic: bool = True) -> Array:
+  def __call__(self, tokens: Array, mask: Array, deterministic: bool = True,
+               segment_ids: Optional[Array] = None) -> Array:
+    """`segment_ids` [batch, length] (1, 2, ... per packed input, 0 = padding): several inputs
+    packed in one row, each attending to itself only; None: one input per row."""
     cfg = self.config
     length = tokens.shape[1]
     x = self.shared_embedding(tokens)
@@ -145,7 +167,8 @@ class Encoder(nn.Module):
     position_bias = layers.RelativePositionBias(
         cfg.num_heads, cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance,
         bidirectional=True, name="relpos_bias")(length, length)
-    bias = position_bias + _key_mask_bias(mask)
+    bias = position_bias + (_key_mask_bias(mask) if segment_ids is None
+                            else _segment_bias(segment_ids, segment_ids))
     layer = _remat(EncoderLayer, cfg, static_argnums=(3,))
     for i in range(cfg.num_encoder_layers):
       x = layer(cfg, self.expert, cfg.is_sparse(i), name=f"layers_{i}")(
@@ -162,10 +185,15 @@ class Decoder(nn.Module):
   @nn.compact
   def __call__(self, encoded: Array, encoder_mask: Array, tokens: Array, *,
                deterministic: bool = True, decode: bool = False,
-               max_decode_length: Optional[int] = None, project: bool = True):
+               max_decode_length: Optional[int] = None, project: bool = True,
+               encoder_segments: Optional[Array] = None, row_segments: Optional[Array] = None):
     """float32 logits [batch, length, vocab]; or, with `project=False`, (the final hidden
     states, scaled as the output projection takes them, [batch, length, embed]; that projection's
-    kernel [embed, vocab], cut to the softmax's entries), for callers that project in pieces."""
+    kernel [embed, vocab], cut to the softmax's entries), for callers that project in pieces.
+
+    Packed encoder rows: `encoder_segments` [kv_rows, enc_len] (`Encoder`'s segment ids) and
+    `row_segments` [batch] (the segment each decoder row reads, the rows of one encoder row
+    consecutive); without them every decoder row reads its whole (shared) encoder row."""
     cfg = self.config
     length = max_decode_length if decode else tokens.shape[1]
     x = self.shared_embedding(tokens)
@@ -177,7 +205,12 @@ class Decoder(nn.Module):
     if not decode:
       causal = jnp.tril(jnp.ones((length, length), jnp.bool_))
       self_bias = self_bias + jnp.where(causal, 0.0, layers.NEG_INF)[None, None]
-    cross_bias = _key_mask_bias(encoder_mask)
+    if encoder_segments is None:
+      cross_bias = _key_mask_bias(encoder_mask)
+    else:
+      if decode:
+        raise ValueError("Decoder: packed encoder rows (encoder_segments) are for teacher forcing, not decoding")
+      cross_bias = _cross_segment_bias(encoder_segments, row_segments, tokens.shape[1])
     # MoE layers route real tokens only: the start token and non-padding targets (teacher
     # forcing); one step at a time when decoding.
     token_mask = None
@@ -220,19 +253,23 @@ class Transformer(nn.Module):
     self.decoder = Decoder(cfg, self.token_embedder, self.expert)
 
   def encode(self, encoder_input_tokens: Array, encoder_mask: Optional[Array] = None,
-             deterministic: bool = True) -> Array:
-    """[batch, enc_len] int -> [batch, enc_len, embed]. Padding (id 0) is masked by default."""
+             deterministic: bool = True, segment_ids: Optional[Array] = None) -> Array:
+    """[batch, enc_len] int -> [batch, enc_len, embed]. Padding (id 0) is masked by default;
+    `segment_ids` packs several inputs in a row (see `Encoder`)."""
     if encoder_mask is None:
       encoder_mask = encoder_input_tokens != self.config.pad_id
-    return self.encoder(encoder_input_tokens, encoder_mask, deterministic)
+    return self.encoder(encoder_input_tokens, encoder_mask, deterministic, segment_ids)
 
   def decode(self, encoded: Array, encoder_mask: Array, decoder_input_tokens: Array, *,
              deterministic: bool = True, decode: bool = False,
-             max_decode_length: Optional[int] = None, project: bool = True):
+             max_decode_length: Optional[int] = None, project: bool = True,
+             encoder_segments: Optional[Array] = None, row_segments: Optional[Array] = None):
     """Teacher-forced (or, with `decode=True`, one cached step of) decoding -> float32 logits
-    (`project=False`: the hidden states and the output kernel, see `Decoder`)."""
+    (`project=False`: the hidden states and the output kernel; packed encoder rows:
+    `encoder_segments`, `row_segments`; see `Decoder`)."""
     return self.decoder(encoded, encoder_mask, decoder_input_tokens, deterministic=deterministic,
-                        decode=decode, max_decode_length=max_decode_length, project=project)
+                        decode=decode, max_decode_length=max_decode_length, project=project,
+                        encoder_segments=encoder_segments, row_segments=row_segments)
 
   def __call__(self, encoder_input_tokens: Array, decoder_input_tokens: Array,
                encoder_mask: Optional[Array] = None, deterministic: bool = True) -> Array:

@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from elm_jax import expert_stack, partitioning
+from elm_jax import batching, expert_stack, partitioning
 from elm_jax.evaluation import rank_scoring
 from elm_jax.models import decoding
 from elm_jax.models.adapters import ExpertConfig, merge_params
@@ -136,3 +136,32 @@ def test_many_choices_are_split_over_rows(tiny_config):
   alone = [rank_scoring.RankScorer(model, params, batch_size=2).score([rank_scoring.Example(inputs, [c])])[0][0][0]
            for c in choices]
   np.testing.assert_allclose(scores[0], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_inputs_score_as_unpacked(setup):
+  """Inputs of very different lengths packed two to an encoder row (`pack_pairs`) score as
+  when every input has its own row: all experts, every example, in the original order."""
+  model, backbone, stacked, _, _ = setup
+  rng = np.random.default_rng(11)
+  examples = [rank_scoring.Example(rng.integers(3, 300, length).tolist(),
+                                   [rng.integers(3, 300, rng.integers(1, 6)).tolist() for _ in range(3)])
+              for length in (2, 40, 9, 31, 3, 25, 17, 6, 38, 12)]  # 10: the last batch is short
+  packed, counts, scorer = rank_scoring.score_all_experts(model, backbone, stacked, examples, batch_size=8)
+  plain, plain_counts, plain_scorer = rank_scoring.score_all_experts(model, backbone, stacked, examples,
+                                                                     batch_size=8, pack=False)
+  assert {rows for _, rows, *_ in scorer.shapes_compiled} == {4}  # both batches packed, 4 rows of 2
+  assert {rows for _, rows, *_ in plain_scorer.shapes_compiled} == {8}
+  assert np.array_equal(counts, plain_counts)
+  # Two code paths of ours (other shapes, masks instead of padding): float32 rounding, relative
+  # to |score| (up to ~30 here).
+  np.testing.assert_allclose(packed, plain, rtol=1e-5, atol=1e-5 * float(np.abs(plain).max()))
+  assert np.abs(np.diff(plain, axis=1)).max() > 0.1  # examples differ: a mix-up would show
+
+
+def test_inputs_of_like_length_are_not_packed():
+  """Packing two like inputs saves nothing: each keeps its row."""
+  assert rank_scoring.pack_pairs([30, 31, 32, 33], 4, 16, 64) is None
+  length, pairs = rank_scoring.pack_pairs([2, 40, 9, 31], 4, 16, 64)
+  assert length == batching.cost_bucket(2 + 40) and pairs == [(0, 1), (2, 3)]
+  length, pairs = rank_scoring.pack_pairs([20, 60, 5], 4, 16, 64)  # an empty slot pairs with the longest
+  assert pairs == [(None, 1), (2, 0)] and length == batching.cost_bucket(60)

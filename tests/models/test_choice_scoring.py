@@ -96,3 +96,64 @@ def test_cost_ladder_pads_by_at_most_an_eighth():
   assert all(n <= s <= n * 1.125 for n, s in zip(range(1, 2049), sizes))
   assert sizes == sorted(sizes) and len(set(sizes)) == 16 + 7 * 8  # 16 lengths, then 8 per doubling
   assert batching.cost_bucket(3, minimum=16) == 16 and batching.cost_bucket(500, maximum=128) == 128
+
+
+def _pack_pairs(inputs: np.ndarray, targets: np.ndarray):
+  """Rows i and N-1-i of unpacked [N, Li] inputs into one row each: (tokens [N/2, 2 Li],
+  segments [N/2, 2 Li], targets reordered [N, C, Lt] so that row 2r + s reads segment s + 1)."""
+  n = len(inputs)
+  tokens = np.zeros((n // 2, 2 * inputs.shape[1]), np.int32)
+  segments = np.zeros_like(tokens)
+  order = []
+  for r in range(n // 2):
+    at = 0
+    for s, i in enumerate((r, n - 1 - r)):
+      ids = inputs[i][inputs[i] != 0]
+      tokens[r, at:at + len(ids)] = ids
+      segments[r, at:at + len(ids)] = s + 1
+      at += len(ids)
+      order.append(i)
+  return jnp.asarray(tokens), jnp.asarray(segments), jnp.asarray(targets[np.asarray(order)]), order
+
+
+@pytest.mark.parametrize("variant", ["adapter", "lora", "tied_original"])
+def test_packed_inputs_score_as_unpacked(tiny_config, variant):
+  """Two inputs packed in one encoder row (segment ids keep each to itself, in self-attention
+  and in its choices' cross-attention) score as each alone in its own padded row."""
+  config, expert = tiny_config, ExpertConfig(reduction_factor=4)
+  if variant == "lora":
+    expert = ExpertConfig(kind="lora", lora_targets=("query", "key", "value", "out"))
+  if variant == "tied_original":
+    config = config.replace(logits_via_embedding=True, mlp_activations=("relu",))
+  params = nn.unbox(init_params(config, jax.random.PRNGKey(0), expert=expert))
+  rng = np.random.default_rng(5)
+  params = jax.tree_util.tree_map(lambda x: x + rng.normal(0, 0.1, x.shape).astype(np.float32), params)
+  model = EncoderDecoderModel.build(config, expert)
+  inputs, targets = _batch(config.vocab_size, rng, n=6, li=13)
+  inputs = np.array(inputs)
+  for i, length in enumerate((2, 13, 5, 9, 7, 1)):  # ragged: some pairs fill the row, some do not
+    inputs[i, length:] = 0
+  want = jax.jit(model.choice_log_likelihoods)(params, jnp.asarray(inputs), targets)
+  tokens, segments, packed_targets, order = _pack_pairs(inputs, np.asarray(targets))
+  got = jax.jit(model.choice_log_likelihoods)(params, tokens, packed_targets, segments)
+  np.testing.assert_allclose(got, np.asarray(want)[order], rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
+  # The segments matter: without them each input would attend to its row-mate.
+  mixed = jax.jit(model.choice_log_likelihoods)(params, tokens, packed_targets, jnp.minimum(segments, 1))
+  assert np.abs(np.asarray(mixed) - np.asarray(want)[order]).max() > 1e-3
+
+
+def test_scoring_only_the_real_tokens_equals_all(tiny_config):
+  """The output projection on the choices' real tokens only (`scored_positions`, in any order,
+  padded past the end) gives the scores of projecting every position."""
+  config, expert = tiny_config, ExpertConfig(reduction_factor=4)
+  params = nn.unbox(init_params(config, jax.random.PRNGKey(2), expert=expert))
+  model = EncoderDecoderModel.build(config, expert)
+  inputs, targets = _batch(config.vocab_size, np.random.default_rng(8))
+  want = jax.jit(model.choice_log_likelihoods)(params, inputs, targets)
+  real = np.flatnonzero(np.asarray(targets).reshape(-1) != 0)
+  scored = np.concatenate([np.random.default_rng(0).permutation(real), np.full(5, targets.size)]).astype(np.int32)
+  got = jax.jit(model.choice_log_likelihoods)(params, inputs, targets, None, jnp.asarray(scored))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
+  # Leaving a real token out changes its choice's score: the positions are what is summed.
+  short = jax.jit(model.choice_log_likelihoods)(params, inputs, targets, None, jnp.asarray(scored[1:]))
+  assert np.sum(np.abs(np.asarray(short) - np.asarray(want)) > 1e-3) == 1
