@@ -3,7 +3,10 @@ transformers T5 with bottleneck adapters in PyTorch, one expert at a time.
 
 Usage (the project's environment; the PyTorch side runs in its own):
   PYTHONPATH=. JAX_PLATFORMS=cpu .venv/bin/python bench/head_to_head.py \
-      [--torch_python PATH] [--quick] [--write]
+      [--torch_python PATH] [--quick] [--write] [--device=cpu|cuda]
+
+`--device=cuda` runs both sides on the GPU (JAX's GPU backend at float32 "highest" matmul
+precision, PyTorch's cuda without TF32), with the same checks; default: both on the CPU.
 
 `--torch_python` (default: $ELM_TORCH_PYTHON, else .venv-bench/bin/python) is a python with
 torch and transformers, the `bench` extra of pyproject.toml, e.g.
@@ -64,7 +67,13 @@ import tempfile
 import time
 from typing import Callable, Optional
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the PyTorch side runs on the CPU: compare like with like
+# Both sides on one device: the CPU (JAX forced onto it), or with --device=cuda the GPU (JAX's
+# default backend there, PyTorch's cuda). Read before JAX is imported.
+_EARLY = argparse.ArgumentParser(add_help=False)
+_EARLY.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+DEVICE = _EARLY.parse_known_args()[0].device
+if DEVICE == "cpu":
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -82,6 +91,7 @@ from elm_jax.models.model import EncoderDecoderModel  # noqa: E402
 from elm_jax.models.t5 import init_params  # noqa: E402
 from elm_jax.models.t5_config import T5Config  # noqa: E402
 from elm_jax.training import train_step as ts  # noqa: E402
+from bench_train import measure_peak_flops  # noqa: E402  (bench/ is the script's directory)
 
 HEADING = "## Head to head with PyTorch (bench/head_to_head.py)"
 # Scores are sums of up to 5 token log-probabilities, each a logit minus a log-sum-exp over the
@@ -406,6 +416,8 @@ def main() -> int:
   parser.add_argument("--torch_python", default=os.environ.get("ELM_TORCH_PYTHON", ".venv-bench/bin/python"),
                       help="python with torch and transformers (default: $ELM_TORCH_PYTHON or .venv-bench/bin/python)")
   parser.add_argument("--quick", action="store_true", help="tiny model, 1 repeat: checks the harness end to end")
+  parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                      help="where both sides run: the CPU, or a CUDA GPU (JAX's GPU backend, PyTorch's cuda)")
   parser.add_argument("--write", action="store_true", help="put the report into BENCHMARKS.md")
   args = parser.parse_args()
   load_before = os.getloadavg()
@@ -415,6 +427,12 @@ def main() -> int:
     print(f"error: {args.torch_python}: no such python; pass --torch_python (see --help for the "
           "environment it needs)", file=sys.stderr)
     return 2
+  if args.device == "cuda":
+    if jax.default_backend() != "gpu":
+      print(f"error: --device=cuda: JAX's backend here is {jax.default_backend()!r}, not 'gpu'", file=sys.stderr)
+      return 2
+    # float32 as PyTorch computes it on the GPU (no TF32 unless asked): like for like.
+    jax.config.update("jax_default_matmul_precision", "highest")
   plan = QUICK if args.quick else FULL
   config, expert_config = plan.config, ExpertConfig()
   clock_start = time.perf_counter()
@@ -430,7 +448,7 @@ def main() -> int:
       log("building the random backbone, experts and data ...")
       pretrained = jax.device_get(jax.jit(lambda key: nn.unbox(init_params(config, key)))(jax.random.PRNGKey(0)))
       hf.save_hf_checkpoint(pretrained, config, work / "hf")
-      versions = worker.request(op="setup", hf_dir=str(work / "hf"))
+      versions = worker.request(op="setup", hf_dir=str(work / "hf"), device=args.device)
       most = max(s.experts for s in plan.scoring)
       backbone, _ = split_params(pretrained, expert_config)
       backbone = jax.device_put(backbone)  # on the device once, as the torch model is loaded once
@@ -525,12 +543,19 @@ def main() -> int:
       for row in train_rows:  # warm-up: compiles the E and the 1-expert step
         row.run()
       time_rows(train_rows, plan.repeats, log)
+      # The ceiling: the vmapped step's FLOPs (XLA's count) at the float32 matmul peak of this run.
+      step_args = (ts.init_train_state(inits, trainer.optimizer), backbone,
+                   {k: v[:, 0] for k, v in batches.items()})
+      analysis = trainer.step.lower(*step_args).compile().cost_analysis()
+      analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+      ceiling = {"flops": float(analysis["flops"]), "peak": measure_peak_flops()}
+      log(f"  {ceiling['flops'] / 1e9:.0f} GFLOP per vmapped step; float32 matmul peak {ceiling['peak'] / 1e9:.0f} GFLOP/s")
     finally:
       worker.close()
 
   loads = (load_before, os.getloadavg())
   report = render(plan, args, started, loads, versions, scoring_results, (rounding, rounding_scope), train_rows,
-                  {"first": float(first.max()), "every": float(every.max()),
+                  ceiling, {"first": float(first.max()), "every": float(every.max()),
                    "loss": float(torch_losses[:, 0].mean()), "rounding": loss_rounding, "few": few})
   print(report)
   if args.write:
@@ -539,7 +564,8 @@ def main() -> int:
   return 0
 
 
-def render(plan: Plan, args, started, loads, versions, scoring_results, rounding, train_rows, loss_check) -> str:
+def render(plan: Plan, args, started, loads, versions, scoring_results, rounding, train_rows, ceiling,
+           loss_check) -> str:
   c, t = plan.config, plan.training
   repeats = f"best and spread (max - min) of {plan.repeats} timed repeat(s)"
   out = [HEADING, ""]
@@ -551,8 +577,9 @@ def render(plan: Plan, args, started, loads, versions, scoring_results, rounding
       f"Date: {started:%Y-%m-%d %H:%M %Z}. Machine: {machine()}; load average (1 / 5 / 15 min) "
       f"{' / '.join(f'{x:.2f}' for x in loads[0])} before the run, "
       f"{' / '.join(f'{x:.2f}' for x in loads[1])} after it. "
-      f"jax {jax.__version__} ({jax.default_backend()}), torch {versions['torch']} "
-      f"({versions['threads']} threads, denormals flushed), transformers {versions['transformers']}; float32.",
+      f"jax {jax.__version__} ({jax.default_backend()}: {jax.devices()[0].device_kind}), torch {versions['torch']} "
+      f"({versions['device']}, {versions['threads']} CPU threads, denormals flushed), transformers "
+      f"{versions['transformers']}; float32.",
       ""]
   if loads[0][0] > BUSY_LOAD * (os.cpu_count() or 1):
     out += [f"**The machine was busy before the run (load {loads[0][0]:.2f} on {os.cpu_count()} cores): "
@@ -616,8 +643,9 @@ def render(plan: Plan, args, started, loads, versions, scoring_results, rounding
           "the longest (no cache, no loss), target logit minus log-sum-exp. Examples in their given order.",
           f"- elm_jax one pass: `rank_scoring.score_all_experts(model, backbone, experts, examples, "
           f"batch_size={plan.batch_size})`, experts stacked [E, ...] and scored vmapped, the default expert "
-          "chunk (2 on CPU); includes length sorting, padding to its buckets and moving each expert chunk to "
-          "the device; excludes compilation.",
+          "chunk (2 on CPU); includes length sorting, padding to its buckets (inputs of very different lengths "
+          "packed two to an encoder row; only the choices' real tokens through the output projection) and "
+          "moving each expert chunk to the device; excludes compilation.",
           "- elm_jax one expert at a time: the same call with `expert_chunk=1`.",
           "",
           "### Expert training",
@@ -634,7 +662,15 @@ def render(plan: Plan, args, started, loads, versions, scoring_results, rounding
   for row in train_rows:
     out.append(f"| {t.experts} experts x {t.steps} steps | {row.name} | {row.best:.3f} | {row.spread:.3f} | "
                f"{tokens / row.best:.0f} | {ratio(row, train_rows[1])} |")
+  fastest = t.steps * ceiling["flops"] / ceiling["peak"]
   out += ["",
+          f"The ceiling: XLA counts {ceiling['flops'] / 1e9:.3g} GFLOP per vmapped step (the forward pass and "
+          "the activation gradients; no weight gradients for the frozen backbone, as on the PyTorch side). At "
+          f"the float32 matmul peak measured in this run ({ceiling['peak'] / 1e9:.0f} GFLOP/s, a 1024^3 "
+          f"product) the {t.steps} steps would take {fastest:.1f} s: the vmapped row ran at "
+          f"{fastest / train_rows[1].best:.0%} of that peak, and no implementation doing these FLOPs could beat "
+          f"PyTorch's row by more than {train_rows[0].best / fastest:.2f}x on this machine.",
+          "",
           f"Agreement (dropout 0, checked before timing): elm_jax's first-step losses (mean "
           f"{loss_check['loss']:.3f}) within {loss_check['first']:.1e} relative of PyTorch's (tolerance "
           f"{LOSS_TOLERANCE:g}); over all {t.steps} steps within {loss_check['every']:.1e} (not checked: Adam "
@@ -650,9 +686,12 @@ def render(plan: Plan, args, started, loads, versions, scoring_results, rounding
           f"- elm_jax vmapped: `jax.jit(train_step)` over the {t.experts} experts stacked [E, ...], one program "
           "per step; includes the optimizer-state init and each step's batch transfer; excludes compilation.",
           "- elm_jax one after another: the same step compiled for one expert, run for each expert in turn.",
-          "- Dropout differs in form, not rate: elm_jax drops whole feature channels of a sub-layer output "
-          "across the sequence (T5X's broadcast dropout), Hugging Face drops single elements; attention-"
-          "probability and feed-forward dropout are elementwise on both."]
+          "- Dropout is the same on both sides: every element at every site (embeddings, sub-layer outputs, "
+          "feed-forward hidden, attention probabilities, final layer norms), as Hugging Face's T5 and the "
+          "paper; elm_jax's masks take two 16-bit draws from each 32-bit threefry word (drop rate 0.1 is "
+          "0.100006).",
+          "- Not measured: mixed precision (both sides float32), and the paper's collator padding each batch "
+          "to its longest input (both sides take the same fixed-length batches)."]
   return "\n".join(out) + "\n"
 
 

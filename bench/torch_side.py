@@ -50,6 +50,13 @@ torch.set_flush_denormal(True)
 
 PAD_ID = 0
 IGNORE = -100  # the label Hugging Face's loss skips
+DEVICE = torch.device("cpu")  # where the model and every batch live: the `setup` request's device
+
+
+def _synchronize() -> None:
+  """Waits for the device's queued work (CUDA runs asynchronously), so the clock sees it."""
+  if DEVICE.type == "cuda":
+    torch.cuda.synchronize()
 
 
 class Adapter(nn.Module):
@@ -168,7 +175,7 @@ def _pad(rows: Sequence[Sequence[int]], value: int) -> torch.Tensor:
   out = np.full((len(rows), max(len(r) for r in rows)), value, np.int64)
   for i, row in enumerate(rows):
     out[i, :len(row)] = row
-  return torch.from_numpy(out)
+  return torch.from_numpy(out).to(DEVICE)
 
 
 def _num_choices(examples) -> int:
@@ -198,7 +205,7 @@ def score_paper_way(model, experts: Sequence[Mapping], examples, batch_size: int
       log_probs = torch.log_softmax(logits, dim=-1)
       mask = labels != IGNORE
       token = log_probs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-      row_scores = torch.where(mask, token, 0.0).sum(-1).numpy()
+      row_scores = torch.where(mask, token, 0.0).sum(-1).cpu().numpy()
       for (n, c, _, _), score in zip(batch, row_scores):
         scores[e, n, c] = score
   return scores
@@ -219,7 +226,7 @@ def score_careful(model, experts: Sequence[Mapping], examples, batch_size: int) 
       input_ids = _pad([inputs for inputs, _ in batch], PAD_ID)
       mask = input_ids != PAD_ID
       hidden = encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
-      counts = torch.tensor([len(choices) for _, choices in batch])
+      counts = torch.tensor([len(choices) for _, choices in batch], device=DEVICE)
       targets = _pad([choice for _, choices in batch for choice in choices], PAD_ID)
       decoder_inputs = torch.cat([torch.full_like(targets[:, :1], model.config.decoder_start_token_id),
                                   targets[:, :-1]], dim=1)
@@ -227,7 +234,7 @@ def score_careful(model, experts: Sequence[Mapping], examples, batch_size: int) 
                      attention_mask=mask.repeat_interleave(counts, 0), decoder_input_ids=decoder_inputs,
                      use_cache=False).logits
       token = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-      row_scores = torch.where(targets != PAD_ID, token, 0.0).sum(-1).numpy()
+      row_scores = torch.where(targets != PAD_ID, token, 0.0).sum(-1).cpu().numpy()
       row = 0
       for n, (_, choices) in enumerate(batch, start=start):
         scores[e, n, :len(choices)] = row_scores[row:row + len(choices)]
@@ -277,8 +284,8 @@ def train_sequential(model, expert_inits: Sequence[Mapping], batches: Mapping[st
                                     weight_decay=0.0)
       schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / steps))
       for step in range(steps):
-        inputs = torch.from_numpy(batches["encoder_input_tokens"][e, step]).long()
-        targets = torch.from_numpy(batches["decoder_target_tokens"][e, step]).long()
+        inputs = torch.from_numpy(batches["encoder_input_tokens"][e, step]).long().to(DEVICE)
+        targets = torch.from_numpy(batches["decoder_target_tokens"][e, step]).long().to(DEVICE)
         loss = model(input_ids=inputs, attention_mask=inputs != PAD_ID,
                      labels=targets.masked_fill(targets == PAD_ID, IGNORE)).loss
         loss.backward()
@@ -325,7 +332,7 @@ class _Worker:
     return self.files[path]
 
   def handle(self, request: dict) -> dict:
-    """Requests: {op: 'setup', hf_dir} loads the model; {op: 'score', way: 'paper'|'careful',
+    """Requests: {op: 'setup', hf_dir, device?} loads the model (on 'cpu' or 'cuda'); {op: 'score', way: 'paper'|'careful',
     experts, num_experts, examples, num_examples?, batch_size, float64?, save?} scores the
     (first `num_examples`) examples with the first `num_experts` experts of a stacked .npz, in
     float64 if asked; {op: 'train', experts, num_experts, batches, steps, dropout_rate, float64?}
@@ -334,9 +341,14 @@ class _Worker:
     `save` writes the scores (.npy)."""
     op = request["op"]
     if op == "setup":
-      self.model = build_model(request["hf_dir"])
+      global DEVICE
+      DEVICE = torch.device(request.get("device", "cpu"))
+      if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' asked for, but this PyTorch sees no CUDA device")
+      self.model = build_model(request["hf_dir"]).to(DEVICE)
       return {"torch": torch.__version__, "transformers": transformers.__version__,
-              "numpy": np.__version__, "threads": torch.get_num_threads()}
+              "numpy": np.__version__, "threads": torch.get_num_threads(),
+              "device": torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu"}
     experts = self._read(request["experts"], _experts_from_npz)[:request["num_experts"]]
     if op == "score":
       examples = self._read(request["examples"], _examples_from_json)[:request.get("num_examples")]
@@ -346,6 +358,7 @@ class _Worker:
       try:
         start = time.perf_counter()
         scores = fn(self.model, experts, examples, request["batch_size"])
+        _synchronize()
         seconds = time.perf_counter() - start
       finally:
         self.model.float()  # exact: every weight came from float32
@@ -360,6 +373,7 @@ class _Worker:
         start = time.perf_counter()
         losses = train_sequential(self.model, experts, batches, request["steps"],
                                   dropout_rate=request["dropout_rate"])
+        _synchronize()
         seconds = time.perf_counter() - start
       finally:
         self.model.float()

@@ -283,7 +283,7 @@ class ExpertMlp(nn.Module):
           jnp.einsum("egcd,edh->egch", x.astype(self.dtype), kernel.astype(self.dtype)))
       hidden = h if hidden is None else hidden * h
     hidden = layers.constrain(hidden, ("moe_expert", "moe_group", None, "mlp"))
-    hidden = nn.Dropout(self.dropout_rate)(hidden, deterministic=deterministic)
+    hidden = layers.Dropout(self.dropout_rate)(hidden, deterministic=deterministic)
     wo = layers.Kernel(name="wo", shape=(self.num_experts, self.mlp_dim, emb),
                        axes=("moe_expert", "mlp", "embed"), init=expert_kernel_init)()
     return jnp.einsum("egch,ehd->egcd", hidden, wo.astype(self.dtype))

@@ -72,6 +72,13 @@ def _adapt(expert: Optional[ExpertConfig], cfg: T5Config, name: str, h: Array) -
                            cfg.jnp_dtype, name=name)(h)
 
 
+def _dropout(cfg: T5Config) -> layers.Dropout:
+  """The dropout of the embeddings, every sub-layer output and the final layer norms: per
+  element (Hugging Face's T5, the paper's code), or with `dropout_broadcast_over_length` one
+  draw per feature shared along the sequence (T5X's `broadcast_dims=(-2,)`)."""
+  return layers.Dropout(cfg.dropout_rate, broadcast_dims=(-2,) if cfg.dropout_broadcast_over_length else ())
+
+
 def _lora(expert: Optional[ExpertConfig]) -> Optional[ExpertConfig]:
   return expert if expert is not None and expert.kind == "lora" else None
 
@@ -107,7 +114,7 @@ class EncoderLayer(nn.Module):
   def __call__(self, x: Array, bias: Array, deterministic: bool = True,
                token_mask: Optional[Array] = None) -> Array:
     cfg = self.config
-    dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
+    dropout = _dropout(cfg)
     h = layers.RMSNorm(cfg.layer_norm_epsilon, cfg.jnp_dtype, name="pre_attention_layer_norm")(x)
     h = layers.MultiHeadAttention(cfg.num_heads, cfg.head_dim, cfg.jnp_dtype, cfg.dropout_rate,
                                   _lora(self.expert), name="attention")(
@@ -131,7 +138,7 @@ class DecoderLayer(nn.Module):
                deterministic: bool = True, decode: bool = False,
                token_mask: Optional[Array] = None) -> Array:
     cfg = self.config
-    dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
+    dropout = _dropout(cfg)
     attention = lambda name: layers.MultiHeadAttention(
         cfg.num_heads, cfg.head_dim, cfg.jnp_dtype, cfg.dropout_rate, _lora(self.expert), name=name)
     norm = lambda name: layers.RMSNorm(cfg.layer_norm_epsilon, cfg.jnp_dtype, name=name)
@@ -162,7 +169,7 @@ class Encoder(nn.Module):
     cfg = self.config
     length = tokens.shape[1]
     x = self.shared_embedding(tokens)
-    x = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=deterministic)
+    x = _dropout(cfg)(x, deterministic=deterministic)
     x = layers.constrain(x, ("batch", "length", "embed"))
     position_bias = layers.RelativePositionBias(
         cfg.num_heads, cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance,
@@ -174,7 +181,7 @@ class Encoder(nn.Module):
       x = layer(cfg, self.expert, cfg.is_sparse(i), name=f"layers_{i}")(
           x, bias, deterministic, mask)
     x = layers.RMSNorm(cfg.layer_norm_epsilon, cfg.jnp_dtype, name="encoder_norm")(x)
-    return nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=deterministic)
+    return _dropout(cfg)(x, deterministic=deterministic)
 
 
 class Decoder(nn.Module):
@@ -197,7 +204,7 @@ class Decoder(nn.Module):
     cfg = self.config
     length = max_decode_length if decode else tokens.shape[1]
     x = self.shared_embedding(tokens)
-    x = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=deterministic)
+    x = _dropout(cfg)(x, deterministic=deterministic)
     x = layers.constrain(x, ("batch", "length", "embed"))
     self_bias = layers.RelativePositionBias(
         cfg.num_heads, cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance,
@@ -222,7 +229,7 @@ class Decoder(nn.Module):
       x = layer(cfg, self.expert, cfg.is_sparse(i), name=f"layers_{i}")(
           x, encoded, self_bias, cross_bias, deterministic, decode, token_mask)
     x = layers.RMSNorm(cfg.layer_norm_epsilon, cfg.jnp_dtype, name="decoder_norm")(x)
-    x = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=deterministic)
+    x = _dropout(cfg)(x, deterministic=deterministic)
     if cfg.logits_via_embedding:
       x = x * (cfg.emb_dim ** -0.5)
       kernel = self.shared_embedding.embedding.T

@@ -70,6 +70,11 @@ class T5Config:
   # "minimal"); "full" keeps only each block's input and recomputes the whole block. It changes
   # memory and time, never the numbers; `elm-jax plan` shows the effect.
   remat_policy: str = "none"
+  # Dropout of the embeddings, sub-layer outputs and final layer norms: False draws every
+  # element (Hugging Face's T5, which the paper trained with); True draws one mask per feature
+  # channel, shared along the sequence (T5X's T5 1.1, `broadcast_dims=(-2,)`). Feed-forward
+  # hidden and attention-probability dropout are per element either way.
+  dropout_broadcast_over_length: bool = False
 
   def __post_init__(self):
     if isinstance(self.moe, Mapping):  # as written to JSON metadata
@@ -97,6 +102,9 @@ class T5Config:
     if self.remat_policy not in REMAT_POLICIES:
       raise ConfigError(f"T5Config.remat_policy: expected one of {list(REMAT_POLICIES)}, "
                         f"got {self.remat_policy!r}")
+    if not isinstance(self.dropout_broadcast_over_length, bool):
+      raise ConfigError("T5Config.dropout_broadcast_over_length: expected true or false, got "
+                        f"{self.dropout_broadcast_over_length!r}")
     if not 0.0 <= self.dropout_rate < 1.0:
       raise ConfigError(f"T5Config.dropout_rate: expected a value in [0, 1), got {self.dropout_rate}")
 
