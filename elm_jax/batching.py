@@ -21,16 +21,17 @@ def bucket(length: int, minimum: int, maximum: Optional[int] = None) -> int:
   return min(size, maximum) if maximum else size
 
 
-def cost_bucket(length: int, minimum: int = 1, maximum: Optional[int] = None) -> int:
-  """The smallest padded length >= length on a ladder that pads by at most 1/8: every length
-  up to 16, then steps of 2 up to 32, of 4 up to 64, of 8 up to 128, ... (8 lengths per
-  doubling). At least `minimum`, at most `maximum` when given. For work that grows with the
-  length (a short answer choice padded to 16 paid 3-4x its decoder and softmax; a 65-token input
-  padded to 128 twice its encoder), at the price of more compiled shapes than powers of two
-  (which JAX's compilation cache keeps, `compile_cache.py`)."""
+def cost_bucket(length: int, minimum: int = 1, maximum: Optional[int] = None, rungs: int = 8) -> int:
+  """The smallest padded length >= length on a ladder of `rungs` lengths per doubling, which
+  pads by at most 1/rungs: with the default 8, every length up to 16, then steps of 2 up to 32,
+  of 4 up to 64, of 8 up to 128, ...; with 1, powers of two. At least `minimum`, at most
+  `maximum` when given. For work that grows with the length (a short answer choice padded to 16
+  paid 3-4x its decoder and softmax; a 65-token input padded to 128 twice its encoder), at the
+  price of more compiled shapes than powers of two (which JAX's compilation cache keeps,
+  `compile_cache.py`)."""
   length = max(length, minimum, 1)
   step = 1
-  while length > 16 * step:
+  while length > 2 * rungs * step:
     step *= 2
   size = -(-length // step) * step
   return min(size, maximum) if maximum else size

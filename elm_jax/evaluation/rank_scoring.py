@@ -24,7 +24,7 @@ from jax.experimental import multihost_utils
 from elm_jax import batching, defaults, expert_stack
 from elm_jax.models.adapters import merge_params
 from elm_jax.models.model import EncoderDecoderModel
-from elm_jax.models.t5 import logical_axes
+from elm_jax.models.t5 import logical_axes, param_shapes
 
 Array = jax.Array
 CPU_EXPERT_CHUNK = 2
@@ -34,6 +34,19 @@ CPU_EXPERT_CHUNK = 2
 # (bench/head_to_head.py); the few more shapes compile once and stay in JAX's compilation cache.
 MIN_INPUT_BUCKET = 16
 MIN_TARGET_BUCKET = 1
+# Models smaller than this (backbone parameters) pad to powers of two instead: their batches
+# take milliseconds, so a program compiled for one more shape costs more than the padding it
+# saves (`./elm demo --quick`, 0.2M parameters: 212 s on an empty compilation cache with the
+# fine ladder; see BENCHMARKS.md).
+FINE_LADDER_PARAMETERS = 10_000_000
+
+
+def length_rungs(config) -> int:
+  """Lengths per doubling of the padding ladder for `config`'s model (`batching.cost_bucket`):
+  8 (at most 1/8 padding), or 1 (powers of two) below FINE_LADDER_PARAMETERS."""
+  parameters = sum(int(np.prod(shape)) for shape in jax.tree_util.tree_leaves(
+      param_shapes(config), is_leaf=lambda x: isinstance(x, tuple)))
+  return 8 if parameters >= FINE_LADDER_PARAMETERS else 1
 # Choices scored in one row of a batch: an example with more is split over several rows (its
 # input encoded once per row), so memory stays that of batch_size x 16 choices however many
 # choices an example has (10,000 choices in one row needed 38.7 GB).
@@ -66,8 +79,8 @@ class PaddedBatch:
     return (self.inputs.shape, self.segments is not None, self.targets.shape, self.scored.shape)
 
 
-def pack_pairs(lengths: Sequence[int], batch_size: int, min_input_bucket: int, max_input_length: int
-               ) -> Optional[tuple[int, list[tuple[Optional[int], Optional[int]]]]]:
+def pack_pairs(lengths: Sequence[int], batch_size: int, min_input_bucket: int, max_input_length: int,
+               rungs: int = 8) -> Optional[tuple[int, list[tuple[Optional[int], Optional[int]]]]]:
   """(packed row length, pairs of batch positions, None for an empty slot) when packing the
   inputs of `lengths` (a batch of at most `batch_size`, EOS included) two to a row saves at
   least PACK_MIN_SAVING of the encoder's positions; else None. Row r holds the r-th shortest
@@ -78,8 +91,9 @@ def pack_pairs(lengths: Sequence[int], batch_size: int, min_input_bucket: int, m
   order += sorted(range(len(lengths)), key=lambda i: lengths[i])
   size = lambda i: 0 if i is None else lengths[i]
   pairs = [(order[r], order[batch_size - 1 - r]) for r in range(batch_size // 2)]
-  packed = batching.cost_bucket(max(size(a) + size(b) for a, b in pairs), min_input_bucket, 2 * max_input_length)
-  unpacked = batching.cost_bucket(max(lengths), min_input_bucket, max_input_length)
+  packed = batching.cost_bucket(max(size(a) + size(b) for a, b in pairs), min_input_bucket, 2 * max_input_length,
+                                rungs)
+  unpacked = batching.cost_bucket(max(lengths), min_input_bucket, max_input_length, rungs)
   if (batch_size // 2) * packed > (1 - PACK_MIN_SAVING) * batch_size * unpacked:
     return None
   return packed, pairs
@@ -163,6 +177,7 @@ class RankScorer:
     self.expert_chunk = expert_chunk
     self.partitioner = partitioner
     self.pack = (model.config.moe is None and partitioner is None) if pack is None else pack
+    self.rungs = length_rungs(model.config)
     self.batch_size = batch_size
     self.max_input_length, self.max_target_length = max_input_length, max_target_length
     self.truncated = TruncationReport()
@@ -219,11 +234,12 @@ class RankScorer:
   def _pad_batch(self, batch: Sequence[tuple[list[int], list[list[int]]]]) -> PaddedBatch:
     c = batching.bucket(max(len(ch) for _, ch in batch), 2)
     lt = batching.cost_bucket(max(len(t) for _, ch in batch for t in ch), MIN_TARGET_BUCKET,
-                              self.max_target_length)
-    packing = (pack_pairs([len(x) for x, _ in batch], self.batch_size, MIN_INPUT_BUCKET, self.max_input_length)
-               if self.pack else None)
+                              self.max_target_length, self.rungs)
+    packing = (pack_pairs([len(x) for x, _ in batch], self.batch_size, MIN_INPUT_BUCKET, self.max_input_length,
+                          self.rungs) if self.pack else None)
     if packing is None:
-      li = batching.cost_bucket(max(len(x) for x, _ in batch), MIN_INPUT_BUCKET, self.max_input_length)
+      li = batching.cost_bucket(max(len(x) for x, _ in batch), MIN_INPUT_BUCKET, self.max_input_length,
+                                self.rungs)
       inputs, segments = batching.pad_rows([x for x, _ in batch], self.batch_size, li), None
       order: list[Optional[int]] = list(range(len(batch))) + [None] * (self.batch_size - len(batch))
     else:
@@ -244,7 +260,7 @@ class RankScorer:
         choices = batch[position][1]
         targets[row, :len(choices)] = batching.pad_rows(choices, len(choices), lt)
     real = np.flatnonzero(targets.reshape(-1) != self.model.config.pad_id)
-    scored = np.full(batching.cost_bucket(len(real)), targets.size, np.int32)  # past the end: padding
+    scored = np.full(batching.cost_bucket(len(real), rungs=self.rungs), targets.size, np.int32)  # past the end: padding
     scored[:len(real)] = real
     self.shapes_compiled.add((self.expert_chunk or 0, len(inputs), li, c, lt))
     return PaddedBatch(inputs, segments, targets, scored, order)

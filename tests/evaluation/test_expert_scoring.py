@@ -140,12 +140,14 @@ def test_many_choices_are_split_over_rows(tiny_config):
 
 def test_packed_inputs_score_as_unpacked(setup):
   """Inputs of very different lengths packed two to an encoder row (`pack_pairs`) score as
-  when every input has its own row: all experts, every example, in the original order."""
+  when every input has its own row: all experts, every example, in the original order. (This
+  tiny model pads to powers of two, `length_rungs`: short and long inputs pair within 32.)"""
   model, backbone, stacked, _, _ = setup
+  assert rank_scoring.length_rungs(model.config) == 1
   rng = np.random.default_rng(11)
   examples = [rank_scoring.Example(rng.integers(3, 300, length).tolist(),
                                    [rng.integers(3, 300, rng.integers(1, 6)).tolist() for _ in range(3)])
-              for length in (2, 40, 9, 31, 3, 25, 17, 6, 38, 12)]  # 10: the last batch is short
+              for length in (1, 26, 3, 25, 2, 23, 4, 19, 9, 29)]  # 10: the last batch is short
   packed, counts, scorer = rank_scoring.score_all_experts(model, backbone, stacked, examples, batch_size=8)
   plain, plain_counts, plain_scorer = rank_scoring.score_all_experts(model, backbone, stacked, examples,
                                                                      batch_size=8, pack=False)
@@ -165,3 +167,13 @@ def test_inputs_of_like_length_are_not_packed():
   assert length == batching.cost_bucket(2 + 40) and pairs == [(0, 1), (2, 3)]
   length, pairs = rank_scoring.pack_pairs([20, 60, 5], 4, 16, 64)  # an empty slot pairs with the longest
   assert pairs == [(None, 1), (2, 0)] and length == batching.cost_bucket(60)
+  # On the powers-of-two ladder of small models: 2 rows of 64 are no fewer positions than 4 of 32.
+  assert rank_scoring.pack_pairs([2, 30, 9, 31], 4, 16, 64, rungs=1) is None
+  assert rank_scoring.pack_pairs([2, 20, 9, 25], 4, 16, 64, rungs=1)[0] == 32
+
+
+def test_large_models_pad_finely_small_ones_to_powers_of_two(tiny_config):
+  assert rank_scoring.length_rungs(tiny_config) == 1
+  assert rank_scoring.length_rungs(tiny_config.replace(vocab_size=32128, emb_dim=512, num_heads=8, mlp_dim=1024,
+                                                       num_encoder_layers=6, num_decoder_layers=6)) == 8
+  assert [batching.cost_bucket(n, rungs=1) for n in (1, 3, 5, 17, 65)] == [1, 4, 8, 32, 128]

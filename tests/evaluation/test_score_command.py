@@ -113,11 +113,11 @@ def test_bucketing_bounds_the_number_of_compiled_shapes(tiny_config):
                                     for _ in range(rng.integers(2, 5))]) for _ in range(40)]
   scores, counts = scorer.score(examples)
   assert len(scores) == 40 and all(len(s) == len(e.choices) for s, e in zip(scores, examples))
-  # 10 batches, sorted by length: at most one program each, every length on the cost ladder (at
-  # most 1/8 of padding, so here nearly every batch has its own shape), choice counts on powers of two.
+  # 10 batches, sorted by length: at most one program each; this tiny model's lengths on powers of
+  # two (`rank_scoring.length_rungs`), choice counts on powers of two.
   assert len(scorer.shapes_compiled) <= 10
   for _, _, li, c, lt in scorer.shapes_compiled:
-    assert batching.cost_bucket(li) == li and batching.cost_bucket(lt) == lt and c in (2, 4)
+    assert batching.bucket(li, 1) == li and batching.bucket(lt, 1) == lt and c in (2, 4)
   # Batching and padding do not change a score: score one example alone.
   alone, _ = scorer.score(examples[7:8])
   # Two code paths of ours: not exact by construction (another padded shape may get another
