@@ -33,13 +33,16 @@ def constrain(x: Array, axes: tuple[str, ...]) -> Array:
 
 def dropout_keep_mask(rng: Array, rate: float, shape: Sequence[int]) -> Array:
   """Bernoulli(1 - rate) keep mask of `shape`: each 32-bit threefry word gives two 16-bit
-  draws (half the random-number work of `jax.random.bernoulli`, which spent a tenth of a
-  training step on a CPU), so the drop probability is `rate` rounded to 1/65536 (0.1: 0.100006)."""
-  shape = tuple(shape)
-  size = int(np.prod(shape))
-  words = jax.random.bits(rng, (-(-size // 2),), jnp.uint32)
-  draws = jnp.stack([words & 0xFFFF, words >> 16], axis=-1).reshape(-1)[:size].reshape(shape)
-  return draws >= jnp.uint32(round(rate * 65536))
+  draws, for neighbouring entries of the last axis (half the random-number work of
+  `jax.random.bernoulli`, which spent a tenth of a training step on a CPU; the words have the
+  mask's leading axes, so a mask sharded like its activations is drawn where they live). The
+  drop probability is `rate` rounded to 1/65536 (0.1: 0.100006)."""
+  wanted = tuple(shape)
+  shape = wanted or (1,)
+  last = shape[-1]
+  words = jax.random.bits(rng, shape[:-1] + (-(-last // 2),), jnp.uint32)
+  draws = jnp.stack([words & 0xFFFF, words >> 16], axis=-1).reshape(shape[:-1] + (2 * words.shape[-1],))
+  return draws[..., :last].reshape(wanted) >= jnp.uint32(round(rate * 65536))
 
 
 def dropout(x: Array, rate: float, rng: Array, broadcast_dims: Sequence[int] = ()) -> Array:

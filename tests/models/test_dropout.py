@@ -60,3 +60,19 @@ def test_the_config_chooses_the_form(tiny_config, broadcast):
 def test_a_bad_form_is_refused(tiny_config):
   with pytest.raises(ConfigError, match="dropout_broadcast_over_length: expected true or false"):
     tiny_config.replace(dropout_broadcast_over_length="yes")
+
+
+def test_a_sharded_mask_is_drawn_where_its_activations_live():
+  """Activations [64, 256] split by rows over the devices: each device draws the words of its
+  own rows ([64 / devices, 128] 32-bit words), not the whole mask."""
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+  devices = jax.devices()
+  sharding = NamedSharding(Mesh(np.array(devices), ("data",)), PartitionSpec("data", None))
+  drop = jax.jit(lambda key, x: layers.dropout(x, 0.1, key), in_shardings=(None, sharding), out_shardings=sharding)
+  x = jax.device_put(jnp.ones((64, 256)), sharding)
+  program = drop.lower(jax.random.PRNGKey(0), x).compile().as_text()
+  assert f"u32[{64 // len(devices)},128]" in program
+  if len(devices) > 1:
+    assert "u32[64,128]" not in program
+  kept = np.asarray(drop(jax.random.PRNGKey(0), x)) != 0
+  assert abs(kept.mean() - 0.9) < 0.02
