@@ -39,14 +39,6 @@ MIN_TARGET_BUCKET = 1
 # saves (`./elm demo --quick`, 0.2M parameters: 212 s on an empty compilation cache with the
 # fine ladder; see BENCHMARKS.md).
 FINE_LADDER_PARAMETERS = 10_000_000
-
-
-def length_rungs(config) -> int:
-  """Lengths per doubling of the padding ladder for `config`'s model (`batching.cost_bucket`):
-  8 (at most 1/8 padding), or 1 (powers of two) below FINE_LADDER_PARAMETERS."""
-  parameters = sum(int(np.prod(shape)) for shape in jax.tree_util.tree_leaves(
-      param_shapes(config), is_leaf=lambda x: isinstance(x, tuple)))
-  return 8 if parameters >= FINE_LADDER_PARAMETERS else 1
 # Choices scored in one row of a batch: an example with more is split over several rows (its
 # input encoded once per row), so memory stays that of batch_size x 16 choices however many
 # choices an example has (10,000 choices in one row needed 38.7 GB).
@@ -55,6 +47,14 @@ MAX_CHOICES_PER_ROW = 16
 # encoder's padded positions (32 inputs of 17-64 tokens: 16 rows of 88 instead of 32 of 64, 31%
 # fewer); the packed row's longer self-attention costs a little of the saving back.
 PACK_MIN_SAVING = 1 / 8
+
+
+def length_rungs(config) -> int:
+  """Lengths per doubling of the padding ladder for `config`'s model (`batching.cost_bucket`):
+  8 (at most 1/8 padding), or 1 (powers of two) below FINE_LADDER_PARAMETERS."""
+  parameters = sum(int(np.prod(shape)) for shape in jax.tree_util.tree_leaves(
+      param_shapes(config), is_leaf=lambda x: isinstance(x, tuple)))
+  return 8 if parameters >= FINE_LADDER_PARAMETERS else 1
 
 
 @dataclasses.dataclass
@@ -262,7 +262,8 @@ class RankScorer:
     real = np.flatnonzero(targets.reshape(-1) != self.model.config.pad_id)
     scored = np.full(batching.cost_bucket(len(real), rungs=self.rungs), targets.size, np.int32)  # past the end: padding
     scored[:len(real)] = real
-    self.shapes_compiled.add((self.expert_chunk or 0, len(inputs), li, c, lt))
+    # (expert chunk, encoder rows, input length, choices, choice length, projected tokens)
+    self.shapes_compiled.add((self.expert_chunk or 0, len(inputs), li, c, lt, len(scored)))
     return PaddedBatch(inputs, segments, targets, scored, order)
 
   def _compile_ahead(self, arrays) -> None:

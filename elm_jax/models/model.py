@@ -38,13 +38,6 @@ def shift_right(targets: Array, start_id: int) -> Array:
   return jnp.concatenate([start, targets[..., :-1]], axis=-1)
 
 
-def token_log_likelihoods(logits: Array, targets: Array) -> Array:
-  """log softmax(logits)[target] per position: [..., length, vocab], [..., length] -> [..., length]."""
-  logits = logits.astype(jnp.float32)
-  target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  return target_logits - jax.nn.logsumexp(logits, axis=-1)
-
-
 VOCAB_CHUNK = 8192  # output-projection columns per piece in `projected_token_log_likelihoods`
 
 
@@ -176,8 +169,7 @@ class EncoderDecoderModel:
                                        encoder_segments=encoder_segments, row_segments=row_segments,
                                        method=Transformer.decode)
     if scored_positions is None:
-      per_token = projected_token_log_likelihoods(hidden, kernel, targets, cfg.jnp_dtype)
-      return (per_token * (targets != cfg.pad_id)).sum(axis=-1).reshape(n, c)
+      scored_positions = jnp.arange(n * c * lt)
     flat_targets = jnp.take(targets.reshape(-1), scored_positions, mode="clip")
     per_token = projected_token_log_likelihoods(
         jnp.take(hidden.reshape(n * c * lt, -1), scored_positions, axis=0, mode="clip"), kernel, flat_targets,

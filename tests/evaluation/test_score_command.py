@@ -116,7 +116,7 @@ def test_bucketing_bounds_the_number_of_compiled_shapes(tiny_config):
   # 10 batches, sorted by length: at most one program each; this tiny model's lengths on powers of
   # two (`rank_scoring.length_rungs`), choice counts on powers of two.
   assert len(scorer.shapes_compiled) <= 10
-  for _, _, li, c, lt in scorer.shapes_compiled:
+  for _, _, li, c, lt, _ in scorer.shapes_compiled:
     assert batching.bucket(li, 1) == li and batching.bucket(lt, 1) == lt and c in (2, 4)
   # Batching and padding do not change a score: score one example alone.
   alone, _ = scorer.score(examples[7:8])
