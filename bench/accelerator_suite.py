@@ -35,6 +35,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench_train import compiled_flops  # noqa: E402  (bench/ is the script's directory)
 from elm_jax import compile_cache  # noqa: E402
 from elm_jax.evaluation import rank_scoring  # noqa: E402
 from elm_jax.models.adapters import ExpertConfig, split_params  # noqa: E402
@@ -76,12 +77,6 @@ def matmul_peak(size: int) -> float:
   best, _ = best_of(ten)
   return 10 * 2 * size ** 3 / best
 
-
-def compiled_flops(jitted, *args) -> float:
-  analysis = jitted.lower(*args).compile().cost_analysis()
-  if isinstance(analysis, (list, tuple)):
-    analysis = analysis[0] if analysis else {}
-  return float((analysis or {}).get("flops", 0.0))
 
 
 def training(shapes: dict, peak: float) -> list[dict]:

@@ -45,6 +45,14 @@ def measure_peak_flops() -> float:
   return 2 * 1024 ** 3 / best
 
 
+def compiled_flops(jitted, *args) -> float:
+  """XLA's FLOP count of `jitted`'s program compiled for `args` (0 when the backend gives none)."""
+  analysis = jitted.lower(*args).compile().cost_analysis()
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else {}
+  return float((analysis or {}).get("flops", 0.0))
+
+
 def run_one(config_name: str, experts: int, mode: str, steps: int, batch: int, in_len: int,
             out_len: int) -> dict:
   import flax.linen as nn

@@ -91,7 +91,7 @@ from elm_jax.models.model import EncoderDecoderModel  # noqa: E402
 from elm_jax.models.t5 import init_params  # noqa: E402
 from elm_jax.models.t5_config import T5Config  # noqa: E402
 from elm_jax.training import train_step as ts  # noqa: E402
-from bench_train import measure_peak_flops  # noqa: E402  (bench/ is the script's directory)
+from bench_train import compiled_flops, measure_peak_flops  # noqa: E402  (bench/ is the script's directory)
 
 HEADING = "## Head to head with PyTorch (bench/head_to_head.py)"
 # Scores are sums of up to 5 token log-probabilities, each a logit minus a log-sum-exp over the
@@ -546,9 +546,7 @@ def main() -> int:
       # The ceiling: the vmapped step's FLOPs (XLA's count) at the float32 matmul peak of this run.
       step_args = (ts.init_train_state(inits, trainer.optimizer), backbone,
                    {k: v[:, 0] for k, v in batches.items()})
-      analysis = trainer.step.lower(*step_args).compile().cost_analysis()
-      analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
-      ceiling = {"flops": float(analysis["flops"]), "peak": measure_peak_flops()}
+      ceiling = {"flops": compiled_flops(trainer.step, *step_args), "peak": measure_peak_flops()}
       log(f"  {ceiling['flops'] / 1e9:.0f} GFLOP per vmapped step; float32 matmul peak {ceiling['peak'] / 1e9:.0f} GFLOP/s")
     finally:
       worker.close()

@@ -25,7 +25,7 @@ from elm_jax.models.model import EncoderDecoderModel  # noqa: E402
 from elm_jax.models.t5 import init_params  # noqa: E402
 from elm_jax.models.t5_config import T5Config  # noqa: E402
 from elm_jax.training import train_step as ts  # noqa: E402
-from bench_train import measure_peak_flops  # noqa: E402  (bench/ is the script's directory)
+from bench_train import compiled_flops, measure_peak_flops  # noqa: E402  (bench/ is the script's directory)
 
 E, B, LI, LT = 8, 4, 64, 16
 CONFIG = T5Config(vocab_size=32128, emb_dim=512, num_heads=8, head_dim=64, mlp_dim=1024,
@@ -56,8 +56,7 @@ def main():
       fn = jax.jit(functools.partial(ts.train_step, model=model, optimizer=optimizer,
                                      dropout_rng=jax.random.PRNGKey(0) if dropout else None))
     state = ts.init_train_state(stacked, optimizer)
-    analysis = fn.lower(state, backbone, data).compile().cost_analysis()
-    analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+    flops = compiled_flops(fn, state, backbone, data)
     jax.block_until_ready(fn(state, backbone, data))
     best = float("inf")
     for _ in range(3):
@@ -66,7 +65,6 @@ def main():
         out = fn(state, backbone, data)
       jax.block_until_ready(out)
       best = min(best, (time.perf_counter() - start) / 3)
-    flops = analysis["flops"]
     print(f"| {name} | {best * 1e3:.0f} | {flops / 1e9:.0f} | {flops / best / 1e9:.0f} | {flops / best / peak:.0%} |",
           flush=True)
 
