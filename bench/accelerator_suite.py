@@ -78,7 +78,6 @@ def matmul_peak(size: int) -> float:
   return 10 * 2 * size ** 3 / best
 
 
-
 def training(shapes: dict, peak: float) -> list[dict]:
   config = T5Config(**shapes["config"], dtype="bfloat16")
   expert_config = ExpertConfig()
