@@ -30,19 +30,25 @@ CONFIGS = {
 }
 
 
+def best_seconds(fn, repeats: int = 5) -> float:
+  """The fastest of `repeats` calls of `fn` (after one untimed call that compiles it); `fn`
+  blocks until its result is ready."""
+  fn()
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    best = min(best, time.perf_counter() - start)
+  return best
+
+
 def measure_peak_flops() -> float:
   """float32 matmul FLOP/s on this machine (best of a few 1024^3 products)."""
   import jax
   import jax.numpy as jnp
   a = jnp.ones((1024, 1024), jnp.float32)
   f = jax.jit(lambda x: x @ x)
-  f(a).block_until_ready()
-  best = float("inf")
-  for _ in range(5):
-    start = time.perf_counter()
-    f(a).block_until_ready()
-    best = min(best, time.perf_counter() - start)
-  return 2 * 1024 ** 3 / best
+  return 2 * 1024 ** 3 / best_seconds(lambda: f(a).block_until_ready())
 
 
 def compiled_flops(jitted, *args) -> float:
