@@ -13,8 +13,9 @@ torch and transformers, the `bench` extra of pyproject.toml, e.g.
   python3 -m venv .venv-bench && .venv-bench/bin/pip install numpy safetensors \
       torch==2.13.0 transformers==4.57.6 --extra-index-url https://download.pytorch.org/whl/cpu
 `--quick` runs the whole harness on a tiny model (checks the harness, not performance: under a
-minute on an idle 2-core machine); `--write` puts the report into BENCHMARKS.md (replacing an
-earlier report there). Progress goes to stderr, the markdown report to stdout.
+minute on an idle 2-core machine); `--write` puts the report into BENCHMARKS.md, one section per
+CPU model (a rerun replaces its machine's earlier report; other machines' reports stay).
+Progress goes to stderr, the markdown report to stdout.
 
 On a busy machine PyTorch's OpenMP threads spin-wait for each other whenever another process
 holds a core: with 2 threads next to two busy processes, a forward pass of this model took 4.0 s
@@ -394,15 +395,26 @@ def command_line() -> str:
 
 
 def write_section(path: pathlib.Path, section: str) -> None:
-  """Replaces the section under HEADING (up to the next `## `) or appends it."""
+  """Puts `section` into BENCHMARKS.md: one section per machine, so that a run on another CPU adds its
+  own report instead of erasing the others. It replaces the section with the same heading (the same
+  machine, up to the next `## `), else goes after the last head-to-head section, else at the end."""
   lines = path.read_text().splitlines() if path.exists() else []
-  start = next((i for i, line in enumerate(lines) if line.startswith("## Head to head with PyTorch")), None)
   new = section.rstrip("\n").splitlines()
-  if start is None:
-    lines += ([""] if lines and lines[-1].strip() else []) + new
-  else:
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+  heading = new[0]
+  ours = [i for i, line in enumerate(lines) if line.startswith(HEADING)]
+  start = next((i for i in ours if lines[i] == heading), None)
+
+  def section_end(i: int) -> int:
+    return next((j for j in range(i + 1, len(lines)) if lines[j].startswith("## ")), len(lines))
+
+  if start is not None:
+    end = section_end(start)
     lines[start:end] = new + ([""] if end < len(lines) else [])
+  elif ours:
+    end = section_end(ours[-1])
+    lines[end:end] = ([""] if lines[end - 1].strip() else []) + new + ([""] if end < len(lines) else [])
+  else:
+    lines += ([""] if lines and lines[-1].strip() else []) + new
   path.write_text("\n".join(lines) + "\n")
 
 
@@ -566,7 +578,7 @@ def render(plan: Plan, args, started, loads, versions, scoring_results, rounding
            loss_check) -> str:
   c, t = plan.config, plan.training
   repeats = f"best and spread (max - min) of {plan.repeats} timed repeat(s)"
-  out = [HEADING, ""]
+  out = [f"{HEADING}: {machine()}{' (--quick)' if args.quick else ''}", ""]
   if args.quick:
     out += ["**--quick: tiny model, harness check only; these figures say nothing about speed.**", ""]
   out += [
