@@ -5,14 +5,17 @@ vocabulary 32128; 8 adapter experts, batch 4 each, inputs 64 tokens (32-64 real)
 robin so that a change of machine load hits each alike; best and spread of `--repeats`.
 
 Variants (`--variants`, comma-separated; the first is the reference of the ratios):
-  default       `train_step` as it ships: threefry dropout masks
+  default       `train_step` as it ships: threefry dropout masks, the loss's gradient by
+                `model.token_nll` (softmax - one-hot in one pass over the logits)
+  plain_xent    the loss by autodiff of log_softmax and take_along_axis, and an argmax for the
+                accuracy (the shipped loss before 2026-12-05)
   no_dropout    dropout 0: what every dropout mask costs together (not the paper's recipe)
   rbg           dropout keys of JAX's `rbg` PRNG (XLA's RngBitGenerator) instead of threefry
   unsafe_rbg    the same with `unsafe_rbg` (split and fold_in without the bit generator)
-  fused_xent    the loss as a custom VJP that forms softmax - one-hot in one pass over the logits
-                and counts accuracy as "target logit is the largest" (defined here, not shipped)
+  fused_xent    `token_nll`'s gradient fused with the output projection's, for a frozen output
+                kernel only (defined here, not shipped)
 Each variant's losses are printed next to the default's (the PRNG variants draw other masks, so
-theirs differ; fused_xent must match).
+theirs differ; plain_xent and fused_xent must match).
 
 `--breakdown` instead profiles the default step (jax.profiler) and prints where its time goes:
 the ops grouped by kind and the largest single ops.
@@ -26,7 +29,7 @@ python with torch, bench/head_to_head.py's), in PyTorch, the two taking turns th
 of 3 x 3 x 20 calls per shape and side): whether the kernels themselves differ.
 
 Usage: PYTHONPATH=. JAX_PLATFORMS=cpu .venv/bin/python bench/train_step_variants.py
-       [--variants default,no_dropout,rbg,unsafe_rbg,fused_xent] [--repeats 3]
+       [--variants default,no_dropout,rbg,unsafe_rbg,plain_xent,fused_xent] [--repeats 3]
        [--breakdown] [--masks] [--matmuls [--torch_python PATH]]
 """
 
@@ -103,12 +106,31 @@ class FusedCrossEntropyModel(EncoderDecoderModel):
     return loss, {"loss": loss, "accuracy": accuracy, "tokens": tokens}
 
 
-VARIANTS = ("default", "no_dropout", "rbg", "unsafe_rbg", "fused_xent")
+class PlainCrossEntropyModel(EncoderDecoderModel):
+  """The model with its loss's gradient by autodiff of the plain formula, as shipped before
+  `model.token_nll`."""
+
+  def loss(self, params, batch, dropout_rng=None):
+    rngs = {} if dropout_rng is None else {"dropout": dropout_rng}
+    logits = self.module.apply({"params": params}, batch["encoder_input_tokens"], batch["decoder_input_tokens"],
+                               deterministic=False, rngs=rngs)
+    targets = batch["decoder_target_tokens"]
+    weights = (targets > 0).astype(jnp.float32)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    tokens = weights.sum()
+    loss = jnp.sum(nll * weights) / jnp.maximum(tokens, 1.0)
+    accuracy = jnp.sum((jnp.argmax(logits, -1) == targets) * weights) / jnp.maximum(tokens, 1.0)
+    return loss, {"loss": loss, "accuracy": accuracy, "tokens": tokens}
+
+
+VARIANTS = ("default", "no_dropout", "rbg", "unsafe_rbg", "plain_xent", "fused_xent")
 
 
 def build_step(name: str, config, expert_config, optimizer):
   dropout = 0.0 if name == "no_dropout" else FULL.training.dropout_rate
-  model_class = FusedCrossEntropyModel if name == "fused_xent" else EncoderDecoderModel
+  model_class = {"fused_xent": FusedCrossEntropyModel, "plain_xent": PlainCrossEntropyModel}.get(
+      name, EncoderDecoderModel)
   model = model_class(EncoderDecoderModel.build(config.replace(dropout_rate=dropout), expert_config).module)
   if name == "no_dropout":
     key = None
