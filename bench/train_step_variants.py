@@ -55,7 +55,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from elm_jax.models.adapters import ExpertConfig, split_params  # noqa: E402
-from elm_jax.models.model import EncoderDecoderModel  # noqa: E402
+from elm_jax.models.model import EncoderDecoderModel, _token_nll_backward, _token_nll_forward  # noqa: E402
 from elm_jax.models.t5 import init_params  # noqa: E402
 from elm_jax.training import train_step as ts  # noqa: E402
 from bench_train import best_seconds, measure_peak_flops  # noqa: E402  (bench/ is the script's directory)
@@ -70,16 +70,13 @@ def _nll_and_top(hidden, kernel, targets):
 
 def _nll_forward(hidden, kernel, targets):
   logits = jnp.dot(hidden, kernel, preferred_element_type=jnp.float32)
-  top = logits.max(axis=-1)
-  log_normalizer = top + jnp.log(jnp.exp(logits - top[:, None]).sum(axis=-1))
-  target_logit = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
-  return (log_normalizer - target_logit, target_logit >= top), (kernel, targets, logits, log_normalizer)
+  outputs, nll_residuals = _token_nll_forward(logits, targets)
+  return outputs, (kernel, nll_residuals)
 
 
 def _nll_backward(residuals, cotangents):
-  kernel, targets, logits, log_normalizer = residuals
-  onehot = jnp.arange(logits.shape[-1])[None, :] == targets[:, None]
-  d_logits = (jnp.exp(logits - log_normalizer[:, None]) - onehot) * cotangents[0][:, None]
+  kernel, nll_residuals = residuals
+  d_logits, _ = _token_nll_backward(nll_residuals, cotangents)  # token_nll's softmax - one-hot
   # The kernel is frozen: its cotangent is zeros, which XLA drops with the unused outputs.
   return jnp.dot(d_logits, kernel.T), jnp.zeros_like(kernel), None
 
