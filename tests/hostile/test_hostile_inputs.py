@@ -1,163 +1,56 @@
 """The hostile-input corpus: every command given faulty, malicious or careless input, as a new
 user (or a library from a shared bucket) would give it.
 
-Each case builds its inputs in a fresh directory, runs `elm-jax` in this process, and asserts:
-the exit status; exactly one line of stderr saying `error:` that names the problem (no
-traceback); and that every file that existed before is byte-identical afterwards and nothing
-new was left behind (except where a case says what a successful command writes).
+Each case builds its inputs in a fresh directory, runs `elm-jax` in this process, and asserts
+(`tests/hostile/harness.py`): the exit status; exactly one line of stderr saying `error:` that
+names the problem (no traceback); and that every file that existed before is byte-identical
+afterwards and nothing new was left behind (except where a case says what a successful command
+writes). Later rounds keep their cases in the sibling `test_hostile_*.py` modules.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
-from typing import Callable, Optional
+from typing import Optional
 
-import gin
 import pytest
 
 from elm_jax.commands import cli
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-ONE_LAYER = ["--gin.t5_config.T5Config.num_encoder_layers=1", "--gin.t5_config.T5Config.num_decoder_layers=1"]
-TASKS = ["builtin_sentiment_is_positive", "builtin_topic_which_topic"]
-
-
-def _train_args(model_dir, tasks=TASKS, *extra):
-  """`elm-jax train` of the built-in experts on a one-layer mini T5; `tasks` is a list of task
-  names, or any other value to bind as it is."""
-  return ["train", "--no_progress", "--gin_file=models/t5_1_1_mini.gin",
-          "--gin_file=runs/train_builtin_experts.gin", f"--gin.MODEL_DIR='{model_dir}'",
-          f"--gin.EXPERT_TASKS={tasks!r}", "--gin.TRAIN_STEPS=2", "--gin.BATCH_SIZE=2",
-          "--gin.INPUT_LENGTH=32", "--gin.TARGET_LENGTH=8", *ONE_LAYER, *extra]
-
-
-@pytest.fixture(scope="module")
-def made(tmp_path_factory):
-  """A training run of two experts and a library of them with retrieval keys (built once)."""
-  root = tmp_path_factory.mktemp("made")
-  run = root / "run"
-  assert cli.main(_train_args(run)) == 0
-  gin.clear_config()
-  lib = root / "lib"
-  assert cli.main(["library", "add", f"--library={lib}", str(run)]) == 0
-  return root
-
-
-def _snapshot(*roots) -> dict[str, str]:
-  out = {}
-  for root in roots:
-    for base, dirs, names in os.walk(root):
-      for name in names + [d for d in dirs if os.path.islink(os.path.join(base, d))]:
-        path = os.path.join(base, name)
-        if os.path.islink(path):
-          out[path] = "link:" + os.readlink(path)
-        elif os.path.isfile(path):
-          out[path] = hashlib.sha256(open(path, "rb").read()).hexdigest()
-      for d in dirs:
-        out.setdefault(os.path.join(base, d) + "/", "dir")
-  return out
-
-
-@dataclasses.dataclass
-class World:
-  """A fresh directory for one case, with copies of the prepared run and library."""
-  root: str
-  made: str
-
-  def path(self, *parts) -> str:
-    return os.path.join(self.root, *parts)
-
-  def library(self) -> str:
-    lib = self.path("lib")
-    if not os.path.exists(lib):
-      shutil.copytree(os.path.join(self.made, "lib"), lib)
-    return lib
-
-  def run_dir(self) -> str:
-    run = self.path("run")
-    if not os.path.exists(run):
-      shutil.copytree(os.path.join(self.made, "run"), run, symlinks=True)
-    return run
-
-  def write(self, name: str, data: str | bytes) -> str:
-    path = self.path(name)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "wb") as f:
-      f.write(data.encode() if isinstance(data, str) else data)
-    return path
-
-  def manifest(self, edit: Callable[[dict], None]) -> None:
-    path = os.path.join(self.library(), "manifest.json")
-    manifest = json.load(open(path))
-    edit(manifest)
-    json.dump(manifest, open(path, "w"))
-
-  def flip_byte(self, expert: str = TASKS[0], file: str = "tensors.safetensors") -> None:
-    path = os.path.join(self.library(), "experts", expert, file)
-    data = bytearray(open(path, "rb").read())
-    data[-5] ^= 0x10  # inside the tensor data, not the header
-    open(path, "wb").write(bytes(data))
-
-  def examples(self, name: str = "in.jsonl") -> str:
-    return self.write(name, '{"id": 0, "inputs": "Review: great film. Positive?", "choices": ["yes", "no"]}\n'
-                            '{"id": 1, "inputs": "Review: dull. Positive?", "choices": ["yes", "no"]}\n')
-
-
-@dataclasses.dataclass
-class Case:
-  name: str
-  setup: Callable[[World], list[str]]          # prepares files, returns the argv
-  status: int = 2
-  message: Optional[str] = None               # regex the `error:` line must match
-  writes: tuple[str, ...] = ()                # paths (relative to the world) a success may add or change
-  stdout: Optional[str] = None                # regex stdout must match
-
-
-def lib_arg(w: World) -> str:
-  return f"--library={w.library()}"
-
-
-def _user_model_dir(w: World) -> str:
-  """A MODEL_DIR that already holds a user's files and another expert."""
-  model_dir = w.path("model")
-  w.write("model/notes.txt", "my notes")
-  w.write("model/experts/other/expert.json", "{}")
-  return model_dir
-
+from tests.hostile.harness import (REPO, TASKS, Case, World, lib_arg, run_case, train_args,
+                                   user_model_dir)
 
 CASES = [
     # ------------------------------------------------------------------ train
     Case("train: an expert named '..' (used to delete MODEL_DIR)",
-         lambda w: _train_args(_user_model_dir(w), ["builtin_sentiment_is_positive", "builtin_topic_which_topic"],
+         lambda w: train_args(user_model_dir(w), ["builtin_sentiment_is_positive", "builtin_topic_which_topic"],
                                "--gin.EXPERT_NAMES=['ok', '..']"),
          message=r"expert_names: '\.\.' is not a usable expert name"),
     Case("train: two names mapping to one directory",
-         lambda w: _train_args(_user_model_dir(w), TASKS, "--gin.EXPERT_NAMES=['a/b', 'a_b']"),
+         lambda w: train_args(user_model_dir(w), TASKS, "--gin.EXPERT_NAMES=['a/b', 'a_b']"),
          message=r"'a/b' and 'a_b' both map to the directory name 'a_b'"),
     Case("train: an empty expert name",
-         lambda w: _train_args(_user_model_dir(w), TASKS, "--gin.EXPERT_NAMES=['', 'b']"),
+         lambda w: train_args(user_model_dir(w), TASKS, "--gin.EXPERT_NAMES=['', 'b']"),
          message=r"expected a non-empty name"),
     Case("train: an unknown task, refused before the backbone is built",
-         lambda w: _train_args(w.path("model"), ["builtin_sentiment_is_positive", "no_such_task"]),
+         lambda w: train_args(w.path("model"), ["builtin_sentiment_is_positive", "no_such_task"]),
          message=r"'no_such_task' is not a registered SeqIO task"),
     Case("train: MODEL_DIR is a file",
-         lambda w: _train_args(w.write("model_file", "x")),
+         lambda w: train_args(w.write("model_file", "x")),
          message=r"MODEL_DIR=.*model_file: exists and is not a directory"),
     Case("train: EXPERT_TASKS is a string, not a list",
-         lambda w: _train_args(w.path("model"), "builtin_sentiment_is_positive"),
+         lambda w: train_args(w.path("model"), "builtin_sentiment_is_positive"),
          message=r"EXPERT_TASKS: expected a list of names"),
     Case("train: zero steps",
-         lambda w: _train_args(w.path("model"), TASKS, "--gin.TRAIN_STEPS=0"),
+         lambda w: train_args(w.path("model"), TASKS, "--gin.TRAIN_STEPS=0"),
          message=r"TrainConfig.steps: expected a positive integer, got 0"),
     Case("train: a target length of 1",
-         lambda w: _train_args(w.path("model"), TASKS, "--gin.TARGET_LENGTH=1"),
+         lambda w: train_args(w.path("model"), TASKS, "--gin.TARGET_LENGTH=1"),
          message=r"TrainConfig.target_length: expected an integer of at least 2"),
     # ------------------------------------------------------------------ score
     Case("score: --output is the --input",
@@ -347,7 +240,7 @@ CASES = [
          message=r"budget.json: this output was made with another budget \(.*emb_dim: 32 there, 64 now"),
     # ------------------------------------------------------------------ gin
     Case("train: a binding that does not parse",
-         lambda w: _train_args(w.path("model"), TASKS, "--gin.TRAIN_STEPS=[1"),
+         lambda w: train_args(w.path("model"), TASKS, "--gin.TRAIN_STEPS=[1"),
          message=r"--gin.TRAIN_STEPS=\[1: .*unbalanced"),
 ]
 
@@ -364,28 +257,7 @@ def _demo_dir(w: World, stage: Optional[str] = None) -> None:
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_hostile_input(case: Case, made, tmp_path, capsys):
-  world = World(str(tmp_path / "world"), str(made))
-  os.makedirs(world.root)
-  argv = case.setup(world)
-  gin.clear_config()
-  before = _snapshot(world.root, made)
-  capsys.readouterr()
-  status = cli.main(argv)
-  gin.clear_config()
-  out, err = capsys.readouterr()
-  assert "Traceback" not in err, err
-  assert status == case.status, f"exit {status}\nstdout:\n{out}\nstderr:\n{err}"
-  if case.message is not None:
-    errors = [line for line in err.splitlines() if "error:" in line]
-    assert len(errors) == 1, err
-    assert re.search(case.message, errors[0]), errors[0]
-  if case.stdout is not None:
-    assert re.search(case.stdout, out), out
-  assert "Path not found" not in err  # gin's resource reader stays quiet
-  after = _snapshot(world.root, made)
-  allowed = {world.path(p) for p in case.writes}
-  assert {k: v for k, v in after.items() if k not in allowed} == \
-         {k: v for k, v in before.items() if k not in allowed}
+  run_case(case, made, tmp_path, capsys)
 
 
 def test_corpus_covers_every_command():
