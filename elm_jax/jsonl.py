@@ -49,7 +49,8 @@ def read_objects(path: str, flag: str = "") -> list[tuple[int, dict[str, Any]]]:
 
 
 def write_objects(path: str | os.PathLike, records) -> None:
-  """Writes one JSON object per line, atomically (never a half-written file); non-finite
-  numbers are refused rather than written as non-standard JSON."""
+  """Writes one JSON object per line as a command's output (`files.write_output`: atomically,
+  never a half-written file; a device or FIFO such as /dev/stdout in place); non-finite numbers
+  are refused rather than written as non-standard JSON."""
   data = "".join(json.dumps(r, allow_nan=False) + "\n" for r in records).encode("utf-8")
-  files.write_atomically(path, data)
+  files.write_output(path, data)

@@ -148,9 +148,11 @@ def read_hf_config(path: str) -> tuple[T5Config, str]:
     raise CheckpointError(f"{config_path}: not found; a Hugging Face checkpoint directory needs "
                           "its config.json next to the weights")
   try:
-    with open(config_path) as f:
-      raw = json.load(f)
-  except json.JSONDecodeError as e:
+    with open(config_path, "rb") as f:
+      raw = json.loads(f.read().decode("utf-8"))
+  except OSError as e:
+    raise CheckpointError(f"{config_path}: cannot be read ({e.strerror or e})") from None
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
     raise CheckpointError(f"{config_path}: not valid JSON ({e})") from None
   if not isinstance(raw, dict):
     raise CheckpointError(f"{config_path}: expected a JSON object, found {type(raw).__name__}")
@@ -181,6 +183,8 @@ def tensor_files(path: str) -> dict[str, str]:
       with open(index) as f:
         weight_map = json.load(f)["weight_map"]
       items = list(weight_map.items())
+    except OSError as e:
+      raise CheckpointError(f"{index}: cannot be read ({e.strerror or e})") from None
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
       raise CheckpointError(
           f"{index}: expected a JSON object with a 'weight_map' ({e!r})") from None
@@ -199,6 +203,13 @@ def tensor_files(path: str) -> dict[str, str]:
 
 
 def _open(file: str):
+  """A safetensors handle on `file`. A file that cannot be opened is named with the reason
+  first: safetensors reports every failure to open as "No such file or directory"."""
+  try:
+    with open(file, "rb"):
+      pass
+  except OSError as e:
+    raise CheckpointError(f"{file}: cannot be read ({e.strerror or e})") from None
   try:
     return safe_open(file, framework="numpy")
   except (SafetensorError, OSError) as e:

@@ -147,8 +147,11 @@ def read_t5x_msgpack(ckpt_dir: str) -> dict:
   import msgpack  # pylint: disable=import-outside-toplevel
   from flax import serialization  # pylint: disable=import-outside-toplevel
   file = os.path.join(ckpt_dir, _MSGPACK_FILE)
-  with open(file, "rb") as f:
-    raw = f.read()
+  try:
+    with open(file, "rb") as f:
+      raw = f.read()
+  except OSError as e:
+    raise CheckpointError(f"{file}: cannot be read ({e.strerror or e})") from None
   if raw.startswith(b"model_checkpoint_path"):
     raise CheckpointError(f"{file}: a TensorFlow checkpoint index, not a T5X msgpack checkpoint; "
                           "convert the TF checkpoint with t5x first")
@@ -289,7 +292,7 @@ def load_orbax_params(ckpt_dir: str, config: T5Config, param_dtype=np.float32) -
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
     restored = checkpointer.restore(item_dir, args=ocp.args.PyTreeRestore(
         item=item, restore_args=restore_args, partial_restore=True))
-  except (ValueError, FileNotFoundError, KeyError) as e:
+  except (ValueError, OSError, KeyError) as e:
     if isinstance(e, CheckpointError):
       raise
     raise CheckpointError(

@@ -1,4 +1,5 @@
 """`elm-jax embed`: one text per line -> a float32 .npy of L2-normalised rows [lines, dim].
+`--output` may also be a device or a FIFO (`/dev/stdout`), written in place.
 
     elm-jax embed --embedder=minilm --input=texts.txt --output=texts.npy
     elm-jax embed --embedder=t5 --checkpoint=BACKBONE --input=texts.txt --output=texts.npy
@@ -47,7 +48,10 @@ def read_lines(path: str) -> list[str]:
 
 
 def main(args: argparse.Namespace) -> int:
-  files.check_output_file(args.output, "--output", inputs=[args.input])
+  read = files.directories_read(checkpoint=args.checkpoint if args.embedder == "t5" else None)
+  if args.minilm_dir:
+    read.append((args.minilm_dir, "the MiniLM directory"))
+  files.check_output_file(args.output, "--output", inputs=[args.input], within=read)
   texts = read_lines(args.input)
   if args.embedder == "minilm":
     embedder = retrieval.MiniLMTextEmbedder(args.minilm_dir)
@@ -61,6 +65,6 @@ def main(args: argparse.Namespace) -> int:
   vectors = embedder.embed(texts, args.max_length).astype(np.float32)
   buffer = io.BytesIO()
   np.save(buffer, vectors)
-  files.write_atomically(args.output, buffer.getvalue())
+  files.write_output(args.output, buffer.getvalue())
   print(f"embedded {len(texts)} lines -> {args.output} {list(vectors.shape)}", file=sys.stderr)
   return 0
