@@ -10,7 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
+import os
+import socket
+import sys
+import threading
 from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
@@ -98,24 +103,119 @@ class MeshConfig:
 def initialize_distributed(coordinator_address: Optional[str] = None,
                            num_processes: Optional[int] = None,
                            process_id: Optional[int] = None, *, auto: bool = False,
-                           heartbeat_timeout_seconds: int = 60) -> None:
+                           heartbeat_timeout_seconds: int = 60,
+                           initialization_timeout_seconds: int = 300, program: str = "elm-jax") -> None:
   """Starts JAX's multi-process runtime: with `num_processes` > 1 on the coordinator given
   (every process runs the same command with its own `process_id`), or with `auto` where JAX
-  detects the cluster itself (TPU pods, SLURM, ...). A no-op for one process. A process that
-  stops sending heartbeats for `heartbeat_timeout_seconds` makes every other process stop with
-  "The following tasks are unhealthy (stopped sending heartbeats): <its id>"."""
+  detects the cluster itself (TPU pods, SLURM, ...). A no-op for one process. Flags that do not
+  go together (a process id or coordinator without a process count, `auto` with either) are
+  refused. A process that stops sending heartbeats for `heartbeat_timeout_seconds` makes every
+  other process stop with "The following tasks are unhealthy (stopped sending heartbeats): <its
+  id>".
+
+  When the coordinator and every process have not joined within
+  `initialization_timeout_seconds`, the process prints one line, `<program>: error: ...`, saying
+  which, and exits with status 2: XLA's own deadline would end it with a fatal abort instead
+  (its client aborts the process rather than raise), so JAX is given a later one."""
+  check_distributed_flags(coordinator_address, num_processes, process_id, auto=auto)
+  if not auto and num_processes in (None, 1):
+    return
+  timeouts = dict(initialization_timeout=initialization_timeout_seconds + _JAX_GRACE_SECONDS,
+                  heartbeat_timeout_seconds=heartbeat_timeout_seconds)
+  flag = "--distributed_auto" if auto else f"--coordinator_address={coordinator_address}"
+  late = functools.partial(_not_joined, coordinator_address, num_processes, process_id,
+                           initialization_timeout_seconds)
+  with _deadline(initialization_timeout_seconds, program, late):
+    try:
+      if auto:
+        jax.distributed.initialize(**timeouts)
+      else:
+        jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                                   process_id=process_id, **timeouts)
+    except (ValueError, RuntimeError) as e:  # JaxRuntimeError is a RuntimeError
+      reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      if auto and ("should be defined" in reason or "must be defined" in reason):
+        raise PartitioningError(
+            f"--distributed_auto: JAX found no cluster to join ({reason}); on one machine leave the "
+            "multi-process flags out, elsewhere give --coordinator_address, --num_processes and "
+            "--process_id together") from None
+      raise PartitioningError(f"{flag}: JAX's multi-process runtime did not start ({reason})") from None
+
+
+# How much later than ours JAX's own initialization deadline is (see `initialize_distributed`).
+_JAX_GRACE_SECONDS = 30
+_TOGETHER = ("the multi-process flags go together: --coordinator_address=HOST:PORT --num_processes=N "
+             "--process_id=0..N-1 (or --distributed_auto alone)")
+
+
+def check_distributed_flags(coordinator_address: Optional[str], num_processes: Optional[int],
+                            process_id: Optional[int], *, auto: bool = False) -> None:
+  """Refuses multi-process flags that do not make sense together, naming them."""
   if auto:
-    jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_timeout_seconds)
+    if coordinator_address is not None or num_processes is not None or process_id is not None:
+      raise PartitioningError("--distributed_auto: give it alone (JAX detects the coordinator, the number "
+                              "of processes and this process's id), or leave it out and give "
+                              "--coordinator_address, --num_processes and --process_id together")
     return
-  if num_processes is None or num_processes <= 1:
+  if num_processes is None:
+    for flag, value in (("--process_id", process_id), ("--coordinator_address", coordinator_address)):
+      if value is not None:
+        raise PartitioningError(f"{flag}={value}: given without --num_processes; {_TOGETHER}")
     return
-  if coordinator_address is None or process_id is None:
-    raise PartitioningError("--num_processes > 1 needs --coordinator_address=HOST:PORT and "
-                            "--process_id=N (0 .. num_processes - 1)")
-  if not 0 <= process_id < num_processes:
-    raise PartitioningError(f"--process_id: expected 0 .. {num_processes - 1}, got {process_id}")
-  jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                             process_id=process_id, heartbeat_timeout_seconds=heartbeat_timeout_seconds)
+  if not isinstance(num_processes, int) or isinstance(num_processes, bool) or num_processes < 1:
+    raise PartitioningError(f"--num_processes: expected a positive integer, got {num_processes!r}")
+  if process_id is not None and not 0 <= process_id < num_processes:
+    raise PartitioningError(f"--process_id={process_id}: expected 0 .. {num_processes - 1} "
+                            f"(--num_processes={num_processes})")
+  if num_processes > 1 and (coordinator_address is None or process_id is None):
+    raise PartitioningError(f"--num_processes={num_processes}: needs --coordinator_address=HOST:PORT (process "
+                            f"0's) and --process_id=0..{num_processes - 1}; {_TOGETHER}")
+  if coordinator_address is not None:
+    _host, sep, port = coordinator_address.rpartition(":")
+    if not sep or not _host or not port.isdigit() or not 0 < int(port) < 65536:
+      raise PartitioningError(f"--coordinator_address={coordinator_address}: expected HOST:PORT "
+                              "(process 0's host and a free port, e.g. 10.0.0.2:8476)")
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float, program: str, message: Callable[[], str]):
+  """Ends the process with `<program>: error: <message()>` and status 2 unless the body is done
+  within `seconds` (it may be blocked in C++, where no Python exception can reach it)."""
+  def give_up():
+    try:
+      text = message()
+    finally:
+      sys.stdout.flush()
+      sys.stderr.write(f"{program}: error: {text}\n")
+      sys.stderr.flush()
+      os._exit(2)
+  timer = threading.Timer(seconds, give_up)
+  timer.daemon = True
+  timer.start()
+  try:
+    yield
+  finally:
+    timer.cancel()
+
+
+def _not_joined(coordinator_address: Optional[str], num_processes: Optional[int], process_id: Optional[int],
+                seconds: int) -> str:
+  """Why the processes have not all joined after `seconds`, in the flags' terms."""
+  within = f"within {seconds} s (--initialization_timeout)"
+  if coordinator_address is None:
+    return f"--distributed_auto: the processes JAX detected did not all join {within}"
+  flag = f"--coordinator_address={coordinator_address}"
+  if process_id == 0:
+    return (f"{flag}: process 0 of {num_processes}: the other processes did not all join {within}; start "
+            f"processes 1..{num_processes - 1} with --coordinator_address={coordinator_address}")
+  host, _, port = coordinator_address.rpartition(":")
+  try:
+    socket.create_connection((host.strip("[]"), int(port)), timeout=1).close()
+  except OSError:
+    return (f"{flag}: no process answers at {coordinator_address} {within}; start process 0 there "
+            "(--process_id=0), or check the host and port")
+  return (f"{flag}: process 0 answers, but not all {num_processes} processes joined {within}; start every "
+          "one with the same --coordinator_address and --num_processes")
 
 
 def is_primary() -> bool:

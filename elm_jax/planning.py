@@ -430,6 +430,90 @@ class PlanRequest:
                                memory_bytes=self.memory_bytes)
 
 
+# ---------------------------------------------------------------------------- extents
+# XLA refuses an array of 2^63 bytes or more by aborting the whole process ("overflow in static
+# extent product"), and JAX indexes positions along an axis with 32-bit integers.
+MAX_ARRAY_BYTES = 2 ** 63 - 1
+MAX_EXTENT = 2 ** 31 - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Extent:
+  """One axis of an array a program builds: its size, and the flag or binding that sets it (None:
+  the model's own)."""
+  name: str
+  size: int
+  flag: Optional[str] = None
+
+
+def _program_arrays(model_config: T5Config, program: str, experts: Extent, batch: Extent, inputs_: Extent,
+                    targets: Extent, choices: Optional[Extent] = None) -> list[tuple[str, list[Extent]]]:
+  """The largest arrays of a train step or the scorer, float32 and unsharded (an upper bound):
+  attention logits, feed-forward activations, output logits."""
+  heads = Extent("heads", model_config.num_heads)
+  width = Extent("width", max(model_config.mlp_dim, model_config.emb_dim,
+                              model_config.num_heads * model_config.head_dim))
+  vocab = Extent("vocab", model_config.vocab_size)
+  rows = [experts, batch] + ([choices] if choices is not None else [])
+  return [(f"{program}'s encoder attention", [experts, batch, heads, inputs_, inputs_]),
+          (f"{program}'s encoder activations", [experts, batch, inputs_, width]),
+          (f"{program}'s decoder self-attention", [*rows, heads, targets, targets]),
+          (f"{program}'s decoder cross-attention", [*rows, heads, targets, inputs_]),
+          (f"{program}'s decoder activations", [*rows, targets, width]),
+          (f"{program}'s logits", [*rows, targets, vocab])]
+
+
+def check_extents(arrays: Sequence[tuple[str, Sequence[Extent]]]) -> None:
+  """Raises PlanError, before anything is traced, when an array of `arrays` ((what, axes)
+  pairs) has an axis longer than MAX_EXTENT or would take more than MAX_ARRAY_BYTES: naming the
+  flag that sets its longest axis, and the most that flag can be."""
+  for what, axes in arrays:
+    for axis in axes:
+      if axis.flag is not None and axis.size > MAX_EXTENT:
+        raise PlanError(f"{axis.flag}={axis.size}: expected at most {MAX_EXTENT} (JAX indexes the {axis.name} "
+                        "axis with 32-bit integers)")
+    size = 4 * math.prod(a.size for a in axes)
+    if size <= MAX_ARRAY_BYTES:
+      continue
+    culprit = max((a for a in axes if a.flag is not None), key=lambda a: a.size, default=None)
+    shape = " x ".join(f"{a.name} {a.size}" for a in axes)
+    if culprit is None:
+      raise PlanError(f"the {what} [{shape}] would take {size:.3g} bytes, more than XLA can address (2^63)")
+    limit = min(_largest(culprit, axes) for _, axes in arrays if culprit in axes)
+    raise PlanError(f"{culprit.flag}={culprit.size}: the {what} [{shape}] would take {size:.3g} bytes, more "
+                    f"than XLA can address (2^63); expected at most {max(limit, 1)}")
+
+
+def _largest(axis: Extent, axes: Sequence[Extent]) -> int:
+  """The largest size of `axis` (wherever it appears in `axes`) that keeps the array within
+  MAX_ARRAY_BYTES."""
+  count = sum(1 for a in axes if a == axis)
+  room = MAX_ARRAY_BYTES // (4 * math.prod(a.size for a in axes if a != axis))
+  largest = room if count == 1 else math.isqrt(room) if count == 2 else int(room ** (1 / count))
+  return min(MAX_EXTENT, largest)
+
+
+def run_arrays(layout: run.RunLayout, request: "PlanRequest", score_experts: int) -> list:
+  """`_program_arrays` of every train step of `layout` and of its scoring pass."""
+  out = []
+  for shape in layout.shapes:
+    # A recipe's batch sizes and lengths are the paper's; only its group size is the user's.
+    binding = (lambda name: None) if layout.from_recipe else (lambda name: name)  # noqa: E731
+    out += _program_arrays(
+        shape.model_config, "train step",
+        Extent("experts", shape.num_experts, "GROUP_SIZE" if layout.from_recipe else "len(EXPERT_TASKS)"),
+        Extent("batch", shape.batch_size, binding("BATCH_SIZE")),
+        Extent("input", shape.input_length, binding("INPUT_LENGTH")),
+        Extent("target", shape.target_length, binding("TARGET_LENGTH")))
+  if request.score:
+    out += _program_arrays(
+        layout.shapes[0].model_config, "scorer", Extent("experts", score_experts, "--score_experts"),
+        Extent("batch", request.score_batch_size, "--score_batch_size"),
+        Extent("input", request.score_input_length), Extent("target", request.score_target_length),
+        Extent("choices", request.score_choices, "--score_choices"))
+  return out
+
+
 def plan_run(layout: run.RunLayout, request: PlanRequest = PlanRequest(), stream=None) -> list[ProgramPlan]:
   """Plans every train-step shape of `layout` (and the scoring pass of its experts) on this
   process's devices, prints each program's figures to `stream` (stdout), and raises PlanError
@@ -440,6 +524,8 @@ def plan_run(layout: run.RunLayout, request: PlanRequest = PlanRequest(), stream
   partitioner = partitioning.Partitioner(layout.mesh_config or partitioning.MeshConfig(),
                                          layout.logical_axis_rules or partitioning.DEFAULT_RULES)
   mesh = partitioner.mesh.shape
+  score_experts = request.score_experts or -(-layout.recipe_experts // mesh["expert"]) * mesh["expert"]
+  check_extents(run_arrays(layout, request, score_experts))
   chip = request.chip
   print(f"elm-jax plan: {layout.title}; {devices} devices as {_mesh_words(partitioner)}; per device "
         f"of a {chip.name} ({_gib(chip.memory_bytes)})", file=stream)
@@ -464,8 +550,7 @@ def plan_run(layout: run.RunLayout, request: PlanRequest = PlanRequest(), stream
                                     batch_size=shape.batch_size, input_length=shape.input_length,
                                     target_length=shape.target_length)
   if request.score:
-    ways = mesh["expert"]
-    experts = request.score_experts or -(-layout.recipe_experts // ways) * ways
+    experts = score_experts
     config = layout.shapes[0].model_config.replace(dropout_rate=0.0)
     try:
       plan = plan_scoring(config, layout.expert_config, partitioner, num_experts=experts,

@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 import elm_jax
 from elm_jax import compile_cache
-from elm_jax.commands import gin_utils, host_memory
+from elm_jax.commands import flags, gin_utils, host_memory
 from elm_jax.errors import UserInputError
 
 SUBCOMMANDS = {
@@ -95,24 +95,33 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return int(e.code or 0)
   host_memory.keep_freed_memory()  # before the first large allocation
   try:
-    if getattr(args, "num_processes", None) or getattr(args, "distributed_auto", False):
+    if flags.distributed_flags_given(args):  # checked together: a flag given alone is refused
       from elm_jax import partitioning  # lazy, like the subcommands: it imports JAX
       partitioning.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id,
                                           auto=args.distributed_auto,
-                                          heartbeat_timeout_seconds=args.heartbeat_timeout)
+                                          heartbeat_timeout_seconds=args.heartbeat_timeout,
+                                          initialization_timeout_seconds=args.initialization_timeout,
+                                          program=f"elm-jax {command}")
     gin_utils.parse_gin(gin_flags)
     if command != "version":
       compile_cache.enable()
     run = main_version if command == "version" else module.main
     return run(args)
   except UserInputError as e:  # names the file, the field and what was expected
-    print(f"elm-jax {command}: error: {e}", file=sys.stderr)
+    print(f"elm-jax {command}: error: {gin_utils.without_gin_context(str(e))}", file=sys.stderr)
     return 2
   except BrokenPipeError:
     # The reader of our output went away (`elm-jax tasks list | head -1`): stop quietly, as a
     # Unix tool killed by SIGPIPE does, and keep the interpreter from complaining at exit.
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 141
+  except OSError as e:  # a full disk (or a read-only one) under a write that files.py did not make
+    from elm_jax import files  # lazy, like the subcommands: it imports etils
+    message = files.describe_write_error(e)
+    if message is None:
+      raise
+    print(f"elm-jax {command}: error: {message}", file=sys.stderr)
+    return 2
   except KeyboardInterrupt:
     print(f"elm-jax {command}: interrupted", file=sys.stderr)
     return 130

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import tokenize
 from typing import TYPE_CHECKING, Optional, Sequence
 
@@ -154,6 +155,18 @@ def _guard_gin_file_readers() -> None:
         logging.disable(previous)
     guarded._elm_guarded = True
     readers[i] = (reader, guarded)
+
+
+# What gin appends to an exception raised inside a configurable it calls (one line per nested
+# call): where the error happened in gin's terms, which the error's own message already says in
+# the user's (the binding, the field).
+_GIN_CALL_CONTEXT = re.compile(r"\n  In call to configurable '[^'\n]*' \([^\n]*\)(?: in scope '[^'\n]*')?")
+
+
+def without_gin_context(message: str) -> str:
+  """`message` without the "In call to configurable 'train' (<function ...>)" lines that gin
+  appends to an error raised inside a configurable."""
+  return _GIN_CALL_CONTEXT.sub("", message)
 
 
 def _describe(error: BaseException) -> str:

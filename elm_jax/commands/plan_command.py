@@ -25,9 +25,10 @@ from elm_jax.training import run
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--devices", type=flags.positive_int, required=True,
+  parser.add_argument("--devices", type=flags.plan_devices, required=True,
                       help="devices of the pod slice or host to plan for (e.g. 32 for a TPU v4-64, "
-                           "8 for an 8-GPU host); simulated as fake CPU devices")
+                           f"8 for an 8-GPU host); simulated as fake CPU devices, at most "
+                           f"{flags.MAX_PLAN_DEVICES}")
   parser.add_argument("--accelerator", choices=sorted(planning.ACCELERATORS), default="tpu_v4",
                       help="chip preset: memory per device and peak FLOP/s (default tpu_v4)")
   parser.add_argument("--memory_gib", type=flags.finite_float, default=None,
@@ -46,12 +47,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def use_devices(count: int) -> None:
   """Makes this process's JAX backend `count` CPU devices (before it first starts)."""
-  jax.config.update("jax_platforms", "cpu")
-  jax.config.update("jax_num_cpu_devices", count)
+  try:
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_num_cpu_devices", count)
+  except RuntimeError:  # the backend has started already (a second plan in one process): see below
+    pass
   have = jax.device_count()
-  if have != count:
+  if have != count or jax.devices()[0].platform != "cpu":
     raise planning.PlanError(f"--devices={count}: this process's JAX backend already started with "
-                             f"{have} devices; run `elm-jax plan` in a process of its own")
+                             f"{have} {jax.devices()[0].platform} devices; run `elm-jax plan` in a "
+                             "process of its own")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -21,8 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   flags.add_distributed_flags(parser)
   parser.add_argument("--no_progress", action="store_true", help="no progress bar")
   parser.add_argument("--dry_run", action="store_true",
-                      help="print every expert's training plan of the recipe (run.train.plan_group) "
-                           "and exit, reading no data and building no model")
+                      help="print every expert's training plan (of the whole recipe, with an experiment "
+                           "file) and the model and mesh, and exit, reading no data and building no model")
 
 
 def main(args: argparse.Namespace) -> int:

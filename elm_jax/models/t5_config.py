@@ -105,8 +105,9 @@ class T5Config:
     if not isinstance(self.dropout_broadcast_over_length, bool):
       raise ConfigError("T5Config.dropout_broadcast_over_length: expected true or false, got "
                         f"{self.dropout_broadcast_over_length!r}")
-    if not 0.0 <= self.dropout_rate < 1.0:
-      raise ConfigError(f"T5Config.dropout_rate: expected a value in [0, 1), got {self.dropout_rate}")
+    if (isinstance(self.dropout_rate, bool) or not isinstance(self.dropout_rate, (int, float))
+        or not 0.0 <= self.dropout_rate < 1.0):
+      raise ConfigError(f"T5Config.dropout_rate: expected a number in [0, 1), got {self.dropout_rate!r}")
 
   @property
   def jnp_dtype(self):

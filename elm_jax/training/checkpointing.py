@@ -1,16 +1,22 @@
 """What a training run keeps on disk: Orbax checkpoints of the expert stack and optimizer state
 (restored past a damaged step), the training log (JSON lines and TensorBoard scalars per
-expert), and the exported experts (`checkpoints.expert_files`, one directory per expert).
+expert), the exported experts (`checkpoints.expert_files`, one directory per expert), and the
+lock that keeps a second run off the same MODEL_DIR (`hold_run_lock`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import datetime
+import errno
+import fcntl
 import json
 import logging
 import os
+import socket
 import sys
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -18,6 +24,7 @@ import orbax.checkpoint as ocp
 from elm_jax import expert_stack, partitioning, tf_input
 from elm_jax.checkpoints import expert_files
 from elm_jax.training import train_step as ts
+from elm_jax.training.errors import TrainingError
 
 if TYPE_CHECKING:
   from elm_jax.training.trainer import TrainConfig
@@ -114,3 +121,116 @@ def export(config: "TrainConfig", names, model_config, expert_config, optimizer_
         steps=int(expert_steps[e]), metrics={k: float(v[e]) for k, v in metrics.items()})
     expert_files.save_expert(config.expert_dir(name), expert_stack.index(state.params, e), meta, overwrite=True)
   partitioning.barrier("elm_jax.export")
+
+
+# ---------------------------------------------------------------------------- the run lock
+LOCK_FILE = "train.lock"
+# Errors of a file system that keeps no locks (some network mounts): the record decides alone.
+_NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+
+
+@contextlib.contextmanager
+def hold_run_lock(model_dir: str) -> Iterator[None]:
+  """Holds `<model_dir>/train.lock` while the body runs, so that a second `elm-jax train` started
+  on the same MODEL_DIR is refused at once, naming this one, instead of both writing checkpoints
+  there. The lock is the kernel's (flock), which ends with its process however it ends; the file
+  records host, pid and start time for the message, and is removed when the body ends. A file
+  left by a process that has ended (a kill) is taken over with a note; one recorded by another
+  host is refused with how to clear it, since whether that run still lives cannot be seen from
+  here."""
+  path = os.path.join(model_dir, LOCK_FILE)
+  lock = _acquire(model_dir, path)
+  try:
+    yield
+  finally:
+    try:
+      if os.path.samestat(os.stat(path), os.fstat(lock.fileno())):
+        os.unlink(path)
+    except OSError:
+      pass  # gone already; the kernel lock is released below either way
+    lock.close()
+
+
+def _acquire(model_dir: str, path: str):
+  """The open, locked lock file, with this process's record written into it."""
+  while True:
+    try:
+      fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+      if e.errno == errno.ELOOP:
+        raise TrainingError(f"{path}: is a symbolic link; expected the lock file of `elm-jax train` "
+                            "(delete the link)") from None
+      raise TrainingError(f"MODEL_DIR={model_dir}: cannot create its lock file {path} ({e.strerror})") from None
+    lock = os.fdopen(fd, "r+")
+    kernel_lock = True
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = _record(lock)
+      lock.close()
+      raise TrainingError(f"MODEL_DIR={model_dir}: in use by `elm-jax train` {_holder_words(holder)}; wait "
+                          "for it to end, or train into another MODEL_DIR") from None
+    except OSError as e:
+      if e.errno not in _NO_LOCKS:
+        lock.close()
+        raise
+      kernel_lock = False
+    try:
+      current = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+      current = None
+    if current is not None and os.path.samestat(current, os.fstat(fd)):
+      break
+    lock.close()  # the run that held it removed it as we opened it: lock the new one
+  holder = _record(lock)
+  if holder is not None:
+    if holder.get("host") != socket.gethostname():
+      lock.close()
+      raise TrainingError(f"MODEL_DIR={model_dir}: in use by `elm-jax train` {_holder_words(holder)}; whether "
+                          f"it still runs cannot be seen from this host: if that run is no longer running, "
+                          f"delete {path}")
+    if not kernel_lock and _alive(holder.get("pid")):
+      lock.close()
+      raise TrainingError(f"MODEL_DIR={model_dir}: in use by `elm-jax train` {_holder_words(holder)}; wait "
+                          "for it to end, or train into another MODEL_DIR")
+    print(f"note: {path}: took over the lock of pid {holder.get('pid')} on this host, which is no longer "
+          "running", file=sys.stderr)
+  lock.seek(0)
+  lock.truncate()
+  json.dump({"host": socket.gethostname(), "pid": os.getpid(),
+             "started": datetime.datetime.now().isoformat(timespec="seconds")}, lock)
+  lock.flush()
+  return lock
+
+
+def _record(lock) -> Optional[dict[str, Any]]:
+  """The holder's record in the lock file (None: empty or unreadable)."""
+  try:
+    lock.seek(0)
+    record = json.loads(lock.read() or "null")
+  except (OSError, ValueError):
+    return None
+  return record if isinstance(record, dict) else None
+
+
+def _holder_words(holder: Optional[dict[str, Any]]) -> str:
+  if holder is None:
+    return "another process (its record is not written yet)"
+  host, pid, since = holder.get("host"), holder.get("pid"), holder.get("started")
+  if host == socket.gethostname():
+    return f"pid {pid} on this host ({host}, since {since})"
+  return f"pid {pid} on host {host!r} (since {since})"
+
+
+def _alive(pid: Any) -> bool:
+  """Whether process `pid` of this host is running (only used where the file system keeps no
+  locks)."""
+  if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+    return False
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True

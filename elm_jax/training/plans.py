@@ -245,12 +245,23 @@ class PlanGroup:
 
 def recipe_group(kind: str, group: int, group_size: int, data_dir: Optional[str] = None) -> PlanGroup:
   """Group `group` of `recipe_groups(kind, group_size)`, for gin:
-  `run.train.plan_group = @plans.recipe_group()`."""
+  `run.train.plan_group = @plans.recipe_group()`. Each value is checked, as the experiment
+  files' macros bind them (RECIPE, GROUP, GROUP_SIZE), before any plan is made."""
+  if kind not in KINDS:
+    raise TrainingError(f"RECIPE (plans.recipe_group.kind): expected one of {list(KINDS)}, got {kind!r}")
+  if not _is_count(group_size) or group_size < 1:
+    raise TrainingError(f"GROUP_SIZE (plans.recipe_group.group_size): expected a positive integer, "
+                        f"got {group_size!r}")
   groups = recipe_groups(kind, group_size, available_split_sizes(data_dir))
-  if not 0 <= group < len(groups):
-    raise TrainingError(f"recipe_group: group {group}; the {kind} recipe in groups of {group_size} "
-                        f"makes groups 0..{len(groups) - 1}")
+  if not _is_count(group) or not 0 <= group < len(groups):
+    raise TrainingError(f"GROUP (plans.recipe_group.group): expected a group number 0..{len(groups) - 1} "
+                        f"(the {kind} recipe in groups of {group_size}), got {group!r}")
   return PlanGroup(tuple(groups[group]), kind, group, group_size)
+
+
+def _is_count(value: Any) -> bool:
+  """An int that is not a bool (gin reads `True` as a Python bool, which is an int)."""
+  return isinstance(value, int) and not isinstance(value, bool)
 
 
 def available_split_sizes(data_dir: Optional[str]) -> dict[str, int]:

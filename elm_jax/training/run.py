@@ -8,6 +8,7 @@ run files (`gin_configs/runs/*.gin`) bind its keyword arguments.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
@@ -23,7 +24,7 @@ from elm_jax.models.adapters import ExpertConfig
 from elm_jax.models.t5 import init_params
 from elm_jax.models.t5_config import T5Config
 from elm_jax.models.upcycling import upcycle_params
-from elm_jax.training import inputs, plans, trainer
+from elm_jax.training import checkpointing, inputs, plans, trainer
 from elm_jax.training import train_step as ts
 from tasks import mixtures
 
@@ -58,13 +59,20 @@ def train(model_dir: str, expert_tasks: Optional[Sequence[str]] = None, steps: O
   `plan_group` (a group of one of the paper's recipes, `plans.recipe_group`) sets the tasks,
   names, batch size, lengths, dropout and optimizer, and each expert's own steps and learning
   rate; step counts the plan could not know without the data are counted first (from the P3
-  copy in `data_dir` or $ELM_P3_DATA_DIR). `dry_run` prints the plans of the whole recipe and
-  returns without reading data or building the model.
+  copy in `data_dir` or $ELM_P3_DATA_DIR); EXPERT_TASKS, EXPERT_NAMES or TRAIN_STEPS bound beside
+  it are refused, not ignored. `dry_run` prints the plans of the whole recipe (without a recipe:
+  each expert's steps, batch, lengths and optimizer, the model, backbone and mesh) and returns
+  without reading data or building the model.
+
+  While it trains, the run holds `<model_dir>/train.lock` (`checkpointing.hold_run_lock`): a
+  second run started on the same MODEL_DIR is refused, naming this one.
 
   `plan` (what `elm-jax plan` passes) is called with the run's `RunLayout` (its train-step
   shapes, model, optimizer and mesh; with `all_shapes`, every distinct shape of the whole
   recipe) instead of training, and its result returned; nothing is read or loaded."""
   del setup  # gin evaluates `@register_fn()` references in it before this body runs
+  if plan_group is not None:
+    _check_recipe_owns(expert_tasks, expert_names, steps)
   expert_steps = expert_learning_rates = None
   if plan is not None:
     return plan(run_layout(plan_group, expert_tasks, model_config=model_config, batch_size=batch_size,
@@ -90,9 +98,6 @@ def train(model_dir: str, expert_tasks: Optional[Sequence[str]] = None, steps: O
     batch_size, input_length, target_length = first.batch_size, first.input_length, first.target_length
     model_config, optimizer_config = _group_settings(first, model_config, optimizer_config)
     seed = first.seed
-  elif dry_run:
-    raise trainer.TrainingError("--dry_run prints a recipe's plans: pass an experiment gin file that "
-                                "binds run.train.plan_group (gin_configs/experiments/)")
   if expert_tasks is None or steps is None:
     raise trainer.TrainingError("train: pass expert_tasks and steps (EXPERT_TASKS, TRAIN_STEPS), or a "
                                 "plan_group")
@@ -110,13 +115,44 @@ def train(model_dir: str, expert_tasks: Optional[Sequence[str]] = None, steps: O
       expert_steps=expert_steps, expert_learning_rates=expert_learning_rates)
   config.names()
   trainer.check_settings(config)
+  if dry_run:  # the run's devices are not this machine's: its mesh is shown, not checked
+    print(run_table(config, model_config, expert_config, optimizer_config, mesh_config, backbone_checkpoint,
+                    upcycle))
+    return {}
   if mesh_config is not None:
     _check_mesh(mesh_config, len(config.expert_tasks), batch_size)
   inputs.check_tasks(config.expert_tasks, model_config.vocab_size)
-  fingerprint = None
   if upcycle and (not backbone_checkpoint or model_config.moe is None):
     raise trainer.TrainingError("train.upcycle: needs a dense BACKBONE_CHECKPOINT and a model "
                                 "config with `moe` set")
+  # One run at a time writes MODEL_DIR: a second is refused here, before a backbone is loaded.
+  # With several processes, process 0 holds the lock for the run.
+  os.makedirs(model_dir, exist_ok=True)
+  with (checkpointing.hold_run_lock(model_dir) if partitioning.is_primary() else contextlib.nullcontext()):
+    return _train_locked(config, model_config, backbone_checkpoint, upcycle, seed, model_dir, expert_tasks,
+                         expert_config=expert_config, optimizer_config=optimizer_config, progress=progress,
+                         mesh_config=mesh_config, logical_axis_rules=logical_axis_rules)
+
+
+def _check_recipe_owns(expert_tasks, expert_names, steps) -> None:
+  """Refuses EXPERT_TASKS, EXPERT_NAMES or TRAIN_STEPS bound beside a recipe (run.train.plan_group),
+  which sets them itself: they would be ignored without a word (the experiment files bind None)."""
+  for macro, value, sets in (("EXPERT_TASKS", expert_tasks, "the tasks"), ("EXPERT_NAMES", expert_names, "the names"),
+                             ("TRAIN_STEPS", steps, "each expert's steps")):
+    if value is not None:
+      raise trainer.TrainingError(
+          f"{macro}: the recipe (run.train.plan_group) sets {sets}, so {macro}={value!r} would be ignored; leave "
+          f"{macro} out (choose the recipe's group with GROUP), or train your own tasks with "
+          "runs/train_experts.gin instead of an experiment file")
+
+
+def _train_locked(config: trainer.TrainConfig, model_config: T5Config, backbone_checkpoint: Optional[str],
+                  upcycle: bool, seed: int, model_dir: str, expert_tasks, *, expert_config: ExpertConfig,
+                  optimizer_config: ts.OptimizerConfig, progress: bool,
+                  mesh_config: Optional[partitioning.MeshConfig], logical_axis_rules: Optional[Sequence]):
+  """`train` once its settings are checked and MODEL_DIR is this run's: loads (or initialises)
+  the backbone and runs the trainer."""
+  fingerprint = None
   if backbone_checkpoint:
     loaded = loading.load_model_checkpoint(
         backbone_checkpoint, config=model_config.replace(moe=None) if upcycle else model_config)
@@ -143,6 +179,36 @@ def train(model_dir: str, expert_tasks: Optional[Sequence[str]] = None, steps: O
   return trainer.train_experts(config, model_config, backbone, expert_config=expert_config,
                                optimizer_config=optimizer_config, progress=progress,
                                partitioner=partitioner, backbone_fingerprint=fingerprint)
+
+
+def run_table(config: trainer.TrainConfig, model_config: T5Config, expert_config: ExpertConfig,
+              optimizer_config: ts.OptimizerConfig, mesh_config: Optional[partitioning.MeshConfig],
+              backbone_checkpoint: Optional[str], upcycle: bool) -> str:
+  """What a run of EXPERT_TASKS (no recipe) will train, one line per expert, then its model,
+  backbone and mesh: what `elm-jax train --dry_run` prints for it."""
+  clip = "none" if optimizer_config.max_grad_norm is None else f"{optimizer_config.max_grad_norm:g}"
+  lines = [f"train run: {len(config.expert_tasks)} expert(s), trained together (vmapped) for {config.steps:,} "
+           "steps; --dry_run reads no data and builds no model",
+           "name | task | steps | batch | src/tgt | lr | schedule | dropout | optimizer | kind",
+           "---|" * 10]
+  for name, task in zip(config.names(), config.expert_tasks):
+    lines.append(f"{name} | {task} | {config.steps:,} | {config.batch_size} | {config.input_length}/"
+                 f"{config.target_length} | {optimizer_config.learning_rate:g} | {optimizer_config.schedule} | "
+                 f"{model_config.dropout_rate:g} | {optimizer_config.name} (clip {clip}) | {expert_config.kind}")
+  c = model_config
+  model = (f"model: T5, width {c.emb_dim}, {c.num_encoder_layers}+{c.num_decoder_layers} layers, {c.dtype} "
+           f"activations, softmax over {c.softmax_vocab_size or c.vocab_size} of {c.vocab_size} logits")
+  if c.moe is not None:
+    model += (f"; Mixture-of-Experts{' upcycled from the dense backbone' if upcycle else ''}: "
+              f"{c.moe.num_experts} experts in each sparse feed-forward layer (one layer in {c.moe.layer_interval})")
+  lines.append(model)
+  lines.append(f"backbone: {backbone_checkpoint}" if backbone_checkpoint else
+               "backbone: none given (BACKBONE_CHECKPOINT): " + (
+                   "an upcycled run needs the dense checkpoint" if upcycle else
+                   f"a randomly initialised one, saved to {os.path.join(config.model_dir, 'backbone')}"))
+  lines.append(f"mesh: {mesh_config} (-1: the devices the other axes leave)" if mesh_config is not None
+               else "mesh: none (one device)")
+  return "\n".join(lines)
 
 
 def _check_mesh(mesh_config: partitioning.MeshConfig, num_experts: int, batch_size: int) -> None:
@@ -187,6 +253,7 @@ class RunLayout:
   mesh_config: Optional[partitioning.MeshConfig]
   logical_axis_rules: Optional[Sequence]
   recipe_experts: int             # how many experts the whole recipe (or the run) trains
+  from_recipe: bool = False       # shapes from a recipe (run.train.plan_group), not EXPERT_TASKS
 
 
 def run_layout(plan_group: Optional[plans.PlanGroup], expert_tasks: Optional[Sequence[str]], *,
@@ -224,7 +291,7 @@ def run_layout(plan_group: Optional[plans.PlanGroup], expert_tasks: Optional[Seq
     shapes[key] = StepShape((index,), len(group), first.batch_size, first.input_length, first.target_length,
                             model, optimizer)
   return RunLayout(title, tuple(shapes.values()), expert_config, mesh_config, logical_axis_rules,
-                   sum(map(len, recipe)))
+                   sum(map(len, recipe)), from_recipe=True)
 
 
 def _with_run_settings(checkpoint_config: T5Config, run_config: T5Config) -> T5Config:
