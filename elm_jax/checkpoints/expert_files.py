@@ -1,18 +1,26 @@
 """One trained expert on disk: `tensors.safetensors` plus `expert.json`.
 
 `expert.json` holds the name, task or mixture, prompt, expert config, the fingerprint of the
-backbone it was trained on, the training config, steps and final metrics. Loading an expert
-onto a backbone with another fingerprint is an error unless forced.
+backbone it was trained on, the training config (with the backbone's `T5Config` under
+`training_config.model`), steps and final metrics. Loading an expert onto a backbone with
+another fingerprint is an error unless forced.
+
+Every load checks the tensors against the expert's parameter list (`parameter_list`: what the
+model builds for its kind on the recorded backbone config, exactly those names, shapes and
+dtypes) and refuses NaN and Inf, naming the tensor (`tensor_problems`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
 from typing import Any, Mapping, Optional, Sequence
 
+import flax.linen as nn
+import jax
 import numpy as np
 from etils import epath
 from safetensors.numpy import load as load_safetensors_bytes
@@ -20,11 +28,14 @@ from safetensors.numpy import save_file
 
 from elm_jax import files, tree_paths
 from elm_jax.errors import UserInputError
+from elm_jax.models import adapters, t5
 from elm_jax.models.adapters import ExpertConfig
+from elm_jax.models.t5_config import T5Config
 
 TENSORS_FILE = "tensors.safetensors"
 METADATA_FILE = "expert.json"
 FORMAT_VERSION = 1
+MAX_PROBLEMS_LISTED = 10  # per expert file, in `library verify`
 
 
 MAX_NAME_BYTES = 200  # leaves room for suffixes (.jsonl, staging tags) under the usual 255
@@ -173,4 +184,169 @@ def load_expert(directory: str, backbone_fingerprint: Optional[str] = None,
     tensors = load_safetensors_bytes(data)
   except Exception as e:  # safetensors raises its own error type for damaged files
     raise ExpertFileError(f"{tensors_path}: not a readable safetensors file ({e})") from None
+  check_tensors(tensors, metadata, str(tensors_path), recorded_model_config(metadata, str(meta_path)))
   return tree_paths.unflatten({tree_paths.split(k): v for k, v in tensors.items()}), metadata
+
+
+_checked: dict[tuple, ExpertMetadata] = {}  # identities of expert files checked by this process
+
+
+def _identity(directory: str) -> Optional[tuple]:
+  """(real path, size, modification time, inode) of a local expert's two files, else None."""
+  if "://" in os.fspath(directory):
+    return None
+  try:
+    stats = [(os.path.realpath(p), s.st_size, s.st_mtime_ns, s.st_ino)
+             for p in (os.path.join(directory, f) for f in (METADATA_FILE, TENSORS_FILE))
+             for s in (os.stat(p),)]
+  except OSError:
+    return None  # `load_expert` names what is missing
+  return tuple(stats)
+
+
+def check_expert(directory: str) -> ExpertMetadata:
+  """The metadata of the expert at `directory`, once its files have passed `load_expert`'s
+  checks (parameter list, finite values); the tensors are not kept. A local expert whose files
+  this process checked before (same paths, sizes, modification times) is not read again, so
+  `library add` checks every expert before it creates the library and reads each file once."""
+  key = _identity(directory)
+  if key is None or key not in _checked:
+    metadata = load_expert(directory)[1]
+    if key is None:
+      return metadata
+    _checked[key] = metadata
+  return dataclasses.replace(_checked[key])
+
+
+# ---------------------------------------------------------------------------- parameter list
+def recorded_model_config(metadata: ExpertMetadata, source: str) -> Optional[T5Config]:
+  """The backbone config the expert was trained on (`training_config.model`, as training
+  records it), or None when the metadata records none. Fields this version does not know are
+  ignored (they cannot change the parameters it builds)."""
+  raw = metadata.training_config.get("model") if isinstance(metadata.training_config, dict) else None
+  if raw is None:
+    return None
+  if not isinstance(raw, dict):
+    raise ExpertFileError(f"{source}: field 'training_config.model': expected an object (the "
+                          f"backbone's T5Config), got {type(raw).__name__}")
+  known = {f.name for f in dataclasses.fields(T5Config)}
+  try:
+    return T5Config(**{k: v for k, v in raw.items() if k in known})
+  except (TypeError, UserInputError) as e:
+    raise ExpertFileError(f"{source}: field 'training_config.model': {e}") from None
+
+
+def parameter_list(expert_config: ExpertConfig, model_config: T5Config,
+                   source: str) -> dict[str, jax.ShapeDtypeStruct]:
+  """The exact tensors ({name: shape and dtype}) an expert of `expert_config` on a backbone of
+  `model_config` holds (`adapters.expert_parameters` of the model `t5.init_params` builds with
+  it, traced by `jax.eval_shape`: no arrays are made; once per pair of configs per process). A
+  config the model cannot build is named as `source`'s."""
+  try:
+    return dict(_parameter_list(model_config, expert_config))
+  except (TypeError, ValueError) as e:
+    raise ExpertFileError(f"{source}: fields 'expert_config' and 'training_config.model' describe no "
+                          f"model that can be built ({type(e).__name__}: {e})") from None
+
+
+@functools.lru_cache(maxsize=32)
+def _parameter_list(model_config: T5Config, expert_config: ExpertConfig) -> tuple:
+  shapes = jax.eval_shape(lambda: nn.unbox(t5.init_params(model_config, jax.random.PRNGKey(0),
+                                                          expert=expert_config)))
+  return tuple(adapters.expert_parameters(shapes, expert_config).items())
+
+
+def _examples(names: Sequence[str], count: int = 3) -> str:
+  shown = ", ".join(repr(n) for n in list(names)[:count])
+  return shown + (", ..." if len(names) > count else "")
+
+
+def layout_problems(layout: Mapping[str, tuple[tuple[int, ...], Any]], expert_config: ExpertConfig,
+                    expected: Optional[Mapping[str, jax.ShapeDtypeStruct]]) -> list[str]:
+  """What keeps tensors of `layout` ({name: (shape, dtype)}) from being an expert of
+  `expert_config` whose parameter list is `expected` (`parameter_list`): names not in it, names
+  missing from it, other shapes or dtypes. Without `expected` (an expert that records no
+  backbone config) only the names are checked, against the kind's `is_expert_parameter`."""
+  kind = expert_config.kind
+  of_kind = f"{'an' if kind[:1] in 'aeiou' else 'a'} {kind!r} expert"
+  if expected is None:
+    return [f"tensor {name!r} is not a parameter of {of_kind} (expected only the modules its kind "
+            "adds and, with train_layer_norms, the layer-norm scales)"
+            for name in sorted(layout) if not adapters.is_expert_parameter(name, expert_config)]
+  names = sorted(expected)
+  problems = [f"tensor {name!r} is not a parameter of {of_kind} (expected only its {len(names)} "
+              f"parameters: {_examples(names)})" for name in sorted(set(layout) - set(expected))]
+  problems += [f"tensor {name!r} is missing (expected {tuple(expected[name].shape)} "
+               f"{np.dtype(expected[name].dtype).name}, one of the {len(names)} parameters of {of_kind} "
+               "on this backbone)"
+               for name in sorted(set(expected) - set(layout))]
+  for name in sorted(set(expected) & set(layout)):
+    shape, dtype = layout[name]
+    want = expected[name]
+    if tuple(shape) != tuple(want.shape):
+      problems.append(f"tensor {name!r} has shape {tuple(shape)}, expected {tuple(want.shape)}")
+    elif np.dtype(dtype) != np.dtype(want.dtype):
+      problems.append(f"tensor {name!r} has dtype {np.dtype(dtype).name}, expected "
+                      f"{np.dtype(want.dtype).name}")
+  return problems
+
+
+def nonfinite_problems(tensors: Mapping[str, Any]) -> list[str]:
+  """One line per tensor holding NaN or Inf, with the counts ("tensor 'x' holds 3 NaN and 1 Inf
+  values"): one pass of `np.isfinite` per tensor, counted only where it finds one."""
+  problems = []
+  for name in sorted(tensors):
+    array = np.asarray(tensors[name])
+    try:
+      finite = np.isfinite(array)
+    except TypeError:  # not a number type; `layout_problems` names its dtype
+      continue
+    if finite.all():
+      continue
+    nan = int(np.isnan(array).sum())
+    inf = int(array.size - finite.sum()) - nan
+    counts = " and ".join(f"{n} {what}" for n, what in ((nan, "NaN"), (inf, "Inf")) if n)
+    problems.append(f"tensor {name!r} holds {counts} value{'s' if nan + inf > 1 else ''}")
+  return problems
+
+
+def tensor_problems(tensors: Mapping[str, Any], metadata: ExpertMetadata, source: str,
+                    model_config: Optional[T5Config] = None) -> list[str]:
+  """Every problem of `tensors` ({'encoder/...': array}) as the tensors of the expert that
+  `metadata` describes, on `model_config` (default: the backbone config it records):
+  `layout_problems`, then `nonfinite_problems`, each line starting with `source`."""
+  expert_config = ExpertConfig(**metadata.expert_config)
+  model_config = model_config or recorded_model_config(metadata, source)
+  expected = parameter_list(expert_config, model_config, source) if model_config is not None else None
+  layout = {name: (np.shape(v), np.asarray(v).dtype) for name, v in tensors.items()}
+  return [f"{source}: {problem}"
+          for problem in layout_problems(layout, expert_config, expected) + nonfinite_problems(tensors)]
+
+
+def check_tensors(tensors: Mapping[str, Any], metadata: ExpertMetadata, source: str,
+                  model_config: Optional[T5Config] = None) -> None:
+  """Raises `ExpertFileError` with the first of `tensor_problems` (and how many more)."""
+  problems = tensor_problems(tensors, metadata, source, model_config)
+  if problems:
+    more = f" (and {len(problems) - 1} more problem(s) with its tensors)" if len(problems) > 1 else ""
+    raise ExpertFileError(problems[0] + more)
+
+
+def expert_problems(directory: str) -> list[str]:
+  """What `load_expert` would refuse in the expert at `directory`, every problem listed (at most
+  MAX_PROBLEMS_LISTED, then their count): for `library verify`, once the files' hashes match."""
+  try:
+    metadata = load_metadata(directory, check_integrity=False)
+    tensors_path = epath.Path(directory) / TENSORS_FILE
+    try:
+      tensors = load_safetensors_bytes(tensors_path.read_bytes())
+    except Exception as e:  # safetensors raises its own error type for damaged files
+      raise ExpertFileError(f"{tensors_path}: not a readable safetensors file ({e})") from None
+    model_config = recorded_model_config(metadata, str(epath.Path(directory) / METADATA_FILE))
+    problems = tensor_problems(tensors, metadata, str(tensors_path), model_config)
+  except ExpertFileError as e:
+    return [str(e)]
+  if len(problems) > MAX_PROBLEMS_LISTED:
+    problems = problems[:MAX_PROBLEMS_LISTED - 1] + [
+        f"{tensors_path}: {len(problems) - MAX_PROBLEMS_LISTED + 1} more problem(s) like these"]
+  return problems

@@ -7,6 +7,7 @@ import dataclasses
 import os
 from typing import Any, Optional, Sequence
 
+from elm_jax import tree_paths
 from elm_jax.checkpoints import expert_files, loading
 from elm_jax.expert_stack import ExpertsOnBackbone
 from elm_jax.library.store import ExpertLibrary, LibraryError
@@ -62,7 +63,8 @@ def load_experts(library_dir: str, selection: str | Sequence[str] = "all", *,
   """Loads the backbone (`checkpoint`, or the one the manifest records; `config` for a T5X
   checkpoint, which carries none) and the selected experts, checking that they were trained on
   it (unless `force`) and that every expert file matches the manifest's sha256 (unless
-  `check_integrity` is False, which warns). Each expert file is read once and stacked once.
+  `check_integrity` is False, which warns) and holds exactly its kind's parameters on this
+  backbone, all finite. Each expert file is read once and stacked once.
   Scores normalise over the vocabulary the experts were trained with (their recorded
   `softmax_vocab_size`: 32,100 for the paper's recipes) unless `softmax_vocab_size` says."""
   library = ExpertLibrary(library_dir, check_integrity=check_integrity)
@@ -73,10 +75,25 @@ def load_experts(library_dir: str, selection: str | Sequence[str] = "all", *,
   model_config = _model_config(library, names, metadata, loaded.config, expert_config)
   model_config = model_config.replace(
       softmax_vocab_size=softmax_vocab_size or _recorded_softmax_vocab(library, names, metadata))
+  _check_fits(library, names, stack, model_config, backbone_checkpoint(library, checkpoint))
   backbone, _ = split_params(loaded.params, expert_config)
   return LoadedExperts(model=EncoderDecoderModel.build(model_config, expert_config), backbone=backbone,
                        stack=stack, vocab_path=vocabulary or loaded.vocab_path, library=library,
                        metadata=tuple(metadata), pretrained=loaded.params, fingerprint=fingerprint)
+
+
+def _check_fits(library, names, stack, model_config: T5Config, checkpoint: str) -> None:
+  """Refuses a stack whose tensors are not exactly the parameter list of its kind on the model
+  the experts will run on (each file was checked against the backbone its expert.json records;
+  this catches a backbone of another shape, loaded with --force, or experts recording none)."""
+  expected = expert_files.parameter_list(stack.expert_config, model_config,
+                                         f"{library.root}: expert {names[0]!r}")
+  layout = {tree_paths.join(p): (v.shape[1:], v.dtype) for p, v in tree_paths.flatten(stack.params).items()}
+  problems = expert_files.layout_problems(layout, stack.expert_config, expected)
+  if problems:
+    others = f" (and the {len(names) - 1} other(s) loaded with it)" if len(names) > 1 else ""
+    raise LibraryError(f"{library.root / 'experts' / expert_files.directory_name(names[0])}{others}: "
+                       f"{problems[0]}, for the backbone they run on ({checkpoint})")
 
 
 def _recorded_softmax_vocab(library, names, metadata) -> Optional[int]:

@@ -1,7 +1,8 @@
 """Merging library experts into a new library expert (what `elm-jax merge` runs).
 
 The members are loaded once, as one stack (`ExpertLibrary.load_stack`, every file checked),
-merged on that stack (`merging`), and the result is saved as an expert of the same kind with
+merged on that stack (`merging`), and the result, checked against its kind's parameter list and
+for NaN and Inf (`expert_files.check_tensors`), is saved as an expert of the same kind with
 its provenance; rerunning the same merge after an interruption finishes it (adding identical
 files is a no-op), while another merge under an existing name is refused before any work.
 """
@@ -13,6 +14,7 @@ import os
 import tempfile
 from typing import Optional, Sequence
 
+from elm_jax import tree_paths
 from elm_jax.checkpoints import expert_files
 from elm_jax.errors import UserInputError
 from elm_jax.library import merging
@@ -69,6 +71,8 @@ def merge_into_library(library: ExpertLibrary, names: Sequence[str], name: str, 
   meta = dataclasses.replace(first, name=name, task="merge:" + ",".join(names), prompt=None,
                              expert_config=expert_config, steps=0, metrics={},
                              training_config={**first.training_config, "merge": provenance})
+  flat = {tree_paths.join(p): v for p, v in tree_paths.flatten(tree).items()}
+  expert_files.check_tensors(flat, meta, f"--name={name}: the merged expert")  # before anything is saved
   with tempfile.TemporaryDirectory() as tmp:
     directory = os.path.join(tmp, "merged")
     expert_files.save_expert(directory, tree, meta)

@@ -93,7 +93,10 @@ def _stack_with_base(experts: Sequence[Mapping], base: Mapping) -> tuple[dict, d
 
 
 def _tree(flat: Mapping[Path, np.ndarray]) -> Tree:
-  return tree_paths.unflatten({p: np.asarray(v, np.float32) for p, v in flat.items()})
+  """float32 leaves; a value beyond float32's range becomes +-Inf, which `merged` refuses to
+  save, naming the tensor (so no overflow warning is printed here)."""
+  with np.errstate(over="ignore"):
+    return tree_paths.unflatten({p: np.asarray(v, np.float32) for p, v in flat.items()})
 
 
 # ------------------------------------------------------------------ averaging

@@ -90,6 +90,17 @@ def is_expert_parameter(path: str, config: ExpertConfig) -> bool:
   return bool(config.train_layer_norms and _NORM.search(path))
 
 
+def expert_parameters(model_params: dict, config: ExpertConfig) -> dict[str, jax.ShapeDtypeStruct]:
+  """The exact tensors an expert of `config` holds, {'encoder/layers_0/mlp_adapter/up_kernel':
+  ShapeDtypeStruct((bottleneck, embed), float32), ...} in sorted order, given the parameter tree
+  of the model built with it (abstract, from `jax.eval_shape` of `t5.init_params(...,
+  expert=config)`, or concrete): its leaves that `is_expert_parameter` selects, as training
+  splits them. Derived from the model, so it is what training writes and the model reads."""
+  _, expert = split_params(model_params, config)
+  return {tree_paths.join(p): jax.ShapeDtypeStruct(tuple(v.shape), v.dtype)
+          for p, v in sorted(tree_paths.flatten(expert).items())}
+
+
 def split_params(params: dict, config: ExpertConfig) -> tuple[dict, dict]:
   """Full tree -> (frozen backbone tree, expert tree); together they hold every leaf once."""
   flat = tree_paths.flatten(params)

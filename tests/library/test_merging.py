@@ -247,6 +247,44 @@ def test_lora_update_merge_through_the_model_equals_the_dense_mean_update(tiny_c
   assert np.abs(np.asarray(factors) - np.asarray(want)).max() > 1e-2
 
 
+@pytest.mark.parametrize("method", ["uniform", "lora_factors", "lora_updates"])
+def test_merged_lora_holds_the_parameter_list_of_its_config(tiny_config, method):
+  """What `merge` checks before it saves: the merged tree is exactly the parameter list of the
+  config it is saved with (rank k * r after an update merge), all finite."""
+  import flax.linen as nn
+  import jax
+
+  from elm_jax.checkpoints import expert_files
+  from elm_jax.models.adapters import ExpertConfig, split_params
+  from elm_jax.models.t5 import init_params
+  lora_config = ExpertConfig(kind="lora", lora_rank=RANK, lora_alpha=ALPHA)
+  _, template = split_params(nn.unbox(init_params(tiny_config, jax.random.PRNGKey(0), expert=lora_config)),
+                             lora_config)
+  rng = np.random.default_rng(6)
+  loras = [_random_like(template, rng) for _ in range(3)]
+  merged, changes = {"uniform": (merge_uniform(loras), {}), "lora_factors": (merge_lora_factors(loras), {}),
+                     "lora_updates": merge_lora_updates(loras)}[method]
+  config = dataclasses.replace(lora_config, **changes)
+  flat = _flat(merged)
+  layout = {k: (v.shape, v.dtype) for k, v in flat.items()}
+  assert expert_files.layout_problems(layout, config,
+                                      expert_files.parameter_list(config, tiny_config, "merged")) == []
+  assert expert_files.nonfinite_problems(flat) == []
+  if changes:  # saved with the members' rank, the merged factors would be refused
+    assert expert_files.layout_problems(layout, lora_config,
+                                        expert_files.parameter_list(lora_config, tiny_config, "merged"))
+
+
+def test_values_beyond_float32_become_inf_without_a_warning():
+  """A merge whose values overflow float32 returns Inf (which `merge` refuses to save) quietly."""
+  import warnings
+  expert = {"w": np.full((2,), 1e38, np.float32)}
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    merged = task_arithmetic([expert, expert], {"w": np.zeros((2,), np.float32)}, scale=10.0)
+  assert np.isinf(merged["w"]).all()
+
+
 # ------------------------------------------------------------------ refused inputs
 def test_refuses_empty_and_single_tree_inputs():
   with pytest.raises(MergeError, match="at least one expert"):
