@@ -4,6 +4,7 @@
     elm-jax library add --library=LIB /tmp/run          # every expert a training run exported
     elm-jax library list --library=LIB
     elm-jax library verify --library=LIB                # exit 1 when a file changed
+    elm-jax library verify --repair --library=LIB       # first finish interrupted removes
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from elm_jax import files, jsonl
 from elm_jax.checkpoints import expert_files
 from elm_jax.commands import flags
 from elm_jax.library.store import ExpertLibrary, LibraryError, check_keys
-from tasks import instances
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       p.add_argument("name")
     if name == "verify":
       p.add_argument("names", nargs="*")
+      p.add_argument("--repair", action="store_true",
+                     help="first finish what a killed `library remove` or `library add` left "
+                          "(pending removals are completed), then verify")
   for p in sub.choices.values():
     p.add_argument("--library", required=True, help="library directory (local path or any epath URL)")
   flags.add_integrity_flag(sub.choices["show"])
@@ -69,23 +72,26 @@ def _keys_for(option: str, task: str) -> list | None:
     return None
   if option != "auto":
     return check_keys(jsonl.read_objects(option, "--keys"), option)
+  from tasks import instances  # lazily: SeqIO and TensorFlow, which only `add --keys=auto` needs
   instances.ensure_registered([task])  # a no-op once the task is registered
   return instances.training_keys(task)
 
 
 def main(args: argparse.Namespace) -> int:
   if args.action == "add":
+    from tasks import instances  # lazily, as in _keys_for
     instances.register_setup(args.setup)
     dirs = expert_dirs(args.experts)
     if args.name and len(dirs) != 1:
       raise LibraryError(f"--name: names one expert, but {len(dirs)} were given")
-    metas = [expert_files.load_metadata(d) for d in dirs]
+    metas = [expert_files.check_expert(d) for d in dirs]  # every tensor checked before the library is made
     names = [args.name or meta.name for meta in metas]
     expert_files.directory_names(names, "--name" if args.name else "expert names")
     if args.keys not in ("auto", "none"):
       _keys_for(args.keys, metas[0].task)  # a bad keys file is refused before anything is written
     library = ExpertLibrary(args.library, create=True)
-    library.clear_interrupted_adds()
+    for done in library.repair("add experts"):  # a killed remove is finished first
+      print(done)
     for directory, meta, name in zip(dirs, metas, names):
       if library.holds_identical(name, directory):
         print(f"already in the library: {name} (same files; skipped)")
@@ -111,9 +117,14 @@ def main(args: argparse.Namespace) -> int:
                                       check_integrity=not args.skip_integrity_check)
     print(json.dumps({"entry": entry, "metadata": meta.__dict__}, indent=1, sort_keys=True, default=str))
   elif args.action == "remove":
-    library.remove(args.name)
-    print(f"removed {args.name}")
+    if library.remove(args.name):
+      print(f"removed {args.name}")
+    else:
+      print(f"already removed: {args.name} (the history's last record of it is its removal)")
   elif args.action == "verify":
+    if args.repair:
+      for done in library.repair():
+        print(done)
     problems = library.verify(args.names or None)
     for problem in problems:
       print(problem)

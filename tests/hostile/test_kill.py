@@ -6,6 +6,14 @@ The kill moments are drawn uniformly from 30% to 90% of an uninterrupted run's w
 first 30% is Python and TensorFlow start-up, which touches no file), from a seeded
 generator: set ELM_KILL_SEED to replay a failure; the seed in use is printed. The test bounds
 its own time: every process is waited for with a timeout.
+
+`library remove` (5 kills, each of a fresh copy of one library) is killed at a moment drawn
+from the span of its file work instead: start-up is most of its wall time and touches nothing,
+so the moment is counted from the removal's first write (its `.trash/` directory appearing),
+up to 1.2 x the span an uninterrupted remove takes (until its `.trash/` is gone). After each kill the library is as it was
+(verify passes, the expert whole) or holds a removal that verify reports with `verify
+--repair`; the same remove again (or `verify --repair`) then gives the library an
+uninterrupted remove gives.
 """
 
 from __future__ import annotations
@@ -14,11 +22,13 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
+import gin
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -120,3 +130,93 @@ def test_kill_at_random_points_then_rerun(tmp_path):
   print("merge killed at", moments)
   _verify(tmp_path / "lib_killed")
   assert _library_state(tmp_path / "lib_killed") == _library_state(tmp_path / "lib_ref")
+
+
+def _remove_killed_in_its_file_work(argv, lib, delay: float) -> bool:
+  """Runs `library remove` and kills it (-9) `delay` seconds after its first write (its
+  `.trash/` appearing); returns whether the kill landed on a running process."""
+  proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.monotonic() + TIMEOUT
+  try:
+    while not os.path.exists(os.path.join(lib, ".trash")):
+      if proc.poll() is not None:
+        return False
+      assert time.monotonic() < deadline, "library remove did not start removing"
+      time.sleep(0.001)
+    time.sleep(delay)
+    if proc.poll() is not None:
+      return False
+    proc.send_signal(signal.SIGKILL)
+    return True
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+    proc.wait(timeout=TIMEOUT)
+
+
+def _files(lib) -> dict[str, str]:
+  """sha256 of every file of a library but its manifest and history (whose times differ)."""
+  return {k: v for k, v in _digests(lib).items() if k not in ("manifest.json", "history.jsonl")}
+
+
+def test_kill_library_remove_then_rerun(made, tmp_path):
+  from elm_jax.commands import cli
+  from elm_jax.library.store import ExpertLibrary
+  seed = int(os.environ.get("ELM_KILL_SEED", random.SystemRandom().randrange(1 << 30)))
+  print(f"ELM_KILL_SEED={seed}")
+  rng = random.Random(seed)
+  name = "builtin_sentiment_is_positive"
+  base = tmp_path / "base"
+  shutil.copytree(made / "lib", base)
+  # Thousands of files in the expert's directory (as the issue's half-removed expert had) and a
+  # cached embedding, so its removal has a span of file work to be killed in.
+  extra = base / "experts" / name / "extra"
+  extra.mkdir()
+  for i in range(4000):
+    (extra / f"{i:05d}").write_bytes(b"x" * 64)
+  cache = base / "retrieval" / "embeddings" / "t5" / "label_instance" / f"{name}.npy"
+  cache.parent.mkdir(parents=True)
+  cache.write_bytes(b"cached")
+  remove = lambda lib: _command("library", "remove", f"--library={lib}", name)  # noqa: E731
+
+  reference = tmp_path / "reference"
+  shutil.copytree(base, reference)
+  proc = subprocess.Popen(remove(reference), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  while not os.path.exists(reference / ".trash") and proc.poll() is None:
+    time.sleep(0.001)
+  start = time.perf_counter()
+  while os.path.exists(reference / ".trash") and proc.poll() is None:
+    time.sleep(0.001)
+  span = time.perf_counter() - start  # from the first write to the last
+  assert proc.wait(timeout=TIMEOUT) == 0, proc.stderr.read()[-3000:]
+  want = (_library_state(reference), _files(reference))
+  assert name not in want[0] and not (reference / ".trash").exists()
+
+  moments, states = [], []
+  for attempt in range(15):
+    if len(moments) == 5:
+      break
+    lib = tmp_path / f"killed_{attempt}"
+    shutil.copytree(base, lib)
+    delay = rng.uniform(0, 1.2 * span)
+    if not _remove_killed_in_its_file_work(remove(lib), lib, delay):
+      continue
+    moments.append(round(delay, 3))
+    library = ExpertLibrary(lib)
+    problems = library.verify()
+    if any(f"an interrupted `library remove` of {name!r}" in p for p in problems):
+      states.append("pending")
+      assert all("--repair" in p for p in problems), problems
+      finish = ["library", "verify", "--repair"] if len(moments) % 2 else ["library", "remove", name]
+    else:
+      assert all("left by an interrupted `library remove`" in p for p in problems), problems
+      states.append("old" if name in library.names() else "removed")
+      if name in library.names():
+        assert {k: v for k, v in _files(lib).items() if not k.startswith(".trash")} == _files(base)
+      finish = ["library", "remove", name]
+    assert cli.main([*finish, f"--library={lib}"]) == 0
+    gin.clear_config()
+    assert ExpertLibrary(lib).verify() == []
+    assert (_library_state(lib), _files(lib)) == want, (attempt, delay)
+  print(f"library remove (file work {span:.2f} s) killed at", moments, "leaving", states)
+  assert len(moments) == 5, f"only {len(moments)} of 5 kills landed on a running remove"

@@ -4,6 +4,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -11,6 +12,7 @@ import textwrap
 import numpy as np
 import pytest
 
+from elm_jax import files
 from elm_jax.checkpoints import expert_files
 from elm_jax.library.store import ExpertLibrary, LibraryError
 from tests.helpers.library import FINGERPRINT, make_expert, snapshot
@@ -180,6 +182,8 @@ def test_loading_checks_every_file_against_the_manifest(tmp_path):
     ("experts/../../victim", "is not of the form 'experts/NAME'"),
     ("/etc", "is not of the form 'experts/NAME'"),
     ("experts/..", "leaves the directory"),
+    ("experts/.", "does not name an expert directory"),  # used to name experts/ itself
+    ("experts/", "does not name an expert directory"),
 ])
 def test_manifest_paths_never_leave_the_library(tmp_path, directory, message):
   (tmp_path / "victim").mkdir()
@@ -194,3 +198,159 @@ def test_manifest_paths_never_leave_the_library(tmp_path, directory, message):
       action()
   assert (tmp_path / "victim" / "precious").read_text() == "x"
   assert (tmp_path / "lib" / "experts" / "e1").is_dir()
+
+
+# ---------------------------------------------------------------------------- an interrupted remove
+class _Killed(BaseException):
+  """Raised in place of the n-th file operation of a remove: what a kill leaves."""
+
+
+def _removal_library(root):
+  """Two experts with keys, e1 with cached embeddings of two embedders."""
+  lib = ExpertLibrary(root, create=True)
+  lib.add(make_expert(os.path.join(os.path.dirname(root), "src"), "e1", 0), keys=[{"inputs": "k1"}])
+  lib.add(make_expert(os.path.join(os.path.dirname(root), "src"), "e2", 1), keys=[{"inputs": "k2"}])
+  for embedder, text_format in (("t5", "label_instance"), ("minilm", "instance")):
+    for name in ("e1", "e2") if embedder == "t5" else ("e1",):
+      path = lib.embeddings_path(name, embedder, text_format)
+      path.parent.mkdir(parents=True, exist_ok=True)
+      np.save(os.fspath(path), np.ones((1, 4), np.float32))
+  return lib
+
+
+def _state(root) -> dict:
+  """A library without its times and removal ids: its files, its entries, its history."""
+  manifest = json.loads((root / "manifest.json").read_text())
+  return {"files": {k: v for k, v in snapshot(root).items() if k not in ("manifest.json", "history.jsonl")},
+          "entries": {n: {k: v for k, v in e.items() if k != "added"} for n, e in manifest["experts"].items()},
+          "history": [(h["action"], h["name"]) for h in ExpertLibrary(root).history()]}
+
+
+def test_a_remove_killed_at_any_step_leaves_the_old_state_or_one_a_rerun_finishes(tmp_path, monkeypatch):
+  """Every file operation of `remove` in turn fails as a kill would: the library is left as it
+  was, or with a removal that `verify` reports (naming `verify --repair`); `remove` again,
+  `repair()` or an `add` finishes it, to the library an uninterrupted remove gives."""
+  base = tmp_path / "base"
+  _removal_library(base)
+  reference = tmp_path / "reference"
+  shutil.copytree(base, reference)
+  assert ExpertLibrary(reference).remove("e1")
+  want = _state(reference)
+  assert not (reference / ".trash").exists() and not [k for k in want["files"] if "e1" in k]
+  operations = [(os, "rename"), (os, "replace"), (os, "unlink"), (os, "rmdir"), (os, "mkdir"),
+                (shutil, "rmtree"), (files, "write_atomically"), (ExpertLibrary, "_append_history")]
+  states = set()
+  for step in range(1, 200):
+    root = tmp_path / f"killed_{step}"
+    shutil.copytree(base, root)
+    calls = [0]
+
+    def failing(original):
+      def call(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == step:
+          raise _Killed()
+        return original(*args, **kwargs)
+      return call
+    with monkeypatch.context() as m:
+      for owner, attribute in operations:
+        m.setattr(owner, attribute, failing(getattr(owner, attribute)))
+      try:
+        ExpertLibrary(root).remove("e1")
+        break  # `step` is past the last operation: nothing was interrupted
+      except _Killed:
+        pass
+    lib = ExpertLibrary(root)
+    problems = lib.verify()
+    if any("an interrupted `library remove` of 'e1'" in p for p in problems):
+      states.add("pending")
+      assert all("--repair" in p for p in problems), problems
+      listed = "e1" in lib.names()  # the kill came before the manifest update
+      with pytest.raises(LibraryError, match="an interrupted `library remove` of it is pending" if listed
+                         else "no expert named 'e1'"):
+        lib.load("e1")
+      finish = ("remove", "repair", "add")[step % 3]
+    elif "e1" in lib.names():
+      states.add("old")
+      assert all("left by an interrupted `library remove`" in p for p in problems), problems  # an empty trash
+      assert {k: v for k, v in snapshot(root).items() if "e1" in k and ".trash" not in k} == \
+             {k: v for k, v in snapshot(base).items() if "e1" in k}
+      finish = "remove"
+    else:
+      states.add("removed")
+      assert all("left by an interrupted `library remove`" in p for p in problems), problems
+      finish = "repair"
+    if finish == "remove":
+      lib.remove("e1")
+    elif finish == "repair":
+      lib.repair()
+    else:  # adding another expert finishes the removal first
+      lib.add(make_expert(tmp_path / f"src_{step}", "e3", 3))
+      lib.remove("e3")
+    assert lib.verify() == [] and not (root / ".trash").exists(), step
+    got = _state(root)
+    if finish == "add":
+      assert got["history"][-2:] == [("add", "e3"), ("remove", "e3")]
+      got["history"] = got["history"][:-2]
+    assert got == want, step
+  assert step > 12 and states == {"old", "pending", "removed"}, (step, states)
+
+
+def test_the_same_expert_added_again_after_an_interrupted_remove(tmp_path):
+  """A remove killed after moving the expert's directory to the trash (its manifest entry
+  still there): adding the same expert again finishes the removal and adds it anew."""
+  src = make_expert(tmp_path / "src", "e1", 0)
+  lib = ExpertLibrary(tmp_path / "lib", create=True)
+  lib.add(src, keys=[{"inputs": "k"}])
+  before = snapshot(tmp_path / "lib" / "experts")
+  entry = lib.entry("e1")
+  trash = tmp_path / "lib" / ".trash" / f"e1.{'0' * 32}"
+  trash.mkdir(parents=True)
+  (trash / "removal.json").write_text(json.dumps({"name": "e1", "id": "0" * 32, "entry": entry}))
+  os.rename(tmp_path / "lib" / "experts" / "e1", trash / "expert")
+  assert not lib.holds_identical("e1", src)
+  lib.add(src, keys=[{"inputs": "k"}])
+  assert lib.verify() == [] and snapshot(tmp_path / "lib" / "experts") == before
+  assert [(h["action"], h["name"]) for h in lib.history()] == [("add", "e1"), ("remove", "e1"), ("add", "e1")]
+  assert not (tmp_path / "lib" / ".trash").exists()
+
+
+def test_removing_a_removed_expert_again_does_nothing(tmp_path):
+  lib = ExpertLibrary(tmp_path / "lib", create=True)
+  lib.add(make_expert(tmp_path / "src", "e1", 0))
+  assert lib.remove("e1") is True
+  before = snapshot(tmp_path / "lib")
+  assert lib.remove("e1") is False  # a rerun of a remove that had finished
+  assert snapshot(tmp_path / "lib") == before
+  with pytest.raises(LibraryError, match="no expert named 'e9'"):
+    lib.remove("e9")
+
+
+def test_a_removal_record_that_names_another_entry_is_refused(tmp_path):
+  """A hand-made (or hostile) removal record of e1 that points at e2's directory: nothing of
+  e2 is touched."""
+  lib = ExpertLibrary(tmp_path / "lib", create=True)
+  lib.add(make_expert(tmp_path / "src", "e1", 0))
+  lib.add(make_expert(tmp_path / "src", "e2", 1))
+  entry = dict(lib.entry("e1"), directory="experts/e2")
+  trash = tmp_path / "lib" / ".trash" / f"e1.{'0' * 32}"
+  trash.mkdir(parents=True)
+  (trash / "removal.json").write_text(json.dumps({"name": "e1", "id": "0" * 32, "entry": entry}))
+  before = snapshot(tmp_path / "lib")
+  with pytest.raises(LibraryError, match=r"records the removal of 'e1' from 'experts/e2', but the manifest lists it"):
+    lib.repair()
+  assert snapshot(tmp_path / "lib") == before
+
+
+def test_a_library_reached_through_a_linked_root_works(tmp_path):
+  """The root may be a link (a library mounted elsewhere); only links below it are refused."""
+  lib = ExpertLibrary(tmp_path / "real", create=True)
+  lib.add(make_expert(tmp_path / "src", "e1", 0), keys=[{"inputs": "k"}])
+  os.symlink(tmp_path / "real", tmp_path / "linked")
+  linked = ExpertLibrary(tmp_path / "linked")
+  linked.add(make_expert(tmp_path / "src", "e2", 1), keys=[{"inputs": "k2"}])
+  assert linked.keys("e1") == [{"inputs": "k"}] and linked.load("e2")[1].name == "e2"
+  assert linked.remove("e1") and linked.verify() == [] and linked.names() == ["e2"]
+  os.symlink(tmp_path / "real" / "experts" / "e2", tmp_path / "real" / "experts" / "e3")
+  problems = linked.verify()
+  assert len(problems) == 1 and "experts/e3: is a symbolic link to" in problems[0] and "inside the library" in problems[0]
