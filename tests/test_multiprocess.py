@@ -132,10 +132,14 @@ def test_scoring_and_eval_across_two_processes(reference, tmp_path):
   for a, b in zip(one, two):
     for expert in a["scores"]:  # each process scores its share on its own devices: same programs
       np.testing.assert_allclose(b["scores"][expert], a["scores"][expert], rtol=1e-6)
-  args = ["eval", f"--library={lib}", "--task=builtin_nli_gpt3_style", "--max_examples=9", "--batch_size=4"]
+  # One mesh over both processes' 8 devices: experts 4 ways, batch rows 2 ways.
+  args = ["eval", f"--library={lib}", "--task=builtin_nli_gpt3_style", "--max_examples=9", "--batch_size=4",
+          "--mesh=data:2,expert:4", "--no_progress"]
   _one_process(args + [f"--output_dir={tmp_path / 'eval_one'}"])
-  _two_processes(args + [f"--output_dir={tmp_path / 'eval_two'}"])
-  assert sorted(os.listdir(tmp_path / "eval_two")) == ["predictions", "results.csv", "results.json", "results.md"]
+  outs = _two_processes(args + [f"--output_dir={tmp_path / 'eval_two'}"])
+  assert all("8 cpu devices in 2 process(es) as 2 data x 4 expert x 1 model" in err for _, err in outs)
+  assert sorted(os.listdir(tmp_path / "eval_two")) == ["log.jsonl", "predictions", "results.csv", "results.json",
+                                                       "results.md", "tensorboard", "units"]
   assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]  # one writer, no leftovers
   one_results = json.load(open(tmp_path / "eval_one" / "results.json"))["tasks"]
   two_results = json.load(open(tmp_path / "eval_two" / "results.json"))["tasks"]

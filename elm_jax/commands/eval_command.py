@@ -1,9 +1,14 @@
-"""`elm-jax eval`: every selected library expert on every prompt of a task or mixture.
+"""`elm-jax eval`: every selected library expert on every prompt of a task or mixture, as a
+sweep that resumes and splits over jobs (`evaluation/sweep.py`), on every device.
 
     elm-jax eval --library=LIB --experts=all --task=builtin_held_out --output_dir=/tmp/eval
 
 Writes results.json, results.csv, results.md (per prompt, then mean and median over each
-dataset's prompts) and predictions/<task>.jsonl (every expert's prediction per example).
+dataset's prompts) and predictions/<task>.jsonl (every expert's prediction per example), built
+from the sweep's units in units/ (a rerun skips finished units), with log.jsonl and TensorBoard
+scalars beside them. `--shard=i/N` computes one job's share of the units; `--assemble` writes
+the reports once every shard is done. The mesh is `--mesh`, gin's `partitioning.MeshConfig`, or
+every device (the command prints the layout it chose; `evaluation/placement.py`).
 """
 
 from __future__ import annotations
@@ -12,20 +17,28 @@ import argparse
 import sys
 import time
 
-from elm_jax import defaults, partitioning
-from elm_jax.commands import flags, gin_utils
-from elm_jax.evaluation import expert_eval
+from elm_jax import defaults, files, partitioning
+from elm_jax.commands import flags, gin_utils, run_files
+from elm_jax.errors import UserInputError
+from elm_jax.evaluation import expert_eval, placement, sweep
 from elm_jax.library.loaded import load_experts
 from tasks import instances
+
+# The flags that make up a run's record in results.json (not those that only say how or where
+# it ran: a sharded, resumed or re-meshed sweep writes the same report).
+RECORDED_FLAGS = ("library", "task", "split", "max_examples", "softmax_vocab_size", "batch_size",
+                  "max_input_length", "max_target_length", "beam_size", "checkpoint", "setup")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   flags.add_distributed_flags(parser)
-  parser.add_argument("--library", required=True)
+  parser.add_argument("--library", default=None, help="Expert Library (or LIBRARY in a run file)")
   parser.add_argument("--experts", default="all", help="all or NAME,NAME,...")
-  parser.add_argument("--task", required=True, help="registered SeqIO task or mixture")
-  parser.add_argument("--output_dir", required=True)
-  parser.add_argument("--overwrite", action="store_true", help="replace an existing --output_dir")
+  parser.add_argument("--task", default=None, help="registered SeqIO task or mixture")
+  parser.add_argument("--output_dir", default=None,
+                      help="reports and the sweep's units; rerunning the same command there resumes")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="recompute every unit instead of resuming (only eval's own files are replaced)")
   parser.add_argument("--split", default="validation")
   parser.add_argument("--max_examples", type=flags.positive_int_or_all, default=defaults.MAX_EXAMPLES,
                       help="per task, or 'all' (the paper evaluates full validation splits)")
@@ -34,7 +47,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "experts were trained with")
   parser.add_argument("--batch_size", type=flags.positive_int, default=defaults.BATCH_SIZE)
   parser.add_argument("--expert_chunk", type=flags.positive_int, default=None,
-                      help="experts per device pass (memory)")
+                      help="experts per device pass (default: from the devices' memory)")
+  parser.add_argument("--mesh", default=None,
+                      help="data:D,expert:E,model:M (default: every device, experts on `expert`)")
+  parser.add_argument("--unit_experts", type=flags.positive_int, default=None,
+                      help="experts per sweep unit (default: all, one unit per task)")
+  parser.add_argument("--shard", default=None,
+                      help="i/N: compute only this job's share of the units (no report; see --assemble)")
+  parser.add_argument("--assemble", action="store_true",
+                      help="compute nothing: write the reports from the units of every shard")
+  parser.add_argument("--no_progress", action="store_true", help="no progress bar")
   parser.add_argument("--max_input_length", type=flags.token_length, default=defaults.MAX_INPUT_LENGTH)
   parser.add_argument("--max_target_length", type=flags.token_length, default=defaults.MAX_TARGET_LENGTH,
                       help="choice length for rank classification; decode length for generation")
@@ -46,6 +68,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+  parser = argparse.ArgumentParser()
+  add_arguments(parser)
+  run_files.fill_from_gin(args, run_files.parser_defaults(parser), required=("library", "task", "output_dir"))
+  if args.shard is not None and args.assemble:
+    raise UserInputError("--shard and --assemble: a shard computes its units; --assemble (without "
+                         "--shard) writes the reports once every shard is done")
+  shard = sweep.parse_shard(args.shard)
+  mesh_config = run_files.mesh_config(args.mesh)
+  files.check_output_dir(args.output_dir, "--output_dir",
+                         within=files.directories_read(args.library, args.checkpoint))
   expert_eval.check_output_dir(args.output_dir, args.overwrite)
   instances.register_setup(args.setup)
   instances.ensure_registered([args.task])
@@ -53,21 +85,34 @@ def main(args: argparse.Namespace) -> int:
   loaded = load_experts(args.library, args.experts, checkpoint=args.checkpoint, force=args.force,
                         check_integrity=not args.skip_integrity_check,
                         config=gin_utils.model_config_or_none(), softmax_vocab_size=args.softmax_vocab_size)
-  results = []
+  flags.check_softmax_cut(args.softmax_vocab_size, loaded.vocabulary(), eos_id=loaded.config.eos_id,
+                          pad_id=loaded.config.pad_id)
+  chosen = placement.choose(len(loaded.names), loaded.config, loaded.backbone, loaded.stack.params,
+                            batch_size=args.batch_size, max_input_length=args.max_input_length,
+                            max_target_length=args.max_target_length, mesh_config=mesh_config,
+                            expert_chunk=args.expert_chunk, what="eval")
+  print(chosen.description, file=sys.stderr)
+  options = sweep.SweepOptions(split=args.split, max_examples=args.max_examples, batch_size=args.batch_size,
+                               max_input_length=args.max_input_length, max_target_length=args.max_target_length,
+                               beam_size=args.beam_size, softmax_vocab_size=loaded.config.softmax_vocab_size)
+  digests = {name: sweep.expert_digest(loaded.library.entry(name)["files"]) for name in loaded.names}
   start = time.perf_counter()
-  for task in tasks:
-    result = expert_eval.evaluate_task(
-        loaded, task, split=args.split, max_examples=args.max_examples, batch_size=args.batch_size,
-        expert_chunk=args.expert_chunk, max_input_length=args.max_input_length,
-        max_target_length=args.max_target_length, beam_size=args.beam_size)
+  results = sweep.run_sweep(loaded, tasks, args.output_dir, options=options, expert_digests=digests,
+                            backbone_fingerprint=loaded.fingerprint, partitioner=chosen.partitioner,
+                            expert_chunk=chosen.expert_chunk, unit_experts=args.unit_experts, shard=shard,
+                            assemble=args.assemble, recompute=args.overwrite, progress=not args.no_progress)
+  if results is None:
+    print(f"shard {args.shard}: its units are in {args.output_dir}/units ({time.perf_counter() - start:.1f}s); "
+          "when every shard is done: the same command with --assemble instead of --shard", file=sys.stderr)
+    return 0
+  for result in results:
     best = max(loaded.names, key=lambda e: result.metrics[e][result.primary])
-    print(f"{task}: {result.examples} examples, best {best} "
+    print(f"{result.task}: {result.examples} examples, best {best} "
           f"{result.primary}={result.metrics[best][result.primary]:.1f}", file=sys.stderr)
-    results.append(result)
-  run = {k: v for k, v in vars(args).items() if not k.startswith("_")}
-  run["experts"] = loaded.names
+  run = {name: getattr(args, name) for name in RECORDED_FLAGS}
+  run["experts"] = list(loaded.names)
   if partitioning.is_primary():  # every process holds every result; one writes them
-    expert_eval.write_reports(args.output_dir, results, loaded.names, run, overwrite=args.overwrite)
+    expert_eval.write_reports(args.output_dir, results, loaded.names, run)
   partitioning.barrier("elm_jax.eval.reports")
   print(expert_eval.markdown_table(results, loaded.names))
   print(f"evaluated {len(loaded.names)} expert(s) on {len(tasks)} task(s) in "

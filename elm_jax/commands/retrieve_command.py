@@ -15,18 +15,21 @@ import json
 import sys
 
 from elm_jax import defaults, files, partitioning
-from elm_jax.commands import flags, gin_utils
+from elm_jax.commands import flags, gin_utils, run_files
+from elm_jax.evaluation import placement
 from elm_jax.evaluation.expert_eval import score_instances
 from elm_jax.library import retrieval
 from elm_jax.library.loaded import load_experts
 from elm_jax.library.store import ExpertLibrary
 from tasks import instances
 
+REQUIRED = ("library", "task")  # flags a run file may bind instead (runs/retrieve.gin)
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   flags.add_distributed_flags(parser)
-  parser.add_argument("--library", required=True)
-  parser.add_argument("--task", required=True, help="target task (registered SeqIO task)")
+  parser.add_argument("--library", default=None, help="Expert Library (or LIBRARY in a run file)")
+  parser.add_argument("--task", default=None, help="target task (registered SeqIO task)")
   parser.add_argument("--method", choices=retrieval.METHODS, default="roe")
   parser.add_argument("--top_k", type=flags.positive_int, default=1, help="experts to report (ranked)")
   parser.add_argument("--experts", default="all", help="candidates: all or NAME,NAME,...")
@@ -39,7 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--checkpoint", default=None, help="backbone (default: the one the library records)")
   parser.add_argument("--batch_size", type=flags.positive_int, default=defaults.BATCH_SIZE)
   parser.add_argument("--expert_chunk", type=flags.positive_int, default=None,
-                      help="experts scored per pass (memory)")
+                      help="experts scored per pass (default: from the devices' memory)")
+  parser.add_argument("--mesh", default=None,
+                      help="likelihood/oracle: data:D,expert:E,model:M (default: every device)")
   parser.add_argument("--setup", default=None, help="tasks to register: builtin, elm, module:function")
   parser.add_argument("--output", default=None, help="JSON file for the full ranking")
   flags.add_integrity_flag(parser)
@@ -66,8 +71,14 @@ def rank(args: argparse.Namespace) -> dict:
     loaded = load_experts(args.library, names, checkpoint=args.checkpoint,
                           check_integrity=not args.skip_integrity_check,
                           config=gin_utils.model_config_or_none())
-    scores, _ = score_instances(loaded, queries, batch_size=args.batch_size,
-                                expert_chunk=args.expert_chunk, source=f"task {args.task}")
+    chosen = placement.choose(len(loaded.names), loaded.config, loaded.backbone, loaded.stack.params,
+                              batch_size=args.batch_size, max_input_length=defaults.MAX_INPUT_LENGTH,
+                              max_target_length=defaults.MAX_TARGET_LENGTH, expert_chunk=args.expert_chunk,
+                              mesh_config=run_files.mesh_config(args.mesh),
+                              what="retrieve")
+    print(chosen.description, file=sys.stderr)
+    scores, _ = score_instances(loaded, queries, batch_size=args.batch_size, partitioner=chosen.partitioner,
+                                expert_chunk=chosen.expert_chunk, source=f"task {args.task}")
     if args.method == "likelihood":
       ranking = retrieval.likelihood_ranking(scores, names, args.criterion)
     else:
@@ -81,8 +92,12 @@ def rank(args: argparse.Namespace) -> dict:
 
 
 def main(args: argparse.Namespace) -> int:
+  parser = argparse.ArgumentParser()
+  add_arguments(parser)
+  run_files.fill_from_gin(args, run_files.parser_defaults(parser), required=REQUIRED)
   if args.output:
-    files.check_output_file(args.output, "--output")
+    files.check_output_file(args.output, "--output",
+                            within=files.directories_read(args.library, args.checkpoint))
   result = rank(args)
   for i, entry in enumerate(result["ranking"][:args.top_k]):
     detail = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
@@ -90,7 +105,7 @@ def main(args: argparse.Namespace) -> int:
     print(f"{i + 1}\t{entry['expert']}\t{detail}")
   if args.output:
     if partitioning.is_primary():
-      files.write_atomically(args.output, json.dumps(result, indent=1, allow_nan=False).encode())
+      files.write_output(args.output, json.dumps(result, indent=1, allow_nan=False).encode())
     partitioning.barrier("elm_jax.retrieve.output")
     print(f"wrote the ranking of {len(result['ranking'])} experts to {args.output}", file=sys.stderr)
   return 0

@@ -17,12 +17,15 @@ from typing import Any
 
 from elm_jax import defaults, files, jsonl, partitioning
 from elm_jax.checkpoints import loading
-from elm_jax.commands import flags, gin_utils
+from elm_jax.commands import flags, gin_utils, run_files
 from elm_jax.errors import UserInputError
-from elm_jax.evaluation import rank_scoring
+from elm_jax.evaluation import placement, rank_scoring
 from elm_jax.evaluation.expert_eval import score_instances
 from elm_jax.library.loaded import load_experts
 from elm_jax.vocabularies import SentencePieceVocabulary
+
+
+REQUIRED = ("input", "output")  # flags a run file may bind instead (runs/score.gin)
 
 
 class InputError(UserInputError):
@@ -39,8 +42,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--experts", default="all", help="with --library: all or NAME,NAME,...")
   parser.add_argument("--expert_chunk", type=flags.positive_int, default=None,
                       help="with --library: experts per device pass (bounds memory)")
-  parser.add_argument("--input", required=True, help="JSONL file of {id, inputs, choices}")
-  parser.add_argument("--output", required=True, help="JSONL file to write {id, scores, prediction}")
+  parser.add_argument("--mesh", default=None,
+                      help="with --library: data:D,expert:E,model:M (default: every device, experts on `expert`)")
+  parser.add_argument("--input", default=None, help="JSONL file of {id, inputs, choices}")
+  parser.add_argument("--output", default=None, help="JSONL file to write {id, scores, prediction}")
   parser.add_argument("--batch_size", type=flags.positive_int, default=defaults.BATCH_SIZE)
   parser.add_argument("--length_normalize", action="store_true",
                       help="divide each choice's score by its token count (EOS included)")
@@ -95,13 +100,26 @@ def score_records(records, scorer: rank_scoring.RankScorer, vocabulary, *,
   return out
 
 
+def _choices(path: str, records):
+  """(where, text) of every answer choice of `records`, for `flags.check_softmax_cut`."""
+  return ((f"{path}, id {r['id']!r}", choice) for r in records for choice in r["choices"])
+
+
 def score_with_library(args: argparse.Namespace, records) -> list[dict[str, Any]]:
   loaded = load_experts(args.library, args.experts, checkpoint=args.checkpoint, dtype=args.dtype,
                         vocabulary=args.vocabulary, check_integrity=not args.skip_integrity_check,
                         config=gin_utils.model_config_or_none(), softmax_vocab_size=args.softmax_vocab_size)
+  flags.check_softmax_cut(args.softmax_vocab_size, loaded.vocabulary(), _choices(args.input, records),
+                          eos_id=loaded.config.eos_id, pad_id=loaded.config.pad_id)
   rows = [{"inputs": r["inputs"], "answer_choices": r["choices"]} for r in records]
-  scores, counts = score_instances(loaded, rows, batch_size=args.batch_size,
-                                   expert_chunk=args.expert_chunk, max_input_length=args.max_input_length,
+  chosen = placement.choose(len(loaded.names), loaded.config, loaded.backbone, loaded.stack.params,
+                            batch_size=args.batch_size, max_input_length=args.max_input_length,
+                            max_target_length=args.max_target_length, expert_chunk=args.expert_chunk,
+                            mesh_config=run_files.mesh_config(args.mesh),
+                            what="score")
+  print(chosen.description, file=sys.stderr)
+  scores, counts = score_instances(loaded, rows, batch_size=args.batch_size, partitioner=chosen.partitioner,
+                                   expert_chunk=chosen.expert_chunk, max_input_length=args.max_input_length,
                                    max_target_length=args.max_target_length, source=args.input)
   out = []
   for n, record in enumerate(records):
@@ -114,7 +132,11 @@ def score_with_library(args: argparse.Namespace, records) -> list[dict[str, Any]
 
 
 def main(args: argparse.Namespace) -> int:
-  files.check_output_file(args.output, "--output", inputs=[args.input])
+  parser = argparse.ArgumentParser()
+  add_arguments(parser)
+  run_files.fill_from_gin(args, run_files.parser_defaults(parser), required=REQUIRED)
+  files.check_output_file(args.output, "--output", inputs=[args.input, args.vocabulary],
+                          within=files.directories_read(args.library, args.checkpoint))
   records = read_examples(args.input)
   if args.library:
     start = time.perf_counter()
@@ -134,6 +156,8 @@ def main(args: argparse.Namespace) -> int:
     raise InputError(f"{args.checkpoint}: no spiece.model in the checkpoint directory; "
                      "pass --vocabulary=PATH")
   vocabulary = SentencePieceVocabulary(vocab_path)
+  flags.check_softmax_cut(args.softmax_vocab_size, vocabulary, _choices(args.input, records),
+                          eos_id=checkpoint.config.eos_id, pad_id=checkpoint.config.pad_id)
   scorer = rank_scoring.RankScorer(checkpoint.model, checkpoint.params, batch_size=args.batch_size,
                                    max_input_length=args.max_input_length,
                                    max_target_length=args.max_target_length)

@@ -8,6 +8,7 @@ its prompts (the ELM paper reports means, T0 medians).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import functools
@@ -19,7 +20,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import seqio
 
-from elm_jax import batching, defaults, expert_stack, files
+from elm_jax import batching, defaults, expert_stack, files, partitioning
 from elm_jax.errors import UserInputError
 from elm_jax.evaluation import generation_metrics, rank_scoring
 from elm_jax.expert_stack import ExpertsOnBackbone
@@ -91,38 +92,57 @@ def evaluate_task(loaded: ExpertsOnBackbone, task: str, *, split: str = "validat
                   max_examples: Optional[int] = defaults.MAX_EXAMPLES, batch_size: int = defaults.BATCH_SIZE,
                   expert_chunk: Optional[int] = None, max_input_length: int = defaults.MAX_INPUT_LENGTH,
                   max_target_length: int = defaults.MAX_TARGET_LENGTH,
-                  beam_size: int = 1) -> TaskResult:
+                  beam_size: int = 1, partitioner=None) -> TaskResult:
   """Every loaded expert on up to `max_examples` examples of `task`."""
   return evaluate_tasks(loaded, [task], split=split, max_examples=max_examples, batch_size=batch_size,
                         expert_chunk=expert_chunk, max_input_length=max_input_length,
-                        max_target_length=max_target_length, beam_size=beam_size)[0]
+                        max_target_length=max_target_length, beam_size=beam_size, partitioner=partitioner)[0]
+
+
+def read_task_rows(task: str, split: str = "validation",
+                   max_examples: Optional[int] = defaults.MAX_EXAMPLES) -> list[dict[str, Any]]:
+  """Up to `max_examples` instances of `task`'s `split`, checked to be evaluable: answer choices
+  with a label (rank classification) or a target text (generation)."""
+  if max_examples is not None and max_examples < 1:
+    raise UserInputError(f"max_examples: expected a positive integer or None (all), got {max_examples}")
+  rows = instances.task_instances(task, split, max_examples)
+  if not rows:
+    raise UserInputError(f"task {task!r} ({split}): the split holds no examples")
+  if not is_ranked(rows) and any(r.get("targets") is None for r in rows):
+    raise UserInputError(f"task {task!r} ({split}): examples carry neither answer choices with a "
+                         "label nor a target text, so there is nothing to evaluate against")
+  return rows
+
+
+def is_ranked(rows: Sequence[dict[str, Any]]) -> bool:
+  """Whether a task's rows are evaluated by rank classification (every row has answer choices
+  and a label) rather than by decoding."""
+  return bool(rows) and all(r.get("answer_choices") and r.get("label") is not None for r in rows)
 
 
 def evaluate_tasks(loaded: ExpertsOnBackbone, tasks: Sequence[str], *, split: str = "validation",
                    max_examples: Optional[int] = defaults.MAX_EXAMPLES, batch_size: int = defaults.BATCH_SIZE,
                    expert_chunk: Optional[int] = None, max_input_length: int = defaults.MAX_INPUT_LENGTH,
                    max_target_length: int = defaults.MAX_TARGET_LENGTH,
-                   max_decode_length: Optional[int] = None, beam_size: int = 1) -> list[TaskResult]:
+                   max_decode_length: Optional[int] = None, beam_size: int = 1,
+                   partitioner=None, rows: Optional[dict[str, list]] = None) -> list[TaskResult]:
   """`evaluate_task` for each of `tasks` (results in that order). The examples of every
   rank-classification task are scored in one pass: batches are sorted by length across tasks
   (fewer, fuller batches and fewer shapes to compile, compiled in parallel), and each chunk of
-  experts is moved to the device once. `max_target_length` bounds choices; generation decodes
-  `max_decode_length` tokens (default: `max_target_length`)."""
-  if max_examples is not None and max_examples < 1:
-    raise UserInputError(f"max_examples: expected a positive integer or None (all), got {max_examples}")
-  rows = {task: instances.task_instances(task, split, max_examples) for task in tasks}
-  ranked = [t for t in tasks if rows[t] and all(r.get("answer_choices") and r.get("label") is not None
-                                                 for r in rows[t])]
+  experts is moved to the device(s) once (split over the mesh's `expert` axis with a
+  `partitioner`). `max_target_length` bounds choices; generation decodes `max_decode_length`
+  tokens (default: `max_target_length`). `rows`: each task's instances when already read
+  (`read_task_rows`)."""
+  rows = dict(rows or {})
   for task in tasks:
-    if not rows[task]:
-      raise UserInputError(f"task {task!r} ({split}): the split holds no examples")
-    if task not in ranked and any(r.get("targets") is None for r in rows[task]):
-      raise UserInputError(f"task {task!r} ({split}): examples carry neither answer choices with a "
-                           "label nor a target text, so there is nothing to evaluate against")
+    if task not in rows:
+      rows[task] = read_task_rows(task, split, max_examples)
+  ranked = [t for t in tasks if is_ranked(rows[t])]
   results: dict[str, TaskResult] = {}
   if ranked:
     scores, _ = score_instances(loaded, [r for t in ranked for r in rows[t]], batch_size=batch_size,
-                                expert_chunk=expert_chunk, max_input_length=max_input_length,
+                                expert_chunk=expert_chunk, partitioner=partitioner,
+                                max_input_length=max_input_length,
                                 max_target_length=max_target_length, source=f"task {ranked[0]}"
                                 if len(ranked) == 1 else f"tasks {', '.join(ranked)}")
     offset = 0
@@ -135,7 +155,7 @@ def evaluate_tasks(loaded: ExpertsOnBackbone, tasks: Sequence[str], *, split: st
       results[task] = _generation_result(
           loaded, task, rows[task], batch_size=batch_size, expert_chunk=expert_chunk,
           max_input_length=max_input_length, max_decode_length=max_decode_length or max_target_length,
-          beam_size=beam_size)
+          beam_size=beam_size, partitioner=partitioner)
   return [results[t] for t in tasks]
 
 
@@ -154,11 +174,11 @@ def _rank_result(loaded: ExpertsOnBackbone, task: str, rows, scores: np.ndarray)
 
 def _generation_result(loaded: ExpertsOnBackbone, task: str, rows, *, batch_size: int,
                        expert_chunk: Optional[int], max_input_length: int, max_decode_length: int,
-                       beam_size: int) -> TaskResult:
+                       beam_size: int, partitioner=None) -> TaskResult:
   dataset, prompt = dataset_and_prompt(task)
   texts = decode_texts(loaded, [r["inputs"] for r in rows], batch_size=batch_size,
                        expert_chunk=expert_chunk, max_input_length=max_input_length,
-                       max_decode_length=max_decode_length, beam_size=beam_size)
+                       max_decode_length=max_decode_length, beam_size=beam_size, partitioner=partitioner)
   references = [r["targets"] for r in rows]
   metrics = {name: generation_metrics.generation_metrics(texts[e], references)
              for e, name in enumerate(loaded.names)}
@@ -170,22 +190,32 @@ def _generation_result(loaded: ExpertsOnBackbone, task: str, rows, *, batch_size
 
 def decode_texts(loaded: ExpertsOnBackbone, inputs: Sequence[str], *, batch_size: int = defaults.BATCH_SIZE,
                  expert_chunk: Optional[int] = None, max_input_length: int = defaults.MAX_INPUT_LENGTH,
-                 max_decode_length: int = defaults.MAX_TARGET_LENGTH, beam_size: int = 1) -> list[list[str]]:
-  """Every expert's decoded text for every input: [E][N] strings."""
+                 max_decode_length: int = defaults.MAX_TARGET_LENGTH, beam_size: int = 1,
+                 partitioner=None) -> list[list[str]]:
+  """Every expert's decoded text for every input: [E][N] strings. With a `partitioner`, each
+  chunk of experts is split over the mesh's `expert` axis (the chunk rounded up to a multiple
+  of it), batch rows over `data` and the backbone by the model rules."""
   vocabulary = loaded.vocabulary()
   eos, pad = loaded.config.eos_id, loaded.config.pad_id
   ids = [vocabulary.encode(t)[:max_input_length - 1] + [eos] for t in inputs]
   num_experts = len(loaded.names)
   chunk = min(expert_chunk or rank_scoring.default_expert_chunk(num_experts), num_experts)
+  backbone, expert_specs = loaded.backbone, None
+  if partitioner is not None:
+    ways = partitioner.mesh.shape["expert"]
+    chunk = -(-chunk // ways) * ways
+    backbone_specs, expert_specs = expert_stack.logical_specs(loaded.config, loaded.model.expert)
+    backbone = partitioner.place(backbone, backbone_specs)
   out: list[list[str]] = [[""] * len(inputs) for _ in range(num_experts)]
   batches = list(batching.padded_batches(ids, batch_size, GENERATION_MIN_INPUT_BUCKET, max_input_length))
   for start_e, stop_e, experts in expert_stack.chunks(loaded.stack.params, chunk):
-    experts = expert_stack.place(experts)  # once per chunk, not per batch
-    decoded = [rank_scoring.decode_all_experts(loaded.model, loaded.backbone, experts, tokens,
-                                               max_decode_length=max_decode_length, beam_size=beam_size)[0]
-               for _, tokens in batches]
+    experts = expert_stack.place(experts, partitioner, expert_specs)  # once per chunk, not per batch
+    with partitioner.context() if partitioner is not None else contextlib.nullcontext():
+      decoded = [rank_scoring.decode_all_experts(loaded.model, backbone, experts, tokens,
+                                                 max_decode_length=max_decode_length, beam_size=beam_size)[0]
+                 for _, tokens in batches]
     for (rows, _), tokens_out in zip(batches, decoded):
-      tokens_out = np.asarray(tokens_out)
+      tokens_out = partitioning.to_host(tokens_out)
       for e in range(stop_e - start_e):
         for r, i in enumerate(rows):
           seq = tokens_out[e, r].tolist()
@@ -245,51 +275,55 @@ def markdown_table(results: Sequence[TaskResult], experts: Sequence[str]) -> str
 
 
 REPORT_FILES = ("results.json", "results.csv", "results.md", "predictions")
+# What else a sweep keeps in its output directory (`evaluation/sweep.py`).
+SWEEP_FILES = ("units", "log.jsonl", "tensorboard")
 
 
-def check_output_dir(output_dir: str, overwrite: bool) -> None:
-  """Refuses, before any work, an output directory that is a file, or one that exists and is
-  not empty unless `overwrite`; even then only a directory that `eval` wrote (its report files
-  and nothing else) is replaced: nothing else is ever deleted."""
+def check_output_dir(output_dir: str, overwrite: bool = False) -> None:
+  """Refuses, before any work, an output directory that is a file, or one holding anything
+  `eval` did not write (its reports, its sweep's units, log and TensorBoard files, and the
+  temporary names of its atomic writes): a sweep resumes in a directory of its own and never
+  deletes anything else. (`overwrite` recomputes every unit; it replaces only eval's files.)"""
+  del overwrite  # the same files are replaced either way; see run_sweep(recompute=...)
   files.check_output_dir(output_dir, "--output_dir")
-  if not os.path.isdir(output_dir) or not os.listdir(output_dir):
+  if not os.path.isdir(output_dir):
     return
-  if not overwrite:
-    raise UserInputError(f"--output_dir={output_dir}: exists and is not empty; pass --overwrite to "
-                         "replace it")
-  present = set(os.listdir(output_dir))
-  if "results.json" not in present or not present <= set(REPORT_FILES):
+  ours = set(REPORT_FILES) | set(SWEEP_FILES)
+  foreign = sorted(n for n in os.listdir(output_dir) if n not in ours and not n.startswith("."))
+  if foreign:
     raise UserInputError(f"--output_dir={output_dir}: holds files that `elm-jax eval` did not write "
-                         f"({', '.join(sorted(present - set(REPORT_FILES))[:5]) or 'no results.json'}); "
-                         "not replacing it: choose another directory")
+                         f"({', '.join(foreign[:5])}); not writing into it: choose another directory")
+
+
+def report_bytes(results: Sequence[TaskResult], experts: Sequence[str], run: dict[str, Any]) -> dict[str, bytes]:
+  """results.json, results.csv and results.md as bytes (a function of their inputs alone)."""
+  summary = summarize(results, experts)
+  report = json.dumps({"run": run, "summary": summary,
+                       "tasks": [{k: v for k, v in dataclasses.asdict(r).items() if k != "predictions"}
+                                 for r in results]}, indent=1)
+  buffer = io.StringIO()
+  writer = csv.writer(buffer)
+  writer.writerow(["task", "dataset", "prompt", "expert", "metric", "value", "examples"])
+  for r in results:
+    for expert in experts:
+      for metric, value in r.metrics[expert].items():
+        writer.writerow([r.task, r.dataset, r.prompt, expert, metric, f"{value:.4f}", r.examples])
+  return {"results.json": report.encode(), "results.csv": buffer.getvalue().encode(),
+          "results.md": markdown_table(results, experts).encode()}
 
 
 def write_reports(output_dir: str, results: Sequence[TaskResult], experts: Sequence[str],
                   run: dict[str, Any], overwrite: bool = False) -> None:
-  """results.json, results.csv, results.md and predictions/<task>.jsonl, written to a temporary
-  sibling directory and renamed into place (an existing directory only with `overwrite`, and
-  only one that `eval` wrote)."""
+  """results.json, results.csv, results.md and predictions/<task>.jsonl in `output_dir`, each
+  written under a temporary name and renamed into place (predictions/ as one directory); the
+  directory's other files (a sweep's units and logs) stay."""
   output_dir = os.path.abspath(output_dir)
   check_output_dir(output_dir, overwrite)
-  with files.atomic_directory(output_dir, replace=True) as tmp:
-    summary = summarize(results, experts)
-    with open(os.path.join(tmp, "results.json"), "w") as f:
-      json.dump({"run": run, "summary": summary,
-                 "tasks": [{k: v for k, v in dataclasses.asdict(r).items() if k != "predictions"}
-                           for r in results]}, f, indent=1)
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["task", "dataset", "prompt", "expert", "metric", "value", "examples"])
+  os.makedirs(output_dir, exist_ok=True)
+  with files.atomic_directory(os.path.join(output_dir, "predictions"), replace=True) as tmp:
     for r in results:
-      for expert in experts:
-        for metric, value in r.metrics[expert].items():
-          writer.writerow([r.task, r.dataset, r.prompt, expert, metric, f"{value:.4f}", r.examples])
-    with open(os.path.join(tmp, "results.csv"), "w") as f:
-      f.write(buffer.getvalue())
-    with open(os.path.join(tmp, "results.md"), "w") as f:
-      f.write(markdown_table(results, experts))
-    os.makedirs(os.path.join(tmp, "predictions"))
-    for r in results:
-      with open(os.path.join(tmp, "predictions", f"{r.task}.jsonl"), "w") as f:
+      with open(os.path.join(tmp, f"{r.task}.jsonl"), "w") as f:
         for record in r.predictions:
           f.write(json.dumps(record) + "\n")
+  for name, data in report_bytes(results, experts, run).items():
+    files.write_atomically(os.path.join(output_dir, name), data)

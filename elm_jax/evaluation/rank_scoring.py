@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from elm_jax import batching, defaults, expert_stack
+from elm_jax import batching, defaults, expert_stack, partitioning
 from elm_jax.models.adapters import merge_params
 from elm_jax.models.model import EncoderDecoderModel
 from elm_jax.models.t5 import logical_axes, param_shapes
@@ -302,7 +302,9 @@ class RankScorer:
           with self.partitioner.context():
             out = expert_choice_log_likelihoods(self.model, self.params, chunk, *a.arguments)
         results[k].append((out, stop - start))
-    return [np.concatenate([np.asarray(out)[:n] for out, n in parts], axis=0) for parts in results]
+    # Every process reads back the whole [chunk, batch, choices] (its devices may hold only some
+    # experts' rows of a mesh spanning several processes).
+    return [np.concatenate([partitioning.to_host(out)[:n] for out, n in parts], axis=0) for parts in results]
 
   def _place_backbone(self) -> None:
     backbone_specs, self._expert_specs = expert_stack.logical_specs(self.model.config, self.model.expert)
