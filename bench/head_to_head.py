@@ -394,14 +394,15 @@ def command_line() -> str:
   return f"{env} {shlex.join([sys.executable] + sys.argv)}".strip()
 
 
-def write_section(path: pathlib.Path, section: str) -> None:
+def write_section(path: pathlib.Path, section: str, family: str = HEADING) -> None:
   """Puts `section` into BENCHMARKS.md: one section per machine, so that a run on another CPU adds its
   own report instead of erasing the others. It replaces the section with the same heading (the same
-  machine, up to the next `## `), else goes after the last head-to-head section, else at the end."""
+  machine, up to the next `## `), else goes after the last section whose heading starts with
+  `family` (default: the head-to-head sections), else at the end."""
   lines = path.read_text().splitlines() if path.exists() else []
   new = section.rstrip("\n").splitlines()
   heading = new[0]
-  ours = [i for i, line in enumerate(lines) if line.startswith(HEADING)]
+  ours = [i for i, line in enumerate(lines) if line.startswith(family)]
   start = next((i for i in ours if lines[i] == heading), None)
 
   def section_end(i: int) -> int:

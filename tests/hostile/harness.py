@@ -132,6 +132,7 @@ def run_case(case: Case, made, tmp_path, capsys) -> None:
   gin.clear_config()
   out, err = capsys.readouterr()
   assert "Traceback" not in err, err
+  assert "In call to configurable" not in err, err  # gin's context is not a second error line
   assert status == case.status, f"exit {status}\nstdout:\n{out}\nstderr:\n{err}"
   if case.message is not None:
     errors = [line for line in err.splitlines() if "error:" in line]
