@@ -20,7 +20,7 @@ import time
 from elm_jax import defaults, files, partitioning
 from elm_jax.commands import flags, gin_utils, run_files
 from elm_jax.errors import UserInputError
-from elm_jax.evaluation import expert_eval, placement, sweep
+from elm_jax.evaluation import expert_eval, sweep
 from elm_jax.library.loaded import load_experts
 from tasks import instances
 
@@ -87,11 +87,8 @@ def main(args: argparse.Namespace) -> int:
                         config=gin_utils.model_config_or_none(), softmax_vocab_size=args.softmax_vocab_size)
   flags.check_softmax_cut(args.softmax_vocab_size, loaded.vocabulary(), eos_id=loaded.config.eos_id,
                           pad_id=loaded.config.pad_id)
-  chosen = placement.choose(len(loaded.names), loaded.config, loaded.backbone, loaded.stack.params,
-                            batch_size=args.batch_size, max_input_length=args.max_input_length,
-                            max_target_length=args.max_target_length, mesh_config=mesh_config,
-                            expert_chunk=args.expert_chunk, what="eval")
-  print(chosen.description, file=sys.stderr)
+  chosen = run_files.placement_for(loaded, args, "eval", max_input_length=args.max_input_length,
+                                   max_target_length=args.max_target_length, mesh=mesh_config)
   options = sweep.SweepOptions(split=args.split, max_examples=args.max_examples, batch_size=args.batch_size,
                                max_input_length=args.max_input_length, max_target_length=args.max_target_length,
                                beam_size=args.beam_size, softmax_vocab_size=loaded.config.softmax_vocab_size)

@@ -16,7 +16,6 @@ import sys
 
 from elm_jax import defaults, files, partitioning
 from elm_jax.commands import flags, gin_utils, run_files
-from elm_jax.evaluation import placement
 from elm_jax.evaluation.expert_eval import score_instances
 from elm_jax.library import retrieval
 from elm_jax.library.loaded import load_experts
@@ -71,12 +70,8 @@ def rank(args: argparse.Namespace) -> dict:
     loaded = load_experts(args.library, names, checkpoint=args.checkpoint,
                           check_integrity=not args.skip_integrity_check,
                           config=gin_utils.model_config_or_none())
-    chosen = placement.choose(len(loaded.names), loaded.config, loaded.backbone, loaded.stack.params,
-                              batch_size=args.batch_size, max_input_length=defaults.MAX_INPUT_LENGTH,
-                              max_target_length=defaults.MAX_TARGET_LENGTH, expert_chunk=args.expert_chunk,
-                              mesh_config=run_files.mesh_config(args.mesh),
-                              what="retrieve")
-    print(chosen.description, file=sys.stderr)
+    chosen = run_files.placement_for(loaded, args, "retrieve", max_input_length=defaults.MAX_INPUT_LENGTH,
+                                     max_target_length=defaults.MAX_TARGET_LENGTH)
     scores, _ = score_instances(loaded, queries, batch_size=args.batch_size, partitioner=chosen.partitioner,
                                 expert_chunk=chosen.expert_chunk, source=f"task {args.task}")
     if args.method == "likelihood":

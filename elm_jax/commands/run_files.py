@@ -9,6 +9,7 @@ the macro `MESH_CONFIG` (a `@partitioning.MeshConfig()`) stands for `--mesh`.
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any, Optional, Sequence
 
 import gin
@@ -78,3 +79,17 @@ def mesh_config_from_gin() -> Optional[partitioning.MeshConfig]:
 def mesh_config(mesh_flag) -> Optional[partitioning.MeshConfig]:
   """The mesh an evaluating command runs on: `--mesh`, else gin's (None: let the command choose)."""
   return placement.parse_mesh_flag(mesh_flag) or mesh_config_from_gin()
+
+
+def placement_for(loaded, args: argparse.Namespace, what: str, *, max_input_length: int,
+                  max_target_length: int, mesh=None) -> placement.Placement:
+  """The mesh and expert chunk an evaluating command scores `loaded`'s experts on (`--mesh`,
+  gin's MeshConfig, or every device; `--expert_chunk` or the devices' memory), its layout
+  printed in one line on stderr."""
+  chosen = placement.choose(len(loaded.names), loaded.config, loaded.backbone, loaded.stack.params,
+                            batch_size=args.batch_size, max_input_length=max_input_length,
+                            max_target_length=max_target_length, expert_chunk=args.expert_chunk,
+                            mesh_config=mesh if mesh is not None else mesh_config(args.mesh), what=what)
+  print(chosen.description, file=sys.stderr)
+  return chosen
+

@@ -19,7 +19,7 @@ from elm_jax import defaults, files, jsonl, partitioning
 from elm_jax.checkpoints import loading
 from elm_jax.commands import flags, gin_utils, run_files
 from elm_jax.errors import UserInputError
-from elm_jax.evaluation import placement, rank_scoring
+from elm_jax.evaluation import rank_scoring
 from elm_jax.evaluation.expert_eval import score_instances
 from elm_jax.library.loaded import load_experts
 from elm_jax.vocabularies import SentencePieceVocabulary
@@ -112,12 +112,8 @@ def score_with_library(args: argparse.Namespace, records) -> list[dict[str, Any]
   flags.check_softmax_cut(args.softmax_vocab_size, loaded.vocabulary(), _choices(args.input, records),
                           eos_id=loaded.config.eos_id, pad_id=loaded.config.pad_id)
   rows = [{"inputs": r["inputs"], "answer_choices": r["choices"]} for r in records]
-  chosen = placement.choose(len(loaded.names), loaded.config, loaded.backbone, loaded.stack.params,
-                            batch_size=args.batch_size, max_input_length=args.max_input_length,
-                            max_target_length=args.max_target_length, expert_chunk=args.expert_chunk,
-                            mesh_config=run_files.mesh_config(args.mesh),
-                            what="score")
-  print(chosen.description, file=sys.stderr)
+  chosen = run_files.placement_for(loaded, args, "score", max_input_length=args.max_input_length,
+                                   max_target_length=args.max_target_length)
   scores, counts = score_instances(loaded, rows, batch_size=args.batch_size, partitioner=chosen.partitioner,
                                    expert_chunk=chosen.expert_chunk, max_input_length=args.max_input_length,
                                    max_target_length=args.max_target_length, source=args.input)

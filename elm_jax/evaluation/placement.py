@@ -152,7 +152,7 @@ def choose(num_experts: int, model_config: T5Config, backbone: Any, expert_param
   per_expert = scoring_bytes_per_expert(model_config, expert_params, batch_size=batch_size,
                                         input_length=max_input_length, target_length=max_target_length,
                                         data_ways=data)
-  memory = device_memory_bytes(devices[0])
+  memory = device_memory_bytes(jax.local_devices()[0])  # devices[0] may be another process's
   padded_experts = -(-num_experts // expert) * expert
   if expert_chunk is not None:
     chunk, why = -(-expert_chunk // expert) * expert, "--expert_chunk"
