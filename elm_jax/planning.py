@@ -509,7 +509,8 @@ def run_arrays(layout: run.RunLayout, request: "PlanRequest", score_experts: int
     out += _program_arrays(
         layout.shapes[0].model_config, "scorer", Extent("experts", score_experts, "--score_experts"),
         Extent("batch", request.score_batch_size, "--score_batch_size"),
-        Extent("input", request.score_input_length), Extent("target", request.score_target_length),
+        Extent("input", request.score_input_length, "--score_input_length"),
+        Extent("target", request.score_target_length, "--score_target_length"),
         Extent("choices", request.score_choices, "--score_choices"))
   return out
 

@@ -23,7 +23,7 @@ LAYERS = [
     ("checkpoints", ["elm_jax.checkpoints"]),
     ("expert stack", ["elm_jax.expert_stack"]),
     ("training | evaluation", ["elm_jax.training", "elm_jax.evaluation"]),
-    ("planning", ["elm_jax.planning"]),
+    ("planning", ["elm_jax.planning", "elm_jax.planning_sweep"]),
     ("library", ["elm_jax.library"]),
     ("demo", ["elm_jax.demo"]),
     ("commands", ["elm_jax.commands"]),

@@ -92,16 +92,20 @@ def scoring_bytes_per_expert(model_config: T5Config, expert_params: Any, *, batc
                              input_length: int, target_length: int, choices: int = 4,
                              data_ways: int = 1) -> int:
   """An estimate of one expert's share of a device in the one-pass scorer: its parameters
-  (float32) plus one batch's activations (the encoder's and decoder's residual streams and
-  feed-forward activations of every layer, and the logits of every choice token), divided over
-  the `data` axis."""
+  (float32) plus the largest activations alive at once in a forward pass with no backward
+  (one layer's residual stream, feed-forward activations and attention logits, in the encoder
+  and in the decoder, and the output logits of every choice token), doubled for XLA's working
+  copies, for one batch split over the `data` axis. On the XL scorer (batch 32, 4 choices,
+  512/128 tokens, one adapter expert) it comes to 13.0 GiB against the 14.4 GiB of temporaries XLA
+  compiles for it (`elm-jax plan`)."""
   params = sum(int(np.prod(np.shape(x)[1:])) * 4 for x in jax.tree_util.tree_leaves(expert_params))
   width = model_config.emb_dim * 4 + model_config.mlp_dim * 2
+  heads = model_config.num_heads
   rows = batch_size / max(data_ways, 1)
-  encoder = rows * input_length * width * model_config.num_encoder_layers
-  decoder = rows * choices * target_length * width * model_config.num_decoder_layers
+  encoder = rows * input_length * (width + heads * input_length)
+  decoder = rows * choices * target_length * (width + heads * (target_length + input_length))
   logits = rows * choices * target_length * (model_config.softmax_vocab_size or model_config.vocab_size)
-  return int(params + 4 * (encoder + decoder + logits))
+  return int(params + 2 * 4 * (encoder + decoder + logits))
 
 
 def device_memory_bytes(device: jax.Device) -> Optional[int]:
@@ -122,6 +126,32 @@ def experts_per_device(memory: Optional[int], backbone_bytes: int, per_expert: i
   return max(1, int(free // max(per_expert, 1)))
 
 
+def decide(num_experts: int, num_devices: int, *, batch_size: int, memory: Optional[int], backbone_bytes: int,
+           per_expert: int, mesh_config: Optional[partitioning.MeshConfig] = None,
+           expert_chunk: Optional[int] = None, batch_flag: str = "--batch_size",
+           chunk_flag: str = "--expert_chunk") -> tuple[partitioning.MeshConfig, int, str]:
+  """(mesh, experts per pass, the words saying why) on `num_devices` devices of `memory` bytes
+  (None: not reported): `mesh_config`, else `auto_mesh`; `expert_chunk` rounded up to the
+  `expert` axis, else `experts_per_device` a device; at most the experts, padded to the axis.
+  What `choose` decides for the devices at hand and `elm-jax plan` for a pod it simulates."""
+  chosen_by = "as given"
+  if mesh_config is None:
+    mesh_config, chosen_by = auto_mesh(num_experts, batch_size, num_devices), "chosen for the experts"
+  data, expert, model = mesh_config.resolve(num_devices)
+  if batch_size % data:
+    raise PlacementError(f"{batch_flag}={batch_size}: the mesh's data axis ({data}) must divide the "
+                         f"batch rows; pass a batch size that is a multiple of {data} or another mesh")
+  if expert_chunk is not None:
+    chunk, why = -(-expert_chunk // expert) * expert, chunk_flag
+  else:
+    per_device = experts_per_device(memory, backbone_bytes, per_expert, model)
+    chunk = per_device * expert
+    why = ("CPU default" if memory is None else f"{per_device} a device fit in {memory / 2**30:.1f} GiB")
+  chunk = min(chunk, -(-num_experts // expert) * expert)
+  return (mesh_config, chunk,
+          f"{data} data x {expert} expert x {model} model ({chosen_by}); {chunk} experts per pass ({why})")
+
+
 def choose(num_experts: int, model_config: T5Config, backbone: Any, expert_params: Any, *,
            batch_size: int, max_input_length: int, max_target_length: int,
            mesh_config: Optional[partitioning.MeshConfig] = None, expert_chunk: Optional[int] = None,
@@ -139,32 +169,19 @@ def choose(num_experts: int, model_config: T5Config, backbone: Any, expert_param
   if mesh_config is None and len(devices) == 1:
     chunk = min(expert_chunk or rank_scoring.default_expert_chunk(num_experts), num_experts)
     return Placement(None, chunk, f"{what}: 1 {devices[0].platform} device; {chunk} expert(s) per pass")
-  chosen_by = "as given"
-  if mesh_config is None:
-    mesh_config, chosen_by = auto_mesh(num_experts, batch_size, len(devices)), "chosen for the experts"
-  data, expert, model = mesh_config.resolve(len(devices))
-  if batch_size % data:
-    raise PlacementError(f"--batch_size={batch_size}: the mesh's data axis ({data}) must divide the "
-                         f"batch rows; pass a batch size that is a multiple of {data} or another --mesh")
-  partitioner = partitioning.Partitioner(mesh_config, devices=devices)
   backbone_bytes = sum(int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize
                        for x in jax.tree_util.tree_leaves(backbone))
+  data = 1 if mesh_config is None else mesh_config.resolve(len(devices))[0]
   per_expert = scoring_bytes_per_expert(model_config, expert_params, batch_size=batch_size,
                                         input_length=max_input_length, target_length=max_target_length,
                                         data_ways=data)
-  memory = device_memory_bytes(jax.local_devices()[0])  # devices[0] may be another process's
-  padded_experts = -(-num_experts // expert) * expert
-  if expert_chunk is not None:
-    chunk, why = -(-expert_chunk // expert) * expert, "--expert_chunk"
-  else:
-    per_device = experts_per_device(memory, backbone_bytes, per_expert, model)
-    chunk = per_device * expert
-    why = ("CPU default" if memory is None else f"{per_device} a device fit in {memory / 2**30:.1f} GiB")
-  chunk = min(chunk, padded_experts)
-  description = (f"{what}: {len(devices)} {devices[0].platform} devices in {jax.process_count()} process(es) "
-                 f"as {data} data x {expert} expert x {model} model ({chosen_by}); {chunk} experts per "
-                 f"pass ({why})")
-  return Placement(partitioner, chunk, description)
+  mesh_config, chunk, words = decide(
+      num_experts, len(devices), batch_size=batch_size,
+      memory=device_memory_bytes(jax.local_devices()[0]),  # devices[0] may be another process's
+      backbone_bytes=backbone_bytes, per_expert=per_expert, mesh_config=mesh_config, expert_chunk=expert_chunk)
+  description = (f"{what}: {len(devices)} {devices[0].platform} devices in {jax.process_count()} "
+                 f"process(es) as {words}")
+  return Placement(partitioning.Partitioner(mesh_config, devices=devices), chunk, description)
 
 
 def is_split_over_experts(placed: Any, ways: int) -> bool:
