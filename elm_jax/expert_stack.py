@@ -169,11 +169,14 @@ def place(params: Any, partitioner=None, specs: Any = None) -> Any:
 @dataclasses.dataclass(frozen=True, eq=False)
 class ExpertsOnBackbone:
   """An expert stack with what it runs on: the model, the frozen backbone (the part of the
-  pretrained tree the experts do not replace) and the vocabulary file."""
+  pretrained tree the experts do not replace) and the vocabulary file; `source_lengths`, each
+  expert's training input length by name (evaluation cuts that expert's inputs there), where
+  known."""
   model: EncoderDecoderModel
   backbone: Any
   stack: ExpertStack
   vocab_path: Optional[str] = None
+  source_lengths: Optional[Mapping[str, Optional[int]]] = None
 
   @property
   def names(self) -> tuple[str, ...]:
@@ -191,3 +194,13 @@ class ExpertsOnBackbone:
   def with_stack(self, stack: ExpertStack) -> "ExpertsOnBackbone":
     """The same backbone with other experts (of the same configuration)."""
     return dataclasses.replace(self, stack=stack)
+
+  def input_length_groups(self, max_input_length: int) -> list[tuple[int, list[int]]]:
+    """(input length, positions in the stack) of the experts that read inputs cut at that
+    length: each expert's own training source length, at most `max_input_length` (experts of
+    unknown length take `max_input_length`); shortest first."""
+    groups: dict[int, list[int]] = {}
+    for i, name in enumerate(self.names):
+      own = (self.source_lengths or {}).get(name)
+      groups.setdefault(min(max_input_length, own) if own else max_input_length, []).append(i)
+    return sorted(groups.items())

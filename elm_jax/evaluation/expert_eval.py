@@ -50,7 +50,7 @@ class TaskResult:
 # Generation pads inputs to powers of two, at least 64 tokens: each shape compiles a decoding
 # loop (far costlier than a scoring program), so its buckets stay coarse.
 GENERATION_MIN_INPUT_BUCKET = 64
-_CONTINUAL_METRICS = {e.name: e.metric_here for e in inventory.CONTINUAL_EXPERTS}
+_CONTINUAL_METRICS = inventory.continual_metrics()  # the 10 experts' tasks and the 16 eval prompts
 
 
 @functools.lru_cache(maxsize=1)
@@ -67,6 +67,8 @@ def _known_prompts() -> dict[str, tuple[str, str]]:
         entry["dataset"] + (f"/{entry['subset']}" if entry["subset"] else ""), entry["prompt"])
   for expert in inventory.CONTINUAL_EXPERTS:
     known[expert.name] = (expert.dataset, expert.prompt)
+  for prompt in inventory.CONTINUAL_EVAL:
+    known[prompt.name] = (prompt.dataset, prompt.prompt)
   for entry in inv["bigbench"]:  # the paper's 13 tasks, each one "prompt" of its own
     known[f"bigbench_{entry['task']}"] = known[f"bigbench_{entry['task']}_score_eval"] = (
         f"bigbench/{entry['task']}", "bigbench format")
@@ -192,9 +194,26 @@ def decode_texts(loaded: ExpertsOnBackbone, inputs: Sequence[str], *, batch_size
                  expert_chunk: Optional[int] = None, max_input_length: int = defaults.MAX_INPUT_LENGTH,
                  max_decode_length: int = defaults.MAX_TARGET_LENGTH, beam_size: int = 1,
                  partitioner=None) -> list[list[str]]:
-  """Every expert's decoded text for every input: [E][N] strings. With a `partitioner`, each
-  chunk of experts is split over the mesh's `expert` axis (the chunk rounded up to a multiple
-  of it), batch rows over `data` and the backbone by the model rules."""
+  """Every expert's decoded text for every input: [E][N] strings; each expert reads inputs cut
+  at its own training source length (at most `max_input_length`, EOS kept). With a
+  `partitioner`, each chunk of experts is split over the mesh's `expert` axis (the chunk rounded
+  up to a multiple of it), batch rows over `data` and the backbone by the model rules."""
+  out: list[list[str]] = [[] for _ in loaded.names]
+  for length, positions in loaded.input_length_groups(max_input_length):
+    group = loaded.with_stack(loaded.stack.select([loaded.names[i] for i in positions]))
+    texts = _decode_group(group, inputs, batch_size=batch_size, expert_chunk=expert_chunk,
+                          max_input_length=length, max_decode_length=max_decode_length,
+                          beam_size=beam_size, partitioner=partitioner)
+    for i, text in zip(positions, texts):
+      out[i] = text
+  return out
+
+
+def _decode_group(loaded: ExpertsOnBackbone, inputs: Sequence[str], *, batch_size: int = defaults.BATCH_SIZE,
+                 expert_chunk: Optional[int] = None, max_input_length: int = defaults.MAX_INPUT_LENGTH,
+                 max_decode_length: int = defaults.MAX_TARGET_LENGTH, beam_size: int = 1,
+                 partitioner=None) -> list[list[str]]:
+  """`decode_texts` for experts that share one input length."""
   vocabulary = loaded.vocabulary()
   eos, pad = loaded.config.eos_id, loaded.config.pad_id
   ids = [vocabulary.encode(t)[:max_input_length - 1] + [eos] for t in inputs]
@@ -229,7 +248,9 @@ def score_instances(loaded: ExpertsOnBackbone, rows: Sequence[dict[str, Any]], *
                     partitioner=None, max_input_length: int = defaults.MAX_INPUT_LENGTH,
                     max_target_length: int = defaults.MAX_TARGET_LENGTH, source: str = "instances"):
   """Every expert on every instance's answer choices in one pass: (scores [E, N, C] with
-  -inf on padded choices, token counts [N, C]). Instances without choices are an error."""
+  -inf on padded choices, token counts [N, C]). Instances without choices are an error.
+  Each expert reads inputs cut at its own training source length (at most `max_input_length`,
+  EOS kept, as the paper's evaluation cuts them): experts of one length share a pass."""
   vocabulary = loaded.vocabulary()
   examples = []
   for i, row in enumerate(rows):
@@ -238,11 +259,21 @@ def score_instances(loaded: ExpertsOnBackbone, rows: Sequence[dict[str, Any]], *
                            "(generative tasks are evaluated by decoding)")
     examples.append(rank_scoring.Example(vocabulary.encode(row["inputs"]),
                                          vocabulary.encode_batch(row["answer_choices"])))
-  scores, counts, scorer = rank_scoring.score_all_experts(
-      loaded.model, loaded.backbone, loaded.stack.params, examples, batch_size=batch_size,
-      expert_chunk=expert_chunk, partitioner=partitioner, max_input_length=max_input_length,
-      max_target_length=max_target_length)
-  scorer.truncated.report(max_input_length, max_target_length)
+  groups = loaded.input_length_groups(max_input_length)
+  scores = counts = None
+  for length, positions in groups:
+    group = loaded if len(groups) == 1 else loaded.with_stack(
+        loaded.stack.select([loaded.names[i] for i in positions]))
+    group_scores, counts, scorer = rank_scoring.score_all_experts(
+        group.model, group.backbone, group.stack.params, examples, batch_size=batch_size,
+        expert_chunk=expert_chunk, partitioner=partitioner, max_input_length=length,
+        max_target_length=max_target_length)
+    scorer.truncated.report(length, max_target_length)
+    if len(groups) == 1:
+      return group_scores, counts
+    if scores is None:
+      scores = np.full((len(loaded.names),) + group_scores.shape[1:], -np.inf, np.float32)
+    scores[positions] = group_scores
   return scores, counts
 
 

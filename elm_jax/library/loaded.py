@@ -79,7 +79,16 @@ def load_experts(library_dir: str, selection: str | Sequence[str] = "all", *,
   backbone, _ = split_params(loaded.params, expert_config)
   return LoadedExperts(model=EncoderDecoderModel.build(model_config, expert_config), backbone=backbone,
                        stack=stack, vocab_path=vocabulary or loaded.vocab_path, library=library,
-                       metadata=tuple(metadata), pretrained=loaded.params, fingerprint=fingerprint)
+                       metadata=tuple(metadata), pretrained=loaded.params, fingerprint=fingerprint,
+                       source_lengths={n: _source_length(m) for n, m in zip(names, metadata)})
+
+
+def _source_length(metadata: expert_files.ExpertMetadata) -> Optional[int]:
+  """The input length an expert was trained with (its expert.json's training_config), or None
+  (a merged or imported expert that records none)."""
+  config = metadata.training_config if isinstance(metadata.training_config, dict) else {}
+  length = config.get("input_length")
+  return length if isinstance(length, int) and not isinstance(length, bool) and length > 1 else None
 
 
 def _check_fits(library, names, stack, model_config: T5Config, checkpoint: str) -> None:

@@ -82,9 +82,10 @@ def batch_shapes(config: "TrainConfig") -> dict[str, jax.ShapeDtypeStruct]:
                                    else config.target_length), np.int32) for k in FEATURES}
 
 
-def unpacked_encdec_features(ds, lengths: dict[str, int], name: str):
+def unpacked_encdec_features(ds, lengths: dict[str, int], name: str, eos_id: int = 1):
   """What `seqio.EncDecFeatureConverter(pack=False)` makes of a task's dataset, in one map:
-  inputs and targets trimmed and zero-padded to `lengths`, decoder inputs the targets shifted
+  inputs and targets trimmed (an over-long one that ends in EOS keeps its EOS, as the paper's
+  tokenizer truncates; SeqIO's converter drops it) and zero-padded to `lengths`, decoder inputs the targets shifted
   right after a 0 (BOS), loss weights 1 on non-padding targets; all int32 (the test compares
   the two). SeqIO's converter builds a dozen validation and conversion maps per call, about
   0.2 s of graph tracing for each of hundreds of experts."""
@@ -98,7 +99,13 @@ def unpacked_encdec_features(ds, lengths: dict[str, int], name: str):
   li, lt = lengths["inputs"], lengths["targets"]
 
   def pad(tokens, length):
-    tokens = tf.cast(tokens[:length], tf.int32)
+    # Cut as the paper's tokenizer cuts (truncation keeps the closing EOS): a longer sequence
+    # that ends in EOS keeps its first length - 1 tokens and the EOS.
+    tokens = tf.cast(tokens, tf.int32)
+    ends_in_eos = tf.logical_and(tf.shape(tokens)[0] > length,
+                                 tf.reduce_any(tf.equal(tokens[-1:], eos_id)))
+    tokens = tf.cond(ends_in_eos, lambda: tf.concat([tokens[:length - 1], tokens[-1:]], 0),
+                     lambda: tokens[:length])
     return tf.ensure_shape(tf.pad(tokens, [[0, length - tf.shape(tokens)[0]]]), [length])
 
   def convert(example):

@@ -193,3 +193,18 @@ def test_initial_experts_share_one_draw_unless_asked(tiny_config, shared_init):
   # Layer-norm scales start from the pretrained backbone either way.
   scales = [x for path, x in leaves if jax.tree_util.keystr(path).endswith("['scale']")]
   assert scales and all(np.array_equal(s[0], s[2]) for s in scales)
+
+
+def test_truncation_keeps_the_closing_eos():
+  """An input or target longer than its length that ends in EOS (1) keeps its EOS last, as the
+  paper's tokenizer truncates; one without EOS is cut plainly; a short one is only padded."""
+  from elm_jax import tf_input
+  tf = tf_input.tensorflow()
+  rows = {"inputs": [[5, 6, 7, 8, 9, 1], [5, 6, 7, 8, 9, 4], [5, 1]], "targets": [[3, 4, 5, 1], [3, 4, 5, 6], [3, 1]]}
+  ds = tf.data.Dataset.from_generator(lambda: ({"inputs": np.asarray(i, np.int32), "targets": np.asarray(t, np.int32)}
+                                               for i, t in zip(rows["inputs"], rows["targets"])),
+                                      output_signature={"inputs": tf.TensorSpec([None], tf.int32),
+                                                        "targets": tf.TensorSpec([None], tf.int32)})
+  out = list(inputs.unpacked_encdec_features(ds, {"inputs": 4, "targets": 3}, "eos_task").as_numpy_iterator())
+  assert [list(o["encoder_input_tokens"]) for o in out] == [[5, 6, 7, 1], [5, 6, 7, 8], [5, 1, 0, 0]]
+  assert [list(o["decoder_target_tokens"]) for o in out] == [[3, 4, 1], [3, 4, 5], [3, 1, 0]]
