@@ -90,15 +90,19 @@ def main(args: argparse.Namespace) -> int:
     if args.keys not in ("auto", "none"):
       _keys_for(args.keys, metas[0].task)  # a bad keys file is refused before anything is written
     library = ExpertLibrary(args.library, create=True)
-    for done in library.repair("add experts"):  # a killed remove is finished first
-      print(done)
-    for directory, meta, name in zip(dirs, metas, names):
-      if library.holds_identical(name, directory):
-        print(f"already in the library: {name} (same files; skipped)")
-        continue
-      keys = _keys_for(args.keys, meta.task)
-      library.add(directory, name=name, keys=keys)
-      print(f"added {name} ({meta.task}; {len(keys) if keys else 0} retrieval keys)")
+    try:
+      for done in library.repair("add experts"):  # a killed remove is finished first
+        print(done)
+      for directory, meta, name in zip(dirs, metas, names):
+        if library.holds_identical(name, directory):
+          print(f"already in the library: {name} (same files; skipped)")
+          continue
+        keys = _keys_for(args.keys, meta.task)
+        library.add(directory, name=name, keys=keys)
+        print(f"added {name} ({meta.task}; {len(keys) if keys else 0} retrieval keys)")
+    except Exception:
+      library.discard_if_unused()  # a library this command made, that its failed adds left empty
+      raise
     return 0
   library = ExpertLibrary(args.library)
   if args.action == "list":

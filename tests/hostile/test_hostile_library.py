@@ -2,23 +2,27 @@
 library (which lives on shared disks and buckets) must never become a way to read, write or
 delete outside it; manifest entries that share a directory or a keys file, or a name given
 twice, are refused when the manifest is read; a `library remove` interrupted by a kill is
-reported by `verify` with the way to finish it.
+reported by `verify` with the way to finish it; a full disk (a real tmpfs filled to the last
+page, or to the room for some of the writes) under `library add` or `remove` fails with one
+line naming the file, the expert and the library, and leaves the library as it was.
 
 Each case runs in a fresh world (`tests/hostile/harness.py`): the "outside" directories a link
 points to lie inside the world, so the snapshot proves that nothing out there was created,
-changed or deleted. `store.py`'s module docstring states the rule: a library holds no symbolic
+changed or deleted. `paths.py`'s module docstring states the rule: a library holds no symbolic
 links below its root, and every operation refuses to go through one.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
+import subprocess
 
 import pytest
 
-from elm_jax.library import store
+from elm_jax.library import paths
 from tests.hostile.harness import TASKS, Case, World, lib_arg, run_case
 
 A, B = TASKS  # the two experts of the prepared library
@@ -91,9 +95,9 @@ def _pending_removal(w: World) -> None:
   before the manifest update (its record written first)."""
   lib = w.library()
   manifest = json.load(open(os.path.join(lib, "manifest.json")))
-  trash = os.path.join(lib, store.TRASH_DIR, f"{A}.{'d' * 32}")
+  trash = os.path.join(lib, paths.TRASH_DIR, f"{A}.{'d' * 32}")
   os.makedirs(trash)
-  with open(os.path.join(trash, store.REMOVAL_RECORD), "w") as f:
+  with open(os.path.join(trash, paths.REMOVAL_RECORD), "w") as f:
     json.dump({"name": A, "id": "d" * 32, "entry": manifest["experts"][A]}, f)
   os.rename(os.path.join(lib, "experts", A), os.path.join(trash, "expert"))
 
@@ -153,12 +157,12 @@ CASES = [
                     ["retrieve", lib_arg(w), "--task=builtin_sentiment_rate_review", "--embedder=t5"])[2],
          message=r"lib/retrieval/embeddings: " + LINK_OUT + "use the embedding cache"),
     Case("library remove: the trash directory .trash a symlink outside",
-         lambda w: (os.makedirs(w.path("outside")), _link(w, store.TRASH_DIR, w.path("outside")),
+         lambda w: (os.makedirs(w.path("outside")), _link(w, paths.TRASH_DIR, w.path("outside")),
                     ["library", "remove", lib_arg(w), A])[2],
          message=r"lib/\.trash: " + LINK_OUT + "remove expert"),
     Case("library add: a staged leftover of a dead add that is a symlink outside (rmtree'd through)",
          lambda w: (w.write("outside/precious", "keep"),
-                    _link(w, os.path.join("experts", f".x.{store._host()}.999999999.{'a' * 32}.tmp"), w.path("outside")),
+                    _link(w, os.path.join("experts", f".x.{paths.host()}.999999999.{'a' * 32}.tmp"), w.path("outside")),
                     ["library", "add", lib_arg(w), "--keys=none", "--name=third",
                      os.path.join(w.run_dir(), "experts", A)])[2],
          message=r"\.x\..*\.tmp: " + LINK_OUT + "add experts through it"),
@@ -210,6 +214,97 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_hostile_library(case: Case, made, tmp_path, capsys):
+  run_case(case, made, tmp_path, capsys)
+
+
+# ---------------------------------------------------------------------------- full disks
+_MOUNTS: list[str] = []  # tmpfs mounts made by this module's cases (unmounted after each)
+PAGE = 4096
+
+
+@pytest.fixture(autouse=True)
+def _unmount():
+  yield
+  while _MOUNTS:
+    mount = _MOUNTS.pop()
+    if subprocess.run(["umount", mount], capture_output=True).returncode:
+      subprocess.run(["umount", "-l", mount], capture_output=True)
+
+
+def _disk(w: World, free_pages=lambda disk: 0, library: bool = True) -> str:
+  """A small tmpfs mounted at WORLD/disk (the case is skipped where mounting is not allowed)
+  holding a copy of the prepared library (`library`), then filled by a filler file so that
+  `free_pages(disk)` pages (of 4 kB) are left: a real full disk, or one with exactly that room."""
+  disk = w.path("disk")
+  os.makedirs(disk)
+  done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=755", "tmpfs", disk],
+                        capture_output=True, text=True)
+  if done.returncode:
+    pytest.skip(f"cannot mount a small tmpfs to fill ({done.stderr.strip()})")
+  _MOUNTS.append(disk)
+  if library:
+    shutil.copytree(w.library(), os.path.join(disk, "lib"))
+  filler = os.path.join(disk, "filler")
+  descriptor = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o644)
+  try:
+    while True:
+      os.write(descriptor, b"\0" * PAGE)
+  except OSError as e:
+    assert e.errno == errno.ENOSPC, e
+  finally:
+    os.close(descriptor)
+  os.truncate(filler, os.path.getsize(filler) - free_pages(disk) * PAGE)
+  return disk
+
+
+def _pages(path: str) -> int:
+  return -(-os.path.getsize(path) // PAGE)
+
+
+def _room_for_the_expert(disk: str) -> int:
+  """Pages for the copy of expert A's two files: the add then fails at its history line or
+  its manifest, after the expert's directory is renamed into place."""
+  expert = os.path.join(disk, "lib", "experts", A)
+  return sum(_pages(os.path.join(expert, f)) for f in ("tensors.safetensors", "expert.json"))
+
+
+def _add_third(w: World, library: str) -> list[str]:
+  return ["library", "add", f"--library={library}", "--keys=none", "--name=third",
+          os.path.join(w.run_dir(), "experts", A)]
+
+
+NOT_REMOVED = rf"; expert '{A}' was not removed; the library .*disk/lib is as it was$"
+NOT_ADDED = r"; expert 'third' was not added to the library .*disk/lib \(nothing of it is left\)$"
+DISK_CASES = [
+    Case("library add: a full disk names the file in the library, the expert and the library (used to "
+         "name the staging directory)",
+         lambda w: (_disk(w), _add_third(w, w.path("disk", "lib")))[1],
+         message=r"disk/lib/experts/third/tensors\.safetensors: no space left on device writing [\d.]+ "
+                 r"(bytes|kB|MB)" + NOT_ADDED),
+    Case("library add: room for the expert's files but not its records puts the renamed expert back",
+         lambda w: (_disk(w, _room_for_the_expert), _add_third(w, w.path("disk", "lib")))[1],
+         message=r"disk/lib/(history\.jsonl|manifest\.json): no space left on device writing [\d.]+ "
+                 r"(bytes|kB)(; the old file is kept)?" + NOT_ADDED),
+    Case("library add: a full disk under a new library leaves no directory or lock (used to leave both)",
+         lambda w: (_disk(w, library=False), _add_third(w, w.path("disk", "new", "lib")))[1],
+         message=r"disk/new/lib/manifest\.json: no space left on device writing \d+ bytes; nothing was "
+                 r"written; the library .*disk/new/lib was not created$"),
+    Case("library add: room for a new library but not the expert leaves no library (used to leave an "
+         "empty one)",
+         lambda w: (_disk(w, lambda disk: 1, library=False), _add_third(w, w.path("disk", "new", "lib")))[1],
+         message=r"disk/new/lib/experts/third/tensors\.safetensors: no space left on device"),
+    Case("library remove: one page left fails at the history or manifest and puts the expert back "
+         "(used to leave it in .trash)",
+         lambda w: (_disk(w, lambda disk: 1), ["library", "remove", f"--library={w.path('disk', 'lib')}", A])[1],
+         message=r"disk/lib/(history\.jsonl|manifest\.json): no space left on device writing [\d.]+ "
+                 r"(bytes|kB)(; the old file is kept)?" + NOT_REMOVED),
+]
+
+
+@pytest.mark.parametrize("case", DISK_CASES, ids=[c.name for c in DISK_CASES])
+def test_full_disk_under_the_library(case: Case, made, tmp_path, capsys):
+  """A write of `library add` or `remove` failing on a real full disk: one line naming the
+  file, the bytes, the expert and the library; every file as it was and nothing new left."""
   run_case(case, made, tmp_path, capsys)
 
 

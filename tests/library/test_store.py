@@ -1,5 +1,7 @@
-"""ExpertLibrary: manifest, hashes, verify, append-only history, concurrent writers, continual adds."""
+"""ExpertLibrary: manifest, hashes, verify, append-only history, concurrent writers, continual adds,
+removes and adds interrupted by a kill or failing on a full disk at any write."""
 
+import errno
 import hashlib
 import json
 import os
@@ -14,6 +16,7 @@ import pytest
 
 from elm_jax import files
 from elm_jax.checkpoints import expert_files
+from elm_jax.errors import UserInputError
 from elm_jax.library.store import ExpertLibrary, LibraryError
 from tests.helpers.library import FINGERPRINT, make_expert, snapshot
 
@@ -143,13 +146,13 @@ def test_an_add_killed_before_its_manifest_write_is_adopted_by_the_rerun(tmp_pat
 
 
 def test_staged_leftovers_are_reported_and_cleared_once_their_process_is_gone(tmp_path):
-  from elm_jax.library import store
+  from elm_jax.library import paths
   lib = ExpertLibrary(tmp_path / "lib", create=True)
   lib.add(make_expert(tmp_path / "src", "e1", 0))
   dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                         text=True).stdout.strip()
-  stale = tmp_path / "lib" / "experts" / f".e2.{store._host()}.{dead}.{'b' * 32}.tmp"
-  live = tmp_path / "lib" / "experts" / f".e3.{store._host()}.{os.getpid()}.{'c' * 32}.tmp"
+  stale = tmp_path / "lib" / "experts" / f".e2.{paths.host()}.{dead}.{'b' * 32}.tmp"
+  live = tmp_path / "lib" / "experts" / f".e3.{paths.host()}.{os.getpid()}.{'c' * 32}.tmp"
   for path in (stale, live):
     path.mkdir()
     (path / "tensors.safetensors").write_bytes(b"half")
@@ -354,3 +357,170 @@ def test_a_library_reached_through_a_linked_root_works(tmp_path):
   os.symlink(tmp_path / "real" / "experts" / "e2", tmp_path / "real" / "experts" / "e3")
   problems = linked.verify()
   assert len(problems) == 1 and "experts/e3: is a symbolic link to" in problems[0] and "inside the library" in problems[0]
+
+
+# ---------------------------------------------------------------------------- a full disk at any write
+# The operations by which the library writes; `_full_at` makes the n-th call of any of them on
+# a path under `root` fail with ENOSPC, as a full disk does (write_atomically raising what it
+# raises then).
+_WRITES = [(os, "mkdir"), (os, "rename"), (os, "replace"), (os, "write"), (shutil, "copyfile"),
+           (files, "write_atomically")]
+
+
+def _full_at(monkeypatch, step: int, root) -> None:
+  calls = [0]
+
+  def failing(owner, name, original):
+    def call(*args, **kwargs):
+      target = args[1] if name in ("rename", "replace", "copyfile") else args[0]
+      path = os.readlink(f"/proc/self/fd/{target}") if name == "write" else os.path.abspath(os.fspath(target))
+      if os.path.commonpath([os.fspath(root), path]) == os.fspath(root):
+        calls[0] += 1
+        if calls[0] == step:
+          error = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), None if name == "write" else path)
+          if owner is files:
+            raise files.write_failure(target, error, len(args[1]), "the old file is kept")
+          raise error
+      return original(*args, **kwargs)
+    return call
+  for owner, name in _WRITES:
+    monkeypatch.setattr(owner, name, failing(owner, name, getattr(owner, name)))
+
+
+def _tree(root) -> dict:
+  """Every file (its bytes) and directory below `root`: what a failed command must not change."""
+  out = {}
+  for base, dirs, names in os.walk(root):
+    for name in names:
+      out[os.path.relpath(os.path.join(base, name), root)] = open(os.path.join(base, name), "rb").read()
+    out.update({os.path.relpath(os.path.join(base, d), root) + "/": "dir" for d in dirs})
+  return out
+
+
+def _fail_at_every_write(tmp_path, monkeypatch, base, run, said: str) -> int:
+  """Runs `run(copy of base)` with its 1st, 2nd, ... write failing (a full disk) until it
+  succeeds; each failure must be one line naming the full disk and `said`, and leave the copy
+  as it was (every file's bytes, every directory; a library that was not there, not there).
+  Returns the number of writes the successful run made."""
+  for step in range(1, 100):
+    root = tmp_path / f"full_{step}"
+    if os.path.exists(base):
+      shutil.copytree(base, root)
+    before = _tree(root) if os.path.exists(root) else None
+    with monkeypatch.context() as m:
+      _full_at(m, step, root)
+      try:
+        run(root)
+        return step - 1
+      except UserInputError as e:
+        message = str(e)
+    assert "\n" not in message and "no space left on device" in message and said in message, (step, message)
+    assert (_tree(root) if os.path.exists(root) else None) == before, (step, message)
+  raise AssertionError("never succeeded")
+
+
+def test_a_remove_failing_at_any_write_leaves_the_library_as_it_was(tmp_path, monkeypatch):
+  """A full disk at each write of `remove` (the trash directories, the record, the renames,
+  the history line, the manifest): one line, and the library byte for byte as it was (used
+  to leave the empty `.trash/<name>.<id>/`); then the same remove, with space, removes it."""
+  base = tmp_path / "base"
+  _removal_library(base)
+  writes = _fail_at_every_write(tmp_path, monkeypatch, base, lambda root: ExpertLibrary(root).remove("e1"),
+                                "expert 'e1' was not removed; the library")
+  assert writes >= 12  # 2 trash directories, the record, 4 renames, 4 embedding directories, history, manifest
+  lib = ExpertLibrary(tmp_path / f"full_{writes + 1}")
+  assert lib.names() == ["e2"] and lib.verify() == []
+
+
+def test_an_add_failing_at_any_write_leaves_the_library_as_it_was(tmp_path, monkeypatch):
+  """A full disk at each write of `add` (the staged directory, the copies, the keys, the
+  rename, the history line, the manifest): one line naming the expert and the library, and
+  nothing of the expert left."""
+  base = tmp_path / "base"
+  ExpertLibrary(base, create=True).add(make_expert(tmp_path / "src", "e1", 0), keys=[{"inputs": "k1"}])
+  source = make_expert(tmp_path / "src", "e2", 1)
+  writes = _fail_at_every_write(tmp_path, monkeypatch, base,
+                                lambda root: ExpertLibrary(root).add(source, keys=[{"inputs": "k2"}]),
+                                "expert 'e2' was not added to the library")
+  assert writes >= 8
+  lib = ExpertLibrary(tmp_path / f"full_{writes + 1}")
+  assert lib.names() == ["e1", "e2"] and lib.keys("e2") == [{"inputs": "k2"}] and lib.verify() == []
+  assert [h["action"] for h in lib.history()] == ["add", "add"]
+
+
+def test_library_add_to_a_new_library_failing_at_any_write_leaves_nothing(tmp_path, monkeypatch):
+  """`elm-jax library add --library=NEW` on a full disk: neither the library (its directories,
+  lock and manifest) nor anything of the expert is left, whichever write fails."""
+  from elm_jax.commands import cli
+  source = make_expert(tmp_path / "src", "e1", 0)
+
+  def run(root):
+    if cli.main(["library", "add", f"--library={root / 'new' / 'lib'}", "--keys=none", source]):
+      raise UserInputError("no space left on device (see the error line): expert 'e1' was not added")
+  writes = _fail_at_every_write(tmp_path, monkeypatch, tmp_path / "none", run, "was not added")
+  assert writes >= 7
+  assert ExpertLibrary(tmp_path / f"full_{writes + 1}" / "new" / "lib").names() == ["e1"]
+
+
+def test_a_history_line_cut_short_by_a_full_disk_is_not_left(tmp_path, monkeypatch):
+  """`os.write` of the history line writing part of it, then failing: no part of the line is
+  left (the next line would run on from it), and the error names history.jsonl and the bytes."""
+  lib = ExpertLibrary(tmp_path / "lib", create=True)
+  lib.add(make_expert(tmp_path / "src", "e1", 0))
+  history = (tmp_path / "lib" / "history.jsonl").read_bytes()
+  real_write, calls = os.write, []
+
+  def short_write(fd, data):
+    calls.append(len(data))
+    if len(calls) == 1:
+      return real_write(fd, bytes(data[:10]))
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+  monkeypatch.setattr(os, "write", short_write)
+  with pytest.raises(files.FileCheckError, match=r"history.jsonl: no space left on device writing \d+ bytes$"):
+    lib._append_history({"action": "add", "name": "x"})
+  assert len(calls) == 2 and (tmp_path / "lib" / "history.jsonl").read_bytes() == history
+
+
+def test_an_add_killed_after_its_history_line_is_recorded_once(tmp_path, monkeypatch):
+  """An add killed between its history line and its manifest write: `verify` reports the
+  expert's directory, and the rerun adopts it without a second history line."""
+  src = make_expert(tmp_path / "src", "e1", 0)
+  lib = ExpertLibrary(tmp_path / "lib", create=True)
+
+  def killed(self, manifest):
+    raise _Killed()
+  with monkeypatch.context() as m:
+    m.setattr(ExpertLibrary, "_write_manifest", killed)
+    with pytest.raises(_Killed):
+      lib.add(src, keys=[{"inputs": "k"}])
+  assert any("no manifest entry names it" in p for p in lib.verify())
+  lib.add(src, keys=[{"inputs": "k"}])
+  assert lib.names() == ["e1"] and lib.verify() == []
+  assert [(h["action"], h["name"]) for h in lib.history()] == [("add", "e1")]
+
+
+def test_a_remove_that_cannot_be_put_back_is_left_pending(tmp_path, monkeypatch):
+  """The manifest write fails (a full disk) and renaming the files back fails too: the one
+  line says the removal is pending and how to finish it; `verify` reports it and `repair`
+  finishes it."""
+  lib = _removal_library(tmp_path / "lib")
+  real_rename = os.rename
+
+  def rename(source, target):
+    if f"{os.sep}.trash{os.sep}" in os.fspath(source):
+      raise OSError(errno.EIO, os.strerror(errno.EIO), os.fspath(source))
+    return real_rename(source, target)
+
+  def full(self, manifest):
+    raise files.write_failure(self.root / "manifest.json", OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), 10)
+  with monkeypatch.context() as m:
+    m.setattr(os, "rename", rename)
+    m.setattr(ExpertLibrary, "_write_manifest", full)
+    with pytest.raises(LibraryError, match=r"manifest.json: no space left on device writing 10 bytes; the removal "
+                       r"of 'e1' is left pending in .*\.trash/e1\.[0-9a-f]{32}: `elm-jax library verify --repair "
+                       r"--library=.*` finishes it \(putting it back failed: .*: Input/output error\)$"):
+      lib.remove("e1")
+  assert any("an interrupted `library remove` of 'e1'" in p for p in lib.verify())
+  assert [line.startswith("finished the interrupted removal of 'e1'") for line in lib.repair()] == [True]
+  assert lib.names() == ["e2"] and lib.verify() == []
+  assert [(h["action"], h["name"]) for h in lib.history()] == [("add", "e1"), ("add", "e2"), ("remove", "e1")]
