@@ -9,13 +9,11 @@ from __future__ import annotations
 import json
 
 import flax.linen as nn
-import gin
 import jax
 import numpy as np
 import pytest
 
 from elm_jax import expert_stack, partitioning
-from elm_jax.commands import cli
 from elm_jax.evaluation import expert_eval, placement
 from elm_jax.expert_stack import ExpertsOnBackbone, ExpertStack
 from elm_jax.models.adapters import ExpertConfig, split_params
@@ -23,7 +21,7 @@ from elm_jax.models.model import EncoderDecoderModel
 from elm_jax.models.t5 import init_params
 from elm_jax.models.t5_config import T5Config
 from tasks import builtin_registry, instances
-from tests.hostile.harness import train_args
+from tests.hostile.harness import run_command, train_args
 
 RANK = ["builtin_coreference_who_is_pronoun_score_eval", "builtin_nli_gpt3_style_score_eval"]
 GENERATION = "builtin_reverse_words_reverse_order"
@@ -115,21 +113,13 @@ def test_the_chunk_follows_the_devices_memory(loaded):
 
 
 # ------------------------------------------------------------------ the commands, on a library
-def _main(argv) -> int:
-  gin.clear_config()
-  try:
-    return cli.main(argv)
-  finally:
-    gin.clear_config()
-
-
 @pytest.fixture(scope="module")
 def library(tmp_path_factory):
   root = tmp_path_factory.mktemp("sharded")
   tasks = ["builtin_sentiment_is_positive", "builtin_topic_which_topic", "builtin_antonyms_opposite_of",
            "builtin_nli_gpt3_style"]
-  assert _main(train_args(root / "run", tasks)) == 0
-  assert _main(["library", "add", f"--library={root / 'lib'}", "--keys=none", str(root / "run")]) == 0
+  assert run_command(train_args(root / "run", tasks)) == 0
+  assert run_command(["library", "add", f"--library={root / 'lib'}", "--keys=none", str(root / "run")]) == 0
   (root / "in.jsonl").write_text("".join(
       json.dumps({"id": i, "inputs": f"Review {i}: a fine film. Positive?", "choices": ["yes", "no", "maybe"]}) + "\n"
       for i in range(6)))
@@ -142,14 +132,14 @@ MESH_FLAGS = {"one_device": "data:1,expert:1,model:1", "expert4_data2": "data:2,
 
 def _run_all(library, out, mesh: str, capsys) -> dict:
   lib = library / "lib"
-  assert _main(["eval", f"--library={lib}", "--task=builtin_held_out", f"--output_dir={out / 'eval'}",
+  assert run_command(["eval", f"--library={lib}", "--task=builtin_held_out", f"--output_dir={out / 'eval'}",
                 "--max_examples=4", "--batch_size=4", "--no_progress", f"--mesh={mesh}"]) == 0
-  assert _main(["eval", f"--library={lib}", f"--task={GENERATION}", f"--output_dir={out / 'gen'}",
+  assert run_command(["eval", f"--library={lib}", f"--task={GENERATION}", f"--output_dir={out / 'gen'}",
                 "--max_examples=4", "--batch_size=4", "--max_target_length=6", "--no_progress",
                 f"--mesh={mesh}"]) == 0
-  assert _main(["score", f"--library={lib}", f"--input={library / 'in.jsonl'}", f"--output={out / 's.jsonl'}",
+  assert run_command(["score", f"--library={lib}", f"--input={library / 'in.jsonl'}", f"--output={out / 's.jsonl'}",
                 "--batch_size=4", f"--mesh={mesh}"]) == 0
-  assert _main(["retrieve", f"--library={lib}", "--task=builtin_nli_can_we_infer_score_eval", "--method=likelihood",
+  assert run_command(["retrieve", f"--library={lib}", "--task=builtin_nli_can_we_infer_score_eval", "--method=likelihood",
                 "--num_queries=8", "--batch_size=4", "--top_k=4", f"--output={out / 'r.json'}", f"--mesh={mesh}"]) == 0
   err = capsys.readouterr().err
   return {"eval": json.load(open(out / "eval" / "results.json"))["tasks"],

@@ -9,34 +9,24 @@ import json
 import os
 import shutil
 
-import gin
 import pytest
 
-from elm_jax.commands import cli
-from tests.hostile.harness import train_args
+from tests.hostile.harness import run_command, train_args
 
 TASKS = ["builtin_sentiment_is_positive", "builtin_topic_which_topic", "builtin_antonyms_opposite_of"]
 MIXTURE = "builtin_held_out"  # 12 rank-classification tasks
 REPORTS = ("results.json", "results.csv", "results.md")
 
 
-def _main(argv) -> int:
-  gin.clear_config()
-  try:
-    return cli.main(argv)
-  finally:
-    gin.clear_config()
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
   """A run of three experts, a library of the first two, and an uninterrupted sweep over it."""
   root = tmp_path_factory.mktemp("sweep")
-  assert _main(train_args(root / "run", TASKS)) == 0
+  assert run_command(train_args(root / "run", TASKS)) == 0
   lib = root / "lib"
   for task in TASKS[:2]:
-    assert _main(["library", "add", f"--library={lib}", "--keys=none", str(root / "run" / "experts" / task)]) == 0
-  assert _main(_eval(lib, root / "reference")) == 0
+    assert run_command(["library", "add", f"--library={lib}", "--keys=none", str(root / "run" / "experts" / task)]) == 0
+  assert run_command(_eval(lib, root / "reference")) == 0
   return root
 
 
@@ -71,7 +61,7 @@ def test_resumed_sweep_skips_finished_units_and_writes_the_same_bytes(world, cap
   for name in sorted(os.listdir(out / "units"))[::2]:  # half the units were never finished
     shutil.rmtree(out / "units" / name)
   capsys.readouterr()
-  assert _main(_eval(world / "lib", out)) == 0
+  assert run_command(_eval(world / "lib", out)) == 0
   assert "6 of 12 unit(s) already done, skipped; 6 to compute" in capsys.readouterr().err
   assert len(_units_computed(out)) == 6
   assert _reports(out) == _reports(world / "reference")
@@ -82,8 +72,8 @@ def test_an_added_expert_is_computed_alone(world, tmp_path):
   shutil.copytree(world / "lib", lib)
   shutil.copytree(world / "reference", out)
   os.remove(out / "log.jsonl")
-  assert _main(["library", "add", f"--library={lib}", "--keys=none", str(world / "run" / "experts" / TASKS[2])]) == 0
-  assert _main(_eval(lib, out)) == 0
+  assert run_command(["library", "add", f"--library={lib}", "--keys=none", str(world / "run" / "experts" / TASKS[2])]) == 0
+  assert run_command(_eval(lib, out)) == 0
   units = _units_computed(out)
   assert len(units) == 12 and all(u["experts"] == [TASKS[2]] for u in units)
   report = json.load(open(out / "results.json"))
@@ -98,26 +88,26 @@ def test_changed_options_recompute_every_unit(world, tmp_path, capsys):
   out = tmp_path / "out"
   shutil.copytree(world / "reference", out)
   capsys.readouterr()
-  assert _main(_eval(world / "lib", out, "--max_input_length=64")) == 0
+  assert run_command(_eval(world / "lib", out, "--max_input_length=64")) == 0
   assert "0 of 12 unit(s) already done, skipped; 12 to compute" in capsys.readouterr().err
 
 
 def test_shards_assembled_equal_one_job(world, tmp_path, capsys):
   out = tmp_path / "out"
   for i in range(3):
-    assert _main(_eval(world / "lib", out, f"--shard={i}/3")) == 0
+    assert run_command(_eval(world / "lib", out, f"--shard={i}/3")) == 0
     assert not (out / "results.json").exists()  # a shard writes no report
   assert sorted(u["unit"] for u in _units_computed(out)) == list(range(12))
-  assert _main(_eval(world / "lib", out, "--assemble")) == 0
+  assert run_command(_eval(world / "lib", out, "--assemble")) == 0
   assert _reports(out) == _reports(world / "reference")
 
 
 def test_a_missing_shard_is_refused_naming_the_unit(world, tmp_path, capsys):
   out = tmp_path / "out"
   for i in (0, 2):
-    assert _main(_eval(world / "lib", out, f"--shard={i}/3")) == 0
+    assert run_command(_eval(world / "lib", out, f"--shard={i}/3")) == 0
   capsys.readouterr()
-  assert _main(_eval(world / "lib", out, "--assemble")) == 2
+  assert run_command(_eval(world / "lib", out, "--assemble")) == 2
   err = capsys.readouterr().err
   assert "Traceback" not in err
   errors = [line for line in err.splitlines() if "error:" in line]
@@ -129,9 +119,9 @@ def test_a_missing_shard_is_refused_naming_the_unit(world, tmp_path, capsys):
 def test_a_shard_made_with_other_inputs_is_refused(world, tmp_path, capsys):
   out = tmp_path / "out"
   for i in range(3):
-    assert _main(_eval(world / "lib", out, f"--shard={i}/3", *(["--max_input_length=64"] if i == 1 else []))) == 0
+    assert run_command(_eval(world / "lib", out, f"--shard={i}/3", *(["--max_input_length=64"] if i == 1 else []))) == 0
   capsys.readouterr()
-  assert _main(_eval(world / "lib", out, "--assemble")) == 2
+  assert run_command(_eval(world / "lib", out, "--assemble")) == 2
   errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
   assert len(errors) == 1 and "unit 1 (task" in errors[0]
   assert "made with other inputs (max_input_length: 64 there, 512 now)" in errors[0]
@@ -147,7 +137,7 @@ def test_a_shard_made_with_other_inputs_is_refused(world, tmp_path, capsys):
 def test_bad_sweep_flags_are_refused(world, tmp_path, capsys, argv, message):
   import re
   capsys.readouterr()
-  assert _main(_eval(world / "lib", tmp_path / "out", *argv)) == 2
+  assert run_command(_eval(world / "lib", tmp_path / "out", *argv)) == 2
   errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
   assert len(errors) == 1 and re.search(message, errors[0]), errors
   assert not (tmp_path / "out").exists()
@@ -157,7 +147,7 @@ def test_a_directory_eval_did_not_write_is_refused(world, tmp_path, capsys):
   out = tmp_path / "mine"
   out.mkdir()
   (out / "thesis.tex").write_text("x")
-  assert _main(_eval(world / "lib", out)) == 2
+  assert run_command(_eval(world / "lib", out)) == 2
   assert "holds files that `elm-jax eval` did not write (thesis.tex)" in capsys.readouterr().err
   assert sorted(os.listdir(out)) == ["thesis.tex"]
 
@@ -166,5 +156,5 @@ def test_run_file_binds_the_flags(world, tmp_path):
   out = tmp_path / "out"
   argv = ["eval", "--gin_file=runs/eval.gin", f"--gin.LIBRARY='{world / 'lib'}'", f"--gin.TASK='{MIXTURE}'",
           f"--gin.OUTPUT_DIR='{out}'", "--gin.MAX_EXAMPLES=4", "--gin.BATCH_SIZE=4", "--no_progress"]
-  assert _main(argv) == 0
+  assert run_command(argv) == 0
   assert _reports(out) == _reports(world / "reference")

@@ -145,3 +145,12 @@ def run_case(case: Case, made, tmp_path, capsys) -> None:
   allowed = {world.path(p) for p in case.writes}
   assert {k: v for k, v in after.items() if k not in allowed} == \
          {k: v for k, v in before.items() if k not in allowed}
+
+
+def run_command(argv) -> int:
+  """`elm-jax ARGV` in this process, with gin's global config cleared before and after."""
+  gin.clear_config()
+  try:
+    return cli.main(argv)
+  finally:
+    gin.clear_config()
