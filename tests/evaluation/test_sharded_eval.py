@@ -148,8 +148,13 @@ def _run_all(library, out, mesh: str, capsys) -> dict:
           "retrieve": json.load(open(out / "r.json"))["ranking"], "err": err}
 
 
-def test_commands_on_a_mesh_equal_one_device(library, tmp_path, capsys):
-  runs = {name: _run_all(library, tmp_path / name, flag, capsys) for name, flag in MESH_FLAGS.items()}
+def test_commands_on_a_mesh_equal_one_device(library, tmp_path, capsys, placed):
+  runs = {}
+  for name, flag in MESH_FLAGS.items():
+    placed.clear()
+    runs[name] = _run_all(library, tmp_path / name, flag, capsys)
+    if name != "one_device":  # every chunk eval, score and retrieve put on the devices was split
+      _assert_split(placed, int(flag.split("expert:")[1].split(",")[0]))
   one = runs.pop("one_device")
   assert "eval: 1 cpu device" in one["err"]
   for name, run in runs.items():
