@@ -2,7 +2,9 @@
 continual and compositional tasks, as shipped in tasks/elm_inventory.json (made by
 tools/make_task_inventory.py from the paper's public configs). Reading it needs no data. The
 experts' training plans are `elm_jax.training.plans`; the 10 continual experts (the inventory's
-8 continual tasks, gigaword as 3) are `tasks.continual.CONTINUAL_EXPERTS`.
+8 continual tasks, gigaword as 3) are `CONTINUAL_EXPERTS`, the paper's 16 continual evaluation
+prompts `CONTINUAL_EVAL`. `train_sample` says which rows of a split an expert of a dataset
+trains on, as the paper's code takes them (or as its configs state them).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ INVENTORY_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "elm_i
 
 PROMPT_EXPERTS_MIXTURE = "elm_prompt_experts"
 CONTINUAL_MIXTURE = "continual_10"
+CONTINUAL_EVAL_MIXTURE = "continual_eval_16"
 HELD_OUT_MIXTURE = "t0_eval_score"
 BIGBENCH_MIXTURE = "bigbench_13"
 
@@ -63,6 +66,58 @@ def mixtures() -> dict[str, list[str]]:
   return out
 
 
+# The task classes of the paper's code whose `AbstractTask.get` ignores `max_train_samples` and
+# returns the class's own slice of the train split in file order (ELM_NOTES §1.5, correction;
+# elm_reference.json `official_code_whole_slice`): dataset -> rows of the slice (None: all).
+WHOLE_SLICE = {"wiki_hop": 50_000, "amazon_polarity": 50_000, "yelp_review_full": 50_000,
+               "dbpedia_14": 50_000, "imdb": 50_000, "app_reviews": 50_000, "gigaword": 10_000,
+               "trec": None, "rotten_tomatoes": None, "wiki_auto": None}
+# A class that slices its split (the first 10,000 rows) and then draws `max_train_samples` from
+# that slice with the seed-42 permutation (ELM_NOTES §1.5).
+SLICE_THEN_DRAW = {"multi_news": 10_000}
+# What the recipes' budgets follow: 'code' (the paper's code, which produced its numbers) or
+# 'configs' (the configs' `max_train_samples`, first rows for the classes that slice).
+SAMPLING_FOLLOWS = ("code", "configs")
+_CONFIG_FIRST_ROWS = {"wiki_hop", "amazon_polarity", "yelp_review_full", "dbpedia_14", "imdb", "gigaword",
+                      "multi_news"}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSample:
+  """Which rows of a train split an expert trains on (per prompt): `samples` rows (None: every
+  row of the population), drawn as `sampling` says: 'first' (the first `samples` rows, in file
+  order), 'all' (the whole population) or 'permutation' (the first `samples` of a seed-42
+  permutation of the population). The population is the first `drawn_from` rows of the split
+  (None: the whole split)."""
+  samples: Optional[int]
+  sampling: str
+  drawn_from: Optional[int] = None
+
+  def rows(self, split_rows: int) -> int:
+    """How many rows of a split of `split_rows` rows the expert trains on."""
+    n = split_rows if self.drawn_from is None else min(split_rows, self.drawn_from)
+    return n if self.samples is None else min(self.samples, n)
+
+
+def train_sample(dataset: str, budget: Optional[int], follows: str = "code") -> TrainSample:
+  """The rows an expert of `dataset` with its config's `max_train_samples` = `budget` (None:
+  the whole split) trains on. follows='code' (default): the ten `WHOLE_SLICE` classes take
+  their slice whatever the budget (first rows, or all), multi_news a seed-42 draw of `budget`
+  from its first 10,000 rows, every other dataset a seed-42 draw of `budget` from the whole
+  split. follows='configs': the budget, as the first rows for the classes that slice, else a
+  seed-42 draw."""
+  if follows not in SAMPLING_FOLLOWS:
+    raise UserInputError(f"sampling_follows: expected one of {list(SAMPLING_FOLLOWS)}, got {follows!r}")
+  if follows == "code" and dataset in WHOLE_SLICE:
+    size = WHOLE_SLICE[dataset]
+    return TrainSample(None, "all") if size is None else TrainSample(size, "first")
+  if budget is None:
+    return TrainSample(None, "all")
+  if follows == "code" and dataset in SLICE_THEN_DRAW:
+    return TrainSample(budget, "permutation", SLICE_THEN_DRAW[dataset])
+  return TrainSample(budget, "first" if dataset in _CONFIG_FIRST_ROWS else "permutation")
+
+
 @dataclasses.dataclass(frozen=True)
 class ContinualExpert:
   """One continual-learning expert of the paper (ELM_NOTES §2.3): `task` is the inventory's
@@ -98,3 +153,42 @@ CONTINUAL_EXPERTS = (
     _expert("esnli", "esnli", "explain_why", 8, 1, "BERTScore"),
     _expert("twitter_top20", "twitter_top20", "tweet_as+about", 8, 8, "BERTScore"),
 )
+_by_prompt = {e.prompt: e.name for e in CONTINUAL_EXPERTS if e.dataset == "gigaword"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ContinualEvalPrompt:
+  """One of the paper's 16 continual evaluation prompts (`cT0_eval.json`; ELM_NOTES §2.3): its
+  task name, the expert whose validation file it reads (None: its own directory), the metric
+  the authors' tables report and the one `elm-jax eval` reports (`ContinualExpert`)."""
+  name: str
+  dataset: str
+  prompt: str
+  metric: str
+  metric_here: str
+  expert: Optional[str] = None
+
+
+def _eval_prompt(dataset, prompt, metric, expert=None):
+  here = {"BLEU": "bleu", "ROUGE-1": "rouge1", "BERTScore": "rougeL"}[metric]
+  name = "ct0_eval_" + "".join(c if c.isalnum() else "_" for c in f"{dataset}_{prompt}").strip("_")
+  return ContinualEvalPrompt(name, dataset, prompt, metric, here, expert)
+
+
+# The 16: the 10 experts' own prompts (read from their validation files) and wiki_auto's
+# simplification_2, asset's simplification_1/2 and gigaword's 3 write_its_sentence prompts.
+CONTINUAL_EVAL = tuple(
+    [_eval_prompt(e.dataset, e.prompt, e.metric, e.name) for e in CONTINUAL_EXPERTS[:1]]
+    + [_eval_prompt("wiki_auto", "simplification_2", "BLEU")]
+    + [_eval_prompt("asset", f"simplification_{i}", "BLEU") for i in (1, 2)]
+    + [_eval_prompt("gigaword", f"constrain_{c}+{p}", "ROUGE-1", _by_prompt.get(f"constrain_{c}+{p}"))
+       for c in ("contain", "end", "start") for p in ("make_a_title", "write_its_sentence")]
+    + [_eval_prompt(e.dataset, e.prompt, e.metric, e.name) for e in CONTINUAL_EXPERTS[4:]])
+
+
+def continual_metrics() -> dict[str, str]:
+  """Task name -> the metric `elm-jax eval` reports for it, for every continual expert's task and
+  every continual evaluation prompt."""
+  out = {e.name: e.metric_here for e in CONTINUAL_EXPERTS}
+  out.update({p.name: p.metric_here for p in CONTINUAL_EVAL})
+  return out

@@ -1,19 +1,31 @@
 """SeqIO tasks and mixtures of the ELM inventory, as the paper's runs used them.
 
-- `elm_pe_<name>`: one task per prompt expert (296). Its train split is cut to the expert's
-  sample budget as the paper's code draws it: the first N of a seed-42 permutation of the
-  whole split, or the first N rows for the task classes that took those (wiki_hop,
-  amazon_polarity, yelp, dbpedia, imdb, gigaword, multi_news), or the whole split (trec). The
-  permutation is numpy's (`default_rng(42)`), not torch's `randperm(42)`: the same number of
-  examples from the same split, not the same examples. Every input ends with exactly one EOS, as
-  the paper's T5 tokenizer ends it (P3 caches inputs without EOS: t-zero tokenized them with
-  add_eos=False); an input that already ends with EOS is left alone.
-- `<dataset>_all_prompts`: one mixture per adapter dataset expert (36), each prompt cut to the
-  per-prompt budget of the paper's `*_all` config, mixed in proportion to their sizes (the
-  paper concatenated them).
-- `<dataset>_random_prompt`: the full-parameter dataset experts' data: the dataset's prompts at
-  equal rates, each cut to the same 100k-example permutation, so each example is seen under a
-  random prompt (the paper drew one per example per epoch).
+Which rows of a split an expert trains on is `inventory.train_sample` (`sampling_follows`
+'code', the default, or 'configs'): for the paper's code, the ten task classes whose
+`AbstractTask.get` ignores `max_train_samples` (wiki_hop, amazon_polarity, yelp_review_full,
+dbpedia_14, imdb, app_reviews: the first 50,000 rows; gigaword: the first 10,000; trec,
+rotten_tomatoes: the whole split) train on that slice whatever the budget, multi_news on a
+seed-42 draw from its first 10,000 rows, every other dataset on the first N of a seed-42
+permutation of the whole split: the paper's `torch.randperm(n, generator seed 42)`, computed
+without PyTorch (`randperm.torch_randperm`), so the same rows where the split is in the same
+order as the paper's copy. The kept rows are read in file order and shuffled by the input
+pipeline's buffer (the paper's trainer draws a new permutation of them every epoch).
+
+- `elm_pe_<name>`: one task per prompt expert (296), cut as above. Every input ends with
+  exactly one EOS, as the paper's T5 tokenizer ends it (P3 caches inputs without EOS: t-zero
+  tokenized them with add_eos=False); an input that already ends with EOS is left alone.
+- `<dataset>_all_prompts`: one mixture per adapter dataset expert (36): each of the dataset's
+  prompt-expert prompts cut as above with the `*_all` config's per-prompt budget, mixed in
+  proportion to their sizes (the paper concatenated them, so an epoch holds every prompt's rows).
+- `<dataset>_random_prompt`: the full-parameter dataset experts' data: every template of the
+  dataset that the local P3 copy holds (its prompt-expert prompts when there is no copy, and for
+  the 3 datasets built from raw data), each cut to the same seed-42 sample of at most 100,000
+  row indices (the torch permutation above; the companion trainer's own seed-42 shuffle is not
+  reproduced row for row), mixed at equal rates. The paper's trainer draws one template per example at every
+  epoch (excluding, by the example's label, trec's, paws' `paraphrase-task` and wiki_qa's
+  generation templates); here each draw of the mixture picks a template at random and that
+  template's next row, so an epoch does not visit each example exactly once; P3's subsets of
+  those label-dependent templates hold only the rows they apply to.
 - `t0_train`: T0's training mixture: every P3 training subset of T0's training datasets found
   in the local copy (not only ELM's 296 prompts), each at T0's rate, its example count capped
   at 500,000 / (that dataset's number of subsets). Inputs keep T0's convention (no EOS).
@@ -45,7 +57,7 @@ import seqio
 
 from elm_jax import tf_input
 from elm_jax.errors import UserInputError
-from tasks import inventory, p3, rank_classification, templated, templates
+from tasks import inventory, p3, randperm, rank_classification, templated, templates
 
 T0_MAX_EXAMPLES_PER_DATASET = 500_000
 SHUFFLE_SEED = 42
@@ -56,9 +68,7 @@ T5_VOCAB_ENV = "ELM_T5_VOCAB"
 # (dataset, subset) of the inventory that P3 as published does not hold.
 NOT_IN_P3 = {("adversarial_qa", "adversarialQA"), ("commonsense_qa", None), ("hotpot_qa", "fullwiki"),
              ("story_cloze", "2016")}
-# Task classes of the paper's code that take the first N rows (ELM_NOTES §1.5).
-FIRST_ROWS_DATASETS = {"wiki_hop", "amazon_polarity", "yelp_review_full", "dbpedia_14", "imdb", "gigaword",
-                       "multi_news"}
+FULL_DE_SAMPLE = inventory.TrainSample(100_000, "permutation")  # the [C] trainer's (ELM_NOTES §1.6)
 # T0's training datasets (t-zero's datasets.csv, do_train) as P3 subset-name prefixes.
 T0_TRAIN_DATASETS = (
     "adversarial_qa_dbidaf", "adversarial_qa_dbert", "adversarial_qa_droberta", "ag_news",
@@ -107,34 +117,40 @@ def add_mixture(name: str, members, default_rate=1.0, source: str = "mixture def
   seqio.MixtureRegistry.add(name, list(members), default_rate=default_rate)
 
 
-def budget_rows(n: int, budget: Optional[int], sampling: str, seed: int = SHUFFLE_SEED) -> Optional[np.ndarray]:
-  """Which of a split's n rows an expert trains on: a bool mask [n] ('permutation': the first
-  `budget` of a seed-`seed` permutation; 'first': the first `budget`), or None for all rows."""
-  if budget is None or sampling == "all" or n <= budget:
-    return None
-  keep = np.zeros(n, bool)
-  if sampling == "first":
-    keep[:budget] = True
-  elif sampling == "permutation":
-    keep[np.random.default_rng(seed).permutation(n)[:budget]] = True
-  else:
+def budget_rows(n: int, budget: Optional[int], sampling: str, seed: int = SHUFFLE_SEED,
+                drawn_from: Optional[int] = None) -> Optional[np.ndarray]:
+  """Which of a split's n rows an expert trains on (`inventory.TrainSample`): a bool mask [n] of
+  the first `budget` rows ('first'), the first `budget` of `torch.randperm(population, generator
+  seed `seed`)` ('permutation', as the paper's code draws `max_train_samples`) or the whole
+  population ('all'), where the population is the first
+  `drawn_from` rows (None: all n); None when that is every row."""
+  if sampling not in ("permutation", "first", "all"):
     raise MixtureError(f"sampling: expected 'permutation', 'first' or 'all', got {sampling!r}")
-  return keep
+  population = n if drawn_from is None else min(n, drawn_from)
+  keep = np.zeros(n, bool)
+  if sampling == "first" and budget is not None:
+    keep[:min(budget, population)] = True
+  elif sampling == "permutation" and budget is not None and population > budget:
+    keep[randperm.torch_randperm(population, seed, budget)] = True
+  else:
+    keep[:population] = True
+  return None if keep.all() else keep
 
 
-def _budgeted_source(base: seqio.DataSource, budget: Optional[int], sampling: str,
+def _budgeted_source(base: seqio.DataSource, sample: inventory.TrainSample,
                      count: Callable[[], int]) -> seqio.DataSource:
-  """`base` with its train split cut to `budget` rows (`budget_rows`); rows are read in file
-  order so that row indices are the split's, then shuffled downstream by SeqIO."""
+  """`base` with its train split cut to `sample` (`budget_rows`); rows are read in file order so
+  that row indices are the split's, then shuffled downstream by SeqIO."""
   tf = tf_input.tensorflow()
+  whole = sample.sampling == "all" and sample.drawn_from is None
 
   def dataset_fn(split, shuffle_files, seed=None):
-    if split != "train" or budget is None or sampling == "all":
+    if split != "train" or whole:
       return base.get_dataset(split=split, shuffle=shuffle_files, seed=seed)
     ds = base.get_dataset(split=split, shuffle=False)
-    if sampling == "first":
-      return ds.take(budget)
-    keep = budget_rows(count(), budget, sampling)
+    if sample.sampling == "first":
+      return ds.take(sample.samples)
+    keep = budget_rows(count(), sample.samples, sample.sampling, drawn_from=sample.drawn_from)
     if keep is None:
       return ds
     mask = tf.constant(keep)
@@ -198,25 +214,45 @@ def _source_task(dataset: str, subset: Optional[str], name: str, data_dir: Optio
   return p3.register_p3_task(name, data_dir)
 
 
-def _register_budgeted(name: str, source: seqio.Task, budget: Optional[int], sampling: str,
+def _register_budgeted(name: str, source: seqio.Task, sample: inventory.TrainSample,
                        count: Callable[[], int], eos: bool = True) -> str:
-  """`source` with its train split cut to the budget. A P3 task (pre-tokenized, no
-  preprocessors) gets `append_eos`; a task rendered from raw text keeps its own tokenization,
-  which ends inputs with EOS already."""
+  """`source` with its train split cut to `sample`. A P3 task (pre-tokenized, no preprocessors)
+  gets `append_eos`; a task rendered from raw text keeps its own tokenization, which ends inputs
+  with EOS already."""
   if name not in seqio.TaskRegistry.names():
     preprocessors = list(source.preprocessors) or ([append_eos] if eos else [])
-    seqio.TaskRegistry.add(name, source=_budgeted_source(source.source, budget, sampling, count),
+    seqio.TaskRegistry.add(name, source=_budgeted_source(source.source, sample, count),
                            output_features=source.output_features, preprocessors=preprocessors,
                            metric_fns=[])
   return name
 
 
-def _sampling(dataset: str, budget: Optional[int]) -> str:
-  return "all" if budget is None else ("first" if dataset in FIRST_ROWS_DATASETS else "permutation")
+def dataset_templates(dataset_expert: dict, data_dir: Optional[str] = None,
+                      fallback: bool = True) -> Optional[list[str]]:
+  """Every template (P3 training subset) of an inventory dataset expert's dataset in the local P3
+  copy: `<name>_<template>` subsets with a train split, not `_score_eval`, not another dataset
+  expert's. Its prompt-expert list when the dataset is built from raw data, and when there is no
+  copy or the copy holds none of them (None then with `fallback=False`)."""
+  if (dataset_expert["dataset"], dataset_expert["subset"]) in NOT_IN_P3:
+    return list(dataset_expert["prompt_experts"])
+  try:
+    root = p3.p3_data_root(data_dir)
+    listing = sorted(os.listdir(root))
+  except (p3.P3DataError, OSError):
+    return list(dataset_expert["prompt_experts"]) if fallback else None
+  prefix = dataset_expert["name"] + "_"
+  longer = [d["name"] + "_" for d in inventory.load_inventory()["dataset_experts"]
+            if d["name"].startswith(prefix)]
+  found = [s for s in listing if s.startswith(prefix) and not s.endswith("_score_eval")
+           and not any(s.startswith(other) for other in longer)
+           and os.path.isfile(os.path.join(root, s, "info.train.json"))]
+  return found or (list(dataset_expert["prompt_experts"]) if fallback else None)
 
 
-def register_elm_tasks(data_dir: Optional[str] = None) -> dict[str, list[str]]:
-  """Registers the prompt-expert tasks and the mixtures above; returns mixture -> members."""
+def register_elm_tasks(data_dir: Optional[str] = None, sampling_follows: str = "code") -> dict[str, list[str]]:
+  """Registers the prompt-expert tasks and the mixtures above; returns mixture -> members.
+  `sampling_follows` ('code' or 'configs') chooses which rows each expert's budget takes
+  (`inventory.train_sample`)."""
   inv = inventory.load_inventory()
   registered: dict[str, list[str]] = {}
   rows = {pe["name"]: pe for pe in inv["prompt_experts"]}
@@ -224,28 +260,26 @@ def register_elm_tasks(data_dir: Optional[str] = None) -> dict[str, list[str]]:
 
   for pe in inv["prompt_experts"]:
     source = _source_task(pe["dataset"], pe["subset"], pe["name"], data_dir, pe["prompt"])
-    budget = pe["max_train_samples"]
-    _register_budgeted(prompt_expert_task(pe["name"]), source, budget, _sampling(pe["dataset"], budget),
-                       count(pe["name"]))
+    sample = inventory.train_sample(pe["dataset"], pe["max_train_samples"], sampling_follows)
+    _register_budgeted(prompt_expert_task(pe["name"]), source, sample, count(pe["name"]))
 
   for de in inv["dataset_experts"]:
     config = de["adapter_config"] or {"max_train_samples": rows[de["prompt_experts"][0]]["max_train_samples"]}
-    budget = config["max_train_samples"]
+    sample = inventory.train_sample(de["dataset"], config["max_train_samples"], sampling_follows)
     members = []
     for name in de["prompt_experts"]:
       source = seqio.TaskRegistry.get(name)
-      members.append(_register_budgeted(f"elm_de_{name}", source, budget, _sampling(de["dataset"], budget),
-                                        count(name)))
+      members.append(_register_budgeted(f"elm_de_{name}", source, sample, count(name)))
     # The paper concatenates the prompts' examples: each member's share is its size.
-    rate = lambda task, b=budget: float(min(b, train_size(task.name[len("elm_de_"):], data_dir))  # noqa: E731
-                                        if b is not None else train_size(task.name[len("elm_de_"):], data_dir))
+    rate = lambda task, s=sample: float(s.rows(train_size(task.name[len("elm_de_"):], data_dir)))  # noqa: E731
     add_mixture(dataset_expert_mixture(de["name"]), members, default_rate=rate)
     registered[dataset_expert_mixture(de["name"])] = members
-    # The full-parameter dataset expert: one 100k permutation, each example under a random prompt.
+    # The full-parameter dataset expert: every template of the dataset, one 100k sample of rows.
     full = []
-    for name in de["prompt_experts"]:
-      full.append(_register_budgeted(f"elm_fde_{name}", seqio.TaskRegistry.get(name), 100_000, "permutation",
-                                     count(name)))
+    for name in dataset_templates(de, data_dir):
+      source = (seqio.TaskRegistry.get(name) if name in seqio.TaskRegistry.names()
+                else p3.register_p3_task(name, data_dir))
+      full.append(_register_budgeted(f"elm_fde_{name}", source, FULL_DE_SAMPLE, count(name)))
     add_mixture(random_prompt_mixture(de["name"]), full)
     registered[random_prompt_mixture(de["name"])] = full
 

@@ -90,3 +90,19 @@ def test_moe_model_file_builds_a_tiny_model(path):
   shapes = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
   kernel = shapes["decoder"]["layers_1"]["mlp"]["expert"]["wo"]["kernel"]
   assert kernel.value.shape == (8, 64, 32)
+
+
+def test_t0_baseline_has_t0s_published_settings():
+  """The settings experiments/t0_multitask_xl.gin says it checked against T0's training command
+  (t-zero training/README.md) and model cards, Adafactor as Mesh TensorFlow applies it."""
+  path = os.path.join(gin_utils.GIN_CONFIGS_DIR, "experiments", "t0_multitask_xl.gin")
+  gin_utils.parse_gin(gin_utils.GinFlags(files=[path], bindings=TINY))
+  macros = {m: gin.query_parameter(f"%{m}") for m in
+            ("TRAIN_STEPS", "BATCH_SIZE", "INPUT_LENGTH", "TARGET_LENGTH", "LEARNING_RATE")}
+  assert macros == {"TRAIN_STEPS": 12_200, "BATCH_SIZE": 1024, "INPUT_LENGTH": 1024, "TARGET_LENGTH": 256,
+                    "LEARNING_RATE": 1e-3}
+  optimizer = {k: gin.query_parameter(f"train_step.OptimizerConfig.{k}") for k in
+               ("name", "schedule", "max_grad_norm", "multiply_by_parameter_scale")}
+  assert optimizer == {"name": "adafactor", "schedule": "constant", "max_grad_norm": None,
+                       "multiply_by_parameter_scale": True}
+  assert gin.query_parameter("t5_config.T5Config.dropout_rate") == 0.1

@@ -1,49 +1,63 @@
-"""Each expert's own training plan, as the paper's configs set it, and the vmapped groups.
+"""Each expert's own training plan, as the paper's code runs it, and the vmapped groups.
 
 `prompt_expert_plan`, `dataset_expert_plan`, `full_dataset_expert_plan` and
 `continual_expert_plan` turn one row of the ELM inventory (`tasks/elm_inventory.json`, made from
-the paper's configs; ELM_NOTES §1.4-1.7, §2.3) into an `ExpertPlan`: the sample budget and how it
-is drawn, epochs, batch size, steps, learning rate and schedule, source and target lengths,
-dropout, seed, optimizer and where the data comes from. `recipe_plans(kind)` gives every
-expert of a recipe and `recipe_groups` cuts them into groups that one vmapped program can train:
-experts whose shapes agree (batch size, source and target length, dropout), at most
-`group_size` at a time; inside a group every expert keeps its own steps and learning rate
-(`TrainConfig.expert_steps` / `expert_learning_rates`).
+the paper's configs; ELM_NOTES §1.4-1.7, §2.3) into an `ExpertPlan`: which rows it trains on and
+how they are drawn, how its prompts are used, epochs, batch size, steps, learning rate and
+schedule, source and target lengths, dropout, seed, optimizer and where the data comes from.
+`recipe_plans(kind)` gives every expert of a recipe and `recipe_groups` cuts them into groups
+that one vmapped program can train: experts whose shapes agree (batch size, source and target
+length, dropout), at most `group_size` at a time; inside a group every expert keeps its own
+steps and learning rate (`TrainConfig.expert_steps` / `expert_learning_rates`).
 
-Steps are the paper's: epochs x ceil(samples / batch) (HF Trainer, one device, no gradient
-accumulation), where samples = min(budget, train split size). The split size is read from a
-local P3 copy's `stats.train.json` when one is given (`split_sizes`); without it the plan
-states the budget's steps as an upper bound (`steps_exact=False`) and `elm-jax train` resolves
-them from the data before training.
+Rows: `inventory.train_sample` with `sampling_follows='code'` (default: the paper's code, whose
+ten `official_code_whole_slice` task classes take their slice of the split whatever the config's
+`max_train_samples`) or 'configs' (the configs' budgets). Steps are the paper's: epochs x
+ceil(examples per epoch / batch) (HF Trainer, one device, no gradient accumulation; the
+full-parameter dataset experts: effective batch 128), where the examples per epoch follow from
+the split's rows: a prompt or continual expert's sample of its split, an adapter dataset
+expert's samples of all its prompts together, a full-parameter dataset expert's min(100,000,
+the dataset's rows). The rows are read from a local P3 copy's `stats.train.json` and the
+continual experts' files when they are on this machine (`available_split_sizes`); without them
+the plan states the budget's steps as an upper bound (`steps_exact=False`) and `elm-jax train`
+counts them from the data before training.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Optional, Mapping, Sequence, Union
 
 from elm_jax.training.errors import TrainingError
-from tasks import inventory, mixtures
+from tasks import continual, inventory, mixtures
 
 TARGET_LENGTH = 128            # max_target_length, left at its default in every PE/DE config
 CONTINUAL_TARGET_LENGTH = 256  # the cT0 configs
 DROPOUT = 0.1                  # T5's, as the paper's HF model trained with
 SEED = 42
-# Task classes of the paper's code that take the first N rows instead of a seed-42 permutation
-# (ELM_NOTES §1.5).
-FIRST_ROWS = {"wiki_hop", "amazon_polarity", "yelp_review_full", "dbpedia_14", "imdb", "gigaword",
-              "multi_news"}
 KINDS = ("prompt", "dataset", "dataset_full", "continual")
+SAMPLING_FOLLOWS = inventory.SAMPLING_FOLLOWS
+# How each recipe uses its prompts (`ExpertPlan.prompt_draw`).
+ONE_PROMPT = "its one prompt"
+EVERY_PROMPT = "every prompt, each on its own sample (concatenated)"
+ONE_PER_EXAMPLE = ("one template drawn at random per example per epoch, among every template of the "
+                   "dataset that applies to its label (trec, paws paraphrase-task and wiki_qa generation "
+                   "templates excluded by label)")
+NO_TEMPLATE_LIST = " (no P3 copy lists the dataset's templates here: its prompt-expert prompts stand in)"
+# A split's row count, or for an adapter dataset expert one count per prompt.
+Rows = Union[int, Sequence[int]]
 
 
 @dataclasses.dataclass(frozen=True)
 class ExpertPlan:
-  """How one expert trains. `samples` is the budget (None: the whole split); `sampling` says how
-  it is drawn: 'permutation' (the first `samples` of a seed-`seed` permutation of the train
-  split), 'first' (the first `samples` rows) or 'all'. `steps` = epochs x ceil(min(samples,
-  split) / batch_size), exact when the split size was known (`steps_exact`), else the budget's
-  (an upper bound), or None for a whole split of unknown size."""
+  """How one expert trains. `samples` is how many rows of the split it takes (per prompt for an
+  adapter dataset expert; None: all), `sampling` how: 'first' (the first `samples` rows, in file
+  order), 'permutation' (the first `samples` of a seed-`seed` permutation) or 'all', out of the
+  first `drawn_from` rows of the split (None: all of it). `prompt_draw` says how its `prompts`
+  are used. `steps` = epochs x ceil(examples per epoch / batch_size), exact when the split's
+  rows were known (`steps_exact`), else the budget's (an upper bound), or None for a whole split
+  of unknown size."""
   name: str
   task: str
   kind: str
@@ -64,156 +78,214 @@ class ExpertPlan:
   target_length: int
   dropout: float
   seed: int
-  data: str                      # 'p3' (a P3 subset) or 'raw+templates' (raw data, promptsource templates)
+  data: str                      # 'p3', 'raw+templates' (raw data, promptsource templates) or 'local files'
+  drawn_from: Optional[int] = None
+  prompt_draw: str = ONE_PROMPT
 
   def shape_key(self) -> tuple:
     """What experts of one vmapped program must share."""
     return (self.batch_size, self.input_length, self.target_length, self.dropout, self.optimizer,
             self.schedule, self.max_grad_norm, self.warmup_steps)
 
+  @property
+  def sample(self) -> inventory.TrainSample:
+    return inventory.TrainSample(self.samples, self.sampling, self.drawn_from)
 
-def _steps(samples: Optional[int], split: Optional[int], epochs: int, batch: int) -> tuple[Optional[int], bool]:
-  """(steps, exact): exact with the split's size; without it, the budget's steps as an upper
-  bound, or None for a whole split of unknown size."""
-  if split is not None:
-    n = split if samples is None else min(samples, split)
-    return epochs * math.ceil(n / batch), True
-  if samples is None:
-    return None, False
-  return epochs * math.ceil(samples / batch), False
+  def epoch_examples(self, rows: Rows) -> int:
+    """Examples one epoch visits, given the split's rows (one count per prompt for an adapter
+    dataset expert; a full-parameter dataset expert's: the dataset's rows)."""
+    if self.kind == "dataset":
+      return sum(self.sample.rows(n) for n in rows)
+    return self.sample.rows(rows)
+
+  def upper_bound_examples(self) -> Optional[int]:
+    """Examples per epoch when every split is at least the budget (None: unbounded)."""
+    if self.samples is None:
+      return self.drawn_from
+    return self.samples * (len(self.prompts) if self.kind == "dataset" else 1)
+
+  def with_rows(self, rows: Rows) -> "ExpertPlan":
+    """The plan with its exact steps for a split of `rows` rows."""
+    steps = self.epochs * math.ceil(self.epoch_examples(rows) / self.batch_size)
+    return dataclasses.replace(self, steps=steps, steps_exact=True)
+
+
+def _with_steps(plan: ExpertPlan, rows: Optional[Rows]) -> ExpertPlan:
+  """`plan` with exact steps from `rows`, or the budget's upper bound without them (None for a
+  whole split of unknown size)."""
+  if rows is not None:
+    return plan.with_rows(rows)
+  bound = plan.upper_bound_examples()
+  steps = None if bound is None else plan.epochs * math.ceil(bound / plan.batch_size)
+  return dataclasses.replace(plan, steps=steps, steps_exact=False)
 
 
 def _data_path(dataset: str, subset: Optional[str]) -> str:
   return "raw+templates" if (dataset, subset) in mixtures.NOT_IN_P3 else "p3"
 
 
-def prompt_expert_plan(row: Mapping[str, Any], split_size: Optional[int] = None) -> ExpertPlan:
+def _adapter_plan(**fields) -> ExpertPlan:
+  """The prompt-expert optimizer (ELM_NOTES §1.4): AdamW decayed linearly to 0, no warm-up,
+  clip 1.0, dropout 0.1, seed 42; steps filled in by `_with_steps`."""
+  return ExpertPlan(steps=None, steps_exact=False, schedule="linear", warmup_steps=0, optimizer="adamw",
+                    max_grad_norm=1.0, dropout=DROPOUT, seed=SEED, **fields)
+
+
+def prompt_expert_plan(row: Mapping[str, Any], split_size: Optional[int] = None,
+                       sampling_follows: str = "code") -> ExpertPlan:
   """A prompt expert (an `inventory.load_inventory()['prompt_experts']` row): adapters, AdamW at
-  the row's rate decayed linearly to 0, no warm-up, clip 1.0, its budget, epochs, batch and
-  source length, targets 128, dropout 0.1, seed 42."""
-  samples = row["max_train_samples"]
-  sampling = "all" if samples is None else ("first" if row["dataset"] in FIRST_ROWS else "permutation")
-  steps, exact = _steps(samples, split_size, row["epochs"], row["batch_size"])
-  return ExpertPlan(
+  the row's rate, its rows (`inventory.train_sample`), epochs, batch and source length, targets
+  128. `split_size`: its P3 subset's train rows."""
+  sample = inventory.train_sample(row["dataset"], row["max_train_samples"], sampling_follows)
+  plan = _adapter_plan(
       name=row["name"], task=mixtures.prompt_expert_task(row["name"]), kind="prompt", dataset=row["dataset"],
-      prompts=(row["prompt"],), samples=samples, sampling=sampling, epochs=row["epochs"],
-      batch_size=row["batch_size"], steps=steps, steps_exact=exact, learning_rate=row["learning_rate"],
-      schedule="linear", warmup_steps=0, optimizer="adamw", max_grad_norm=1.0,
-      input_length=row["max_source_length"], target_length=TARGET_LENGTH, dropout=DROPOUT, seed=SEED,
+      prompts=(row["prompt"],), samples=sample.samples, sampling=sample.sampling, drawn_from=sample.drawn_from,
+      epochs=row["epochs"], batch_size=row["batch_size"], learning_rate=row["learning_rate"],
+      input_length=row["max_source_length"], target_length=TARGET_LENGTH,
       data=_data_path(row["dataset"], row["subset"]))
+  return _with_steps(plan, split_size)
 
 
 def dataset_expert_plan(row: Mapping[str, Any], split_sizes: Optional[Mapping[str, int]] = None,
-                        prompt_rows: Optional[Mapping[str, Mapping]] = None) -> ExpertPlan:
+                        prompt_rows: Optional[Mapping[str, Mapping]] = None,
+                        sampling_follows: str = "code") -> ExpertPlan:
   """An adapter dataset expert (an `inventory...['dataset_experts']` row): the paper's `*_all`
-  config, i.e. the prompt-expert recipe on all the dataset's prompts, each cut to the config's
-  per-prompt budget. wiki_bio has no `*_all` config and one prompt: its dataset expert follows
-  that prompt expert's settings."""
+  config, i.e. the prompt-expert recipe on all the dataset's prompt-expert prompts, each on its
+  own sample of the config's per-prompt budget (or the class's slice, `inventory.train_sample`),
+  concatenated. wiki_bio has no `*_all` config and one prompt: its dataset expert follows that
+  prompt expert's settings."""
   config = row["adapter_config"]
   if config is None:
     single = (prompt_rows or _prompt_rows())[row["prompt_experts"][0]]
     config = {k: single[k] for k in ("max_train_samples", "batch_size", "epochs", "learning_rate",
                                      "max_source_length")}
-  per_prompt = config["max_train_samples"]
+  sample = inventory.train_sample(row["dataset"], config["max_train_samples"], sampling_follows)
   prompts = tuple(row["prompt_experts"])
-  sizes = [None if split_sizes is None else split_sizes.get(p) for p in prompts]
-  if all(s is not None for s in sizes):
-    n = sum(s if per_prompt is None else min(per_prompt, s) for s in sizes)
-    steps, exact = config["epochs"] * math.ceil(n / config["batch_size"]), True
-  else:
-    steps, exact = _steps(None if per_prompt is None else per_prompt * len(prompts), None,
-                          config["epochs"], config["batch_size"])
-  sampling = "all" if per_prompt is None else ("first" if row["dataset"] in FIRST_ROWS else "permutation")
-  return ExpertPlan(
+  sizes = [(split_sizes or {}).get(p) for p in prompts]
+  plan = _adapter_plan(
       name=row["name"], task=mixtures.dataset_expert_mixture(row["name"]), kind="dataset",
-      dataset=row["dataset"], prompts=prompts, samples=per_prompt, sampling=sampling,
-      epochs=config["epochs"], batch_size=config["batch_size"], steps=steps, steps_exact=exact,
-      learning_rate=config["learning_rate"], schedule="linear", warmup_steps=0, optimizer="adamw",
-      max_grad_norm=1.0, input_length=config["max_source_length"], target_length=TARGET_LENGTH,
-      dropout=DROPOUT, seed=SEED, data=_data_path(row["dataset"], row["subset"]))
+      dataset=row["dataset"], prompts=prompts, samples=sample.samples, sampling=sample.sampling,
+      drawn_from=sample.drawn_from, prompt_draw=EVERY_PROMPT if len(prompts) > 1 else ONE_PROMPT,
+      epochs=config["epochs"], batch_size=config["batch_size"], learning_rate=config["learning_rate"],
+      input_length=config["max_source_length"], target_length=TARGET_LENGTH,
+      data=_data_path(row["dataset"], row["subset"]))
+  return _with_steps(plan, sizes if all(s is not None for s in sizes) else None)
 
 
 # The companion full-parameter dataset experts (ELM_NOTES §1.6, [C] configs): Adafactor
 # without parameter scaling or relative steps, constant 1e-4, clip 0.5, 5 epochs over at most
-# 100k instances, inputs 512 / targets 128, effective batch 128, a random prompt per example.
+# 100k instances (a seed-42 shuffle of the dataset), inputs 512 / targets 128, effective batch
+# 128 (1 per GPU x 32 accumulation x 4 GPUs), one template drawn per example per epoch. The
+# code never resizes the embeddings: its softmax is over all 32,128 entries
+# (experiments/elm_dataset_experts_full_xl.gin: softmax_vocab_size None).
 FULL_DE = {"samples": 100_000, "epochs": 5, "batch_size": 128, "learning_rate": 1e-4,
            "max_grad_norm": 0.5, "input_length": 512, "target_length": 128}
 
 
-def full_dataset_expert_plan(row: Mapping[str, Any]) -> ExpertPlan:
-  """A full-fine-tuning dataset expert (one per dataset, `<dataset>_random_prompt`)."""
+def full_dataset_expert_plan(row: Mapping[str, Any], templates: Optional[Sequence[str]] = None,
+                             dataset_rows: Optional[int] = None) -> ExpertPlan:
+  """A full-fine-tuning dataset expert (one per dataset, `<dataset>_random_prompt`) on every
+  template of its dataset (`templates`: `mixtures.dataset_templates`; without them the
+  prompt-expert list stands in, and `prompt_draw` says so). `dataset_rows`: the dataset's train
+  rows."""
   f = FULL_DE
-  steps, exact = _steps(f["samples"], None, f["epochs"], f["batch_size"])
-  return ExpertPlan(
+  sample = mixtures.FULL_DE_SAMPLE
+  plan = ExpertPlan(
       name=f"{row['name']}_full", task=mixtures.random_prompt_mixture(row["name"]), kind="dataset_full",
-      dataset=row["dataset"], prompts=tuple(row["prompt_experts"]), samples=f["samples"],
-      sampling="permutation", epochs=f["epochs"], batch_size=f["batch_size"], steps=steps,
-      steps_exact=exact, learning_rate=f["learning_rate"], schedule="constant", warmup_steps=0,
+      dataset=row["dataset"], prompts=tuple(templates or row["prompt_experts"]), samples=sample.samples,
+      sampling=sample.sampling, prompt_draw=ONE_PER_EXAMPLE + ("" if templates else NO_TEMPLATE_LIST),
+      epochs=f["epochs"], batch_size=f["batch_size"],
+      steps=None, steps_exact=False, learning_rate=f["learning_rate"], schedule="constant", warmup_steps=0,
       optimizer="adafactor", max_grad_norm=f["max_grad_norm"], input_length=f["input_length"],
-      target_length=f["target_length"], dropout=DROPOUT, seed=SEED,
-      data=_data_path(row["dataset"], row["subset"]))
+      target_length=f["target_length"], dropout=DROPOUT, seed=SEED, data=_data_path(row["dataset"], row["subset"]))
+  return _with_steps(plan, dataset_rows)
 
 
-def continual_expert_plan(expert: inventory.ContinualExpert, split_size: Optional[int] = None) -> ExpertPlan:
+def continual_expert_plan(expert: inventory.ContinualExpert, split_size: Optional[int] = None,
+                          sampling_follows: str = "code") -> ExpertPlan:
   """One of the 10 continual (cT0) experts: adapters, lr 1e-4, inputs 512 / targets 256, at most
-  100k examples, its own batch size and epochs (ELM_NOTES §2.3)."""
-  steps, exact = _steps(expert.max_samples, split_size, expert.epochs, expert.batch_size)
-  return ExpertPlan(
-      name=expert.name, task=expert.name, kind="continual", dataset=expert.dataset,
-      prompts=(expert.prompt,), samples=expert.max_samples, sampling="permutation", epochs=expert.epochs,
-      batch_size=expert.batch_size, steps=steps, steps_exact=exact, learning_rate=1e-4,
-      schedule="linear", warmup_steps=0, optimizer="adamw", max_grad_norm=1.0, input_length=512,
-      target_length=CONTINUAL_TARGET_LENGTH, dropout=DROPOUT, seed=SEED, data="local files")
+  100k examples of its training file drawn with seed 42 (wiki_auto: the whole file, as the
+  paper's task class; `continual.expert_sample`), its own batch size and epochs (ELM_NOTES
+  §2.3). `split_size`: its training file's rows."""
+  sample = continual.expert_sample(expert, sampling_follows)
+  plan = _adapter_plan(
+      name=expert.name, task=expert.name, kind="continual", dataset=expert.dataset, prompts=(expert.prompt,),
+      samples=sample.samples, sampling=sample.sampling, epochs=expert.epochs, batch_size=expert.batch_size,
+      learning_rate=1e-4, input_length=512, target_length=CONTINUAL_TARGET_LENGTH, data="local files")
+  return _with_steps(plan, split_size)
 
 
 def _prompt_rows() -> dict[str, Mapping]:
   return {p["name"]: p for p in inventory.load_inventory()["prompt_experts"]}
 
 
-def recipe_plans(kind: str, split_sizes: Optional[Mapping[str, int]] = None) -> list[ExpertPlan]:
+def full_dataset_rows(templates: Sequence[str], split_sizes: Mapping[str, int]) -> Optional[int]:
+  """A dataset's train rows from its templates' P3 subsets: the largest (a label-dependent
+  template's subset holds fewer), or None when one is unknown."""
+  sizes = [split_sizes.get(t) for t in templates]
+  return max(sizes) if sizes and all(s is not None for s in sizes) else None
+
+
+def recipe_plans(kind: str, split_sizes: Optional[Mapping[str, int]] = None, sampling_follows: str = "code",
+                 data_dir: Optional[str] = None) -> list[ExpertPlan]:
   """Every expert of a recipe, in inventory order: 'prompt' (296), 'dataset' (36 adapter
   dataset experts), 'dataset_full' (36 full-parameter ones) or 'continual' (10). `split_sizes`
-  maps P3 subset (prompt expert) names to their train-split sizes, for exact step counts."""
+  maps P3 subset names and continual expert names to their train rows, for exact step counts;
+  `data_dir` the P3 copy whose subsets list the full-parameter experts' templates."""
   inv = inventory.load_inventory()
   sizes = split_sizes or {}
+  if sampling_follows not in SAMPLING_FOLLOWS:
+    raise TrainingError(f"SAMPLING_FOLLOWS (sampling_follows): expected one of {list(SAMPLING_FOLLOWS)}, "
+                        f"got {sampling_follows!r}")
   if kind == "prompt":
-    return [prompt_expert_plan(p, sizes.get(p["name"])) for p in inv["prompt_experts"]]
+    return [prompt_expert_plan(p, sizes.get(p["name"]), sampling_follows) for p in inv["prompt_experts"]]
   if kind == "dataset":
     rows = _prompt_rows()
-    return [dataset_expert_plan(d, sizes if sizes else None, rows) for d in inv["dataset_experts"]]
+    return [dataset_expert_plan(d, sizes, rows, sampling_follows) for d in inv["dataset_experts"]]
   if kind == "dataset_full":
-    return [full_dataset_expert_plan(d) for d in inv["dataset_experts"]]
+    out = []
+    for d in inv["dataset_experts"]:
+      templates = mixtures.dataset_templates(d, data_dir, fallback=False)
+      rows = full_dataset_rows(templates or d["prompt_experts"], sizes)
+      out.append(full_dataset_expert_plan(d, templates, rows))
+    return out
   if kind == "continual":
-    return [continual_expert_plan(e, sizes.get(e.name)) for e in inventory.CONTINUAL_EXPERTS]
+    return [continual_expert_plan(e, sizes.get(e.name), sampling_follows) for e in inventory.CONTINUAL_EXPERTS]
   raise TrainingError(f"recipe kind: expected one of {KINDS}, got {kind!r}")
 
 
-def recipe_groups(kind: str, group_size: int, split_sizes: Optional[Mapping[str, int]] = None
-                  ) -> list[list[ExpertPlan]]:
+def recipe_groups(kind: str, group_size: int, split_sizes: Optional[Mapping[str, int]] = None,
+                  sampling_follows: str = "code", data_dir: Optional[str] = None) -> list[list[ExpertPlan]]:
   """The recipe's experts in vmapped groups: experts of one shape key, in inventory order,
   `group_size` at a time (a shape's last group may be smaller)."""
   if group_size < 1:
     raise TrainingError(f"group_size: expected a positive integer, got {group_size}")
   by_shape: dict[tuple, list[ExpertPlan]] = {}
-  for plan in recipe_plans(kind, split_sizes):
+  for plan in recipe_plans(kind, split_sizes, sampling_follows, data_dir):
     by_shape.setdefault(plan.shape_key(), []).append(plan)
   return [plans[i:i + group_size] for plans in by_shape.values() for i in range(0, len(plans), group_size)]
 
 
 def p3_split_sizes(data_dir: Optional[str] = None) -> dict[str, int]:
-  """Train-split sizes of the prompt experts' P3 subsets from a local copy's stats files (no
-  record is read; subsets without a stats file are left out)."""
-  return mixtures.known_train_sizes([p["name"] for p in inventory.load_inventory()["prompt_experts"]], data_dir)
+  """Train-split sizes of the prompt experts' P3 subsets and of every template subset of the
+  dataset experts' datasets, from a local copy's stats files (no record is read; subsets
+  without a stats file are left out)."""
+  inv = inventory.load_inventory()
+  names = {p["name"] for p in inv["prompt_experts"]}
+  for d in inv["dataset_experts"]:
+    names.update(mixtures.dataset_templates(d, data_dir))
+  return mixtures.known_train_sizes(sorted(names), data_dir)
 
 
 @dataclasses.dataclass(frozen=True)
 class PlanGroup:
   """One vmapped group of a recipe, as `run.train` takes it: group `index` of
-  `recipe_groups(kind, group_size)`."""
+  `recipe_groups(kind, group_size, sampling_follows=...)`."""
   plans: tuple[ExpertPlan, ...]
   kind: str = ""
   index: int = 0
   group_size: int = 0
+  sampling_follows: str = "code"
 
   def __post_init__(self):
     keys = {p.shape_key() for p in self.plans}
@@ -225,38 +297,42 @@ class PlanGroup:
   def first(self) -> ExpertPlan:
     return self.plans[0]
 
-  def resolved(self, split_size: Callable[[ExpertPlan], Optional[int]]) -> "PlanGroup":
-    """The group with every inexact step count recomputed from `split_size(plan)` (a count of
-    the expert's training examples before its budget)."""
+  def resolved(self, split_rows: Callable[[ExpertPlan], Optional[Rows]]) -> "PlanGroup":
+    """The group with every inexact step count recomputed from `split_rows(plan)`: the rows of
+    the expert's split (one count per prompt for an adapter dataset expert, the dataset's rows
+    for a full-parameter one), or None when they cannot be known."""
     out = []
     for plan in self.plans:
-      if plan.steps_exact:
-        out.append(plan)
-        continue
-      size = split_size(plan)
-      if size is None:
-        out.append(plan)
-        continue
-      budget = plan.samples if plan.kind != "dataset" or plan.samples is None else plan.samples * len(plan.prompts)
-      steps, _ = _steps(budget, size, plan.epochs, plan.batch_size)
-      out.append(dataclasses.replace(plan, steps=steps, steps_exact=True))
+      rows = None if plan.steps_exact else split_rows(plan)
+      out.append(plan if rows is None else plan.with_rows(rows))
     return dataclasses.replace(self, plans=tuple(out))
 
+  def recipe(self, data_dir: Optional[str] = None) -> list[list[ExpertPlan]]:
+    """Every group of this group's recipe, with the steps the data on this machine gives."""
+    if not self.kind:
+      return [list(self.plans)]
+    return recipe_groups(self.kind, self.group_size, available_split_sizes(data_dir), self.sampling_follows,
+                         data_dir)
 
-def recipe_group(kind: str, group: int, group_size: int, data_dir: Optional[str] = None) -> PlanGroup:
+
+def recipe_group(kind: str, group: int, group_size: int, data_dir: Optional[str] = None,
+                 sampling_follows: str = "code") -> PlanGroup:
   """Group `group` of `recipe_groups(kind, group_size)`, for gin:
   `run.train.plan_group = @plans.recipe_group()`. Each value is checked, as the experiment
-  files' macros bind them (RECIPE, GROUP, GROUP_SIZE), before any plan is made."""
+  files' macros bind them (RECIPE, GROUP, GROUP_SIZE, SAMPLING_FOLLOWS), before any plan is made."""
   if kind not in KINDS:
     raise TrainingError(f"RECIPE (plans.recipe_group.kind): expected one of {list(KINDS)}, got {kind!r}")
   if not _is_count(group_size) or group_size < 1:
     raise TrainingError(f"GROUP_SIZE (plans.recipe_group.group_size): expected a positive integer, "
                         f"got {group_size!r}")
-  groups = recipe_groups(kind, group_size, available_split_sizes(data_dir))
+  if sampling_follows not in SAMPLING_FOLLOWS:
+    raise TrainingError(f"SAMPLING_FOLLOWS (plans.recipe_group.sampling_follows): expected one of "
+                        f"{list(SAMPLING_FOLLOWS)}, got {sampling_follows!r}")
+  groups = recipe_groups(kind, group_size, available_split_sizes(data_dir), sampling_follows, data_dir)
   if not _is_count(group) or not 0 <= group < len(groups):
     raise TrainingError(f"GROUP (plans.recipe_group.group): expected a group number 0..{len(groups) - 1} "
                         f"(the {kind} recipe in groups of {group_size}), got {group!r}")
-  return PlanGroup(tuple(groups[group]), kind, group, group_size)
+  return PlanGroup(tuple(groups[group]), kind, group, group_size, sampling_follows)
 
 
 def _is_count(value: Any) -> bool:
@@ -264,25 +340,43 @@ def _is_count(value: Any) -> bool:
   return isinstance(value, int) and not isinstance(value, bool)
 
 
-def available_split_sizes(data_dir: Optional[str]) -> dict[str, int]:
-  """`p3_split_sizes` when a local P3 copy is there, else nothing."""
+def available_split_sizes(data_dir: Optional[str] = None, continual_dir: Optional[str] = None) -> dict[str, int]:
+  """The train rows on this machine, read without touching a record: `p3_split_sizes` when a
+  local P3 copy is there (`data_dir` or $ELM_P3_DATA_DIR) and the continual experts' training
+  files' row counts when they are (`continual_dir` or $ELM_CONTINUAL_DATA_DIR)."""
   try:
-    return p3_split_sizes(data_dir)
+    sizes = p3_split_sizes(data_dir)
   except mixtures.p3.P3DataError:
-    return {}
+    sizes = {}
+  sizes.update(continual.known_train_rows(continual_dir))
+  return sizes
+
+
+UPPER_BOUND_NOTE = ("steps marked '<=' are upper bounds (the budget's): the data is not on this machine "
+                    "($ELM_P3_DATA_DIR's stats.train.json, $ELM_CONTINUAL_DATA_DIR's train.jsonl); "
+                    "`elm-jax train` counts them from the data before it trains")
 
 
 def describe(plans: Sequence[ExpertPlan], groups: Optional[Sequence[int]] = None) -> str:
   """A table of plans, one line each (what `elm-jax train --dry_run` prints); with `groups`,
-  each plan's group index first."""
-  lines = [("group | " if groups else "") + "name | samples (how) | epochs | batch | steps | lr | "
+  each plan's group index first; a last line says when steps are upper bounds."""
+  lines = [("group | " if groups else "") + "name | samples (how) | prompts | epochs | batch | steps | lr | "
            "schedule | src/tgt | dropout | optimizer | data",
-           "---|" * (11 + bool(groups))]
+           "---|" * (12 + bool(groups))]
   for i, p in enumerate(plans):
     samples = "all" if p.samples is None else (f"{p.samples:,}" + (" per prompt" if p.kind == "dataset" else ""))
+    if p.drawn_from is not None:
+      samples += f" of the first {p.drawn_from:,}"
     steps = ("whole split: size unknown" if p.steps is None else
              f"{p.steps:,}" if p.steps_exact else f"<= {p.steps:,}")
-    lines.append((f"{groups[i]} | " if groups else "") + f"{p.name} | {samples} ({p.sampling}) | {p.epochs} | {p.batch_size} | {steps} | "
-                 f"{p.learning_rate:g} | {p.schedule} | {p.input_length}/{p.target_length} | {p.dropout:g} | "
-                 f"{p.optimizer} (clip {p.max_grad_norm:g}) | {p.data}")
+    prompts = {ONE_PROMPT: "1", EVERY_PROMPT: f"{len(p.prompts)}, each",
+               ONE_PER_EXAMPLE: f"{len(p.prompts)}, one per example per epoch",
+               ONE_PER_EXAMPLE + NO_TEMPLATE_LIST: f"{len(p.prompts)} (prompt experts'), one per example per "
+                                                   "epoch"}.get(p.prompt_draw, p.prompt_draw)
+    lines.append((f"{groups[i]} | " if groups else "") + f"{p.name} | {samples} ({p.sampling}) | {prompts} | "
+                 f"{p.epochs} | {p.batch_size} | {steps} | {p.learning_rate:g} | {p.schedule} | "
+                 f"{p.input_length}/{p.target_length} | {p.dropout:g} | {p.optimizer} (clip {p.max_grad_norm:g}) | "
+                 f"{p.data}")
+  if any(not p.steps_exact for p in plans):
+    lines.append(UPPER_BOUND_NOTE)
   return "\n".join(lines)

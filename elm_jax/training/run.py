@@ -26,7 +26,7 @@ from elm_jax.models.t5_config import T5Config
 from elm_jax.models.upcycling import upcycle_params
 from elm_jax.training import checkpointing, inputs, plans, trainer
 from elm_jax.training import train_step as ts
-from tasks import mixtures
+from tasks import continual, mixtures
 
 
 def train(model_dir: str, expert_tasks: Optional[Sequence[str]] = None, steps: Optional[int] = None, *,
@@ -58,11 +58,14 @@ def train(model_dir: str, expert_tasks: Optional[Sequence[str]] = None, steps: O
 
   `plan_group` (a group of one of the paper's recipes, `plans.recipe_group`) sets the tasks,
   names, batch size, lengths, dropout and optimizer, and each expert's own steps and learning
-  rate; step counts the plan could not know without the data are counted first (from the P3
-  copy in `data_dir` or $ELM_P3_DATA_DIR); EXPERT_TASKS, EXPERT_NAMES or TRAIN_STEPS bound beside
-  it are refused, not ignored. `dry_run` prints the plans of the whole recipe (without a recipe:
-  each expert's steps, batch, lengths and optimizer, the model, backbone and mesh) and returns
-  without reading data or building the model.
+  rate; step counts the plan could not know without the data are counted first, for every
+  recipe (`_split_rows`: the P3 copy in `data_dir` or $ELM_P3_DATA_DIR, the continual experts'
+  files in $ELM_CONTINUAL_DATA_DIR); EXPERT_TASKS, EXPERT_NAMES or TRAIN_STEPS bound beside it
+  are refused, not ignored. `dry_run` prints the plans of the whole recipe, with the steps the
+  split sizes on this machine give (stats files and row counts, no record read) and upper
+  bounds, said to be so, where the data is not here (without a recipe: each expert's steps,
+  batch, lengths and optimizer, the model, backbone and mesh) and returns without building the
+  model.
 
   While it trains, the run holds `<model_dir>/train.lock` (`checkpointing.hold_run_lock`): a
   second run started on the same MODEL_DIR is refused, naming this one.
@@ -82,13 +85,14 @@ def train(model_dir: str, expert_tasks: Optional[Sequence[str]] = None, steps: O
                            all_shapes=all_shapes))
   if plan_group is not None:
     if dry_run:
-      print(recipe_table(plan_group))
+      print(recipe_table(plan_group, data_dir))
       return {}
-    plan_group = plan_group.resolved(lambda plan: _split_size(plan, data_dir))
-    unknown = [p.name for p in plan_group.plans if p.steps is None]
-    if unknown:
+    plan_group = plan_group.resolved(lambda plan: _split_rows(plan, data_dir))
+    unknown = [p.name for p in plan_group.plans if not p.steps_exact]
+    if unknown:  # never train an upper bound: the steps follow from the data
       raise trainer.TrainingError(f"plan_group: the step counts of {unknown} need their train splits' "
-                                  "sizes; set ELM_P3_DATA_DIR (or data_dir) to the P3 copy")
+                                  "sizes; set ELM_P3_DATA_DIR (or data_dir) to the P3 copy, or "
+                                  "ELM_CONTINUAL_DATA_DIR to the continual experts' files")
     first = plan_group.first
     expert_tasks = [p.task for p in plan_group.plans]
     expert_names = [p.name for p in plan_group.plans]
@@ -271,8 +275,7 @@ def run_layout(plan_group: Optional[plans.PlanGroup], expert_tasks: Optional[Seq
                       optimizer_config)
     return RunLayout(f"{len(expert_tasks)} experts", (shape,), expert_config, mesh_config,
                      logical_axis_rules, len(expert_tasks))
-  recipe = ([list(plan_group.plans)] if not plan_group.kind else
-            plans.recipe_groups(plan_group.kind, plan_group.group_size, plans.available_split_sizes(None)))
+  recipe = plan_group.recipe()
   if all_shapes:
     groups, indices = recipe, range(len(recipe))
     title = (f"the {plan_group.kind} recipe: {sum(map(len, groups))} experts in {len(groups)} groups "
@@ -301,26 +304,32 @@ def _with_run_settings(checkpoint_config: T5Config, run_config: T5Config) -> T5C
                                    softmax_vocab_size=run_config.softmax_vocab_size)
 
 
-def _split_size(plan: plans.ExpertPlan, data_dir: Optional[str]) -> Optional[int]:
-  """The training examples an expert's budget is drawn from (a P3 subset's, or for a dataset
-  expert all its prompts' together): what an inexact plan needs for its steps."""
+def _split_rows(plan: plans.ExpertPlan, data_dir: Optional[str]) -> Optional[plans.Rows]:
+  """The train rows an inexact plan's steps follow from, read from the data: a prompt expert's
+  P3 subset (or its rendered raw rows), an adapter dataset expert's prompts' (one count each), a
+  full-parameter dataset expert's dataset (the largest of its templates' subsets, listed in its
+  plan from the same P3 copy), a continual expert's training file (None when that file is not
+  on this machine)."""
   if plan.kind == "dataset":
-    sizes = [mixtures.train_size(p, data_dir) for p in plan.prompts]
-    per_prompt = plan.samples
-    return sum(s if per_prompt is None else min(s, per_prompt) for s in sizes)
+    return [mixtures.train_size(p, data_dir) for p in plan.prompts]
   if plan.kind == "prompt":
     return mixtures.train_size(plan.name, data_dir)
+  if plan.kind == "dataset_full":
+    return max(mixtures.train_size(t, data_dir) for t in plan.prompts)
+  if plan.kind == "continual":
+    return continual.train_split_rows(plan.name)
   return None
 
 
-def recipe_table(group: plans.PlanGroup) -> str:
+def recipe_table(group: plans.PlanGroup, data_dir: Optional[str] = None) -> str:
   """Every expert of the group's recipe with its group index, the group's marked."""
-  groups = ([list(group.plans)] if not group.kind else
-            plans.recipe_groups(group.kind, group.group_size, plans.available_split_sizes(None)))
+  groups = group.recipe(data_dir)
   rows = [p for g in groups for p in g]
   indices = [i for i, g in enumerate(groups) for _ in g]
+  follows = ("; rows as the paper's code takes them" if group.sampling_follows == "code" else
+             "; rows as the paper's configs state them")
   return (f"{group.kind} recipe: {len(rows)} experts in {len(groups)} vmapped groups of at most "
-          f"{group.group_size}; this run trains group {group.index} ({len(group.plans)} experts)\n"
+          f"{group.group_size}; this run trains group {group.index} ({len(group.plans)} experts){follows}\n"
           + plans.describe(rows, indices))
 
 

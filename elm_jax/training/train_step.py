@@ -37,7 +37,9 @@ class OptimizerConfigError(UserInputError):
 class OptimizerConfig:
   """The paper's prompt-expert recipe by default: AdamW (0.9, 0.999, eps 1e-8, no weight decay),
   lr 1e-4 decayed linearly to 0 with no warm-up, gradient norm clipped to 1.0 per expert.
-  `name='adafactor'` gives t5x's default optimizer (factored second moments)."""
+  `name='adafactor'` gives t5x's default optimizer (factored second moments), its update scaled
+  by each parameter's RMS (floor 1e-3) when `multiply_by_parameter_scale`, as Mesh TensorFlow's
+  AdafactorOptimizer does by default (T0's runs)."""
   name: str = "adamw"
   learning_rate: float = 1e-4
   schedule: str = "linear"  # 'linear' (to 0 at total_steps) or 'constant'
@@ -47,6 +49,7 @@ class OptimizerConfig:
   b1: float = 0.9
   b2: float = 0.999
   eps: float = 1e-8
+  multiply_by_parameter_scale: bool = False  # adafactor only
 
 
 def learning_rate_schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:
@@ -72,7 +75,7 @@ def make_optimizer(config: OptimizerConfig, total_steps: Optional[int] = None) -
     opt = optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
                       weight_decay=config.weight_decay)
   elif config.name == "adafactor":
-    opt = optax.adafactor(schedule, multiply_by_parameter_scale=False,
+    opt = optax.adafactor(schedule, multiply_by_parameter_scale=config.multiply_by_parameter_scale,
                           weight_decay_rate=config.weight_decay or None)
   else:
     raise OptimizerConfigError(f"OptimizerConfig.name: expected 'adamw' or 'adafactor', got {config.name!r}")

@@ -52,3 +52,24 @@ def make_examples(n, score=False):
       ex.update(idx=[i // 2, i % 2], is_correct=i % 2 == 0, weight=1.0)
     out.append(ex)
   return out
+
+
+def write_stats(root, subset, examples):
+  """A P3 subset known by its size only: info.train.json and stats.train.json saying `examples`
+  rows (what plans read without touching a record)."""
+  directory = os.path.join(root, subset)
+  os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, "info.train.json"), "w") as f:
+    json.dump({"features": TRAIN_FEATURES, "num_shards": 1, "seqio_version": "0.0.6"}, f)
+  with open(os.path.join(directory, "stats.train.json"), "w") as f:
+    json.dump({"examples": examples}, f)
+  return directory
+
+
+def write_continual(root, expert, rows, split="train"):
+  """`<root>/<expert>/<split>.jsonl` with `rows` {source, target} rows (row i: 'source i')."""
+  directory = os.path.join(root, expert)
+  os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, f"{split}.jsonl"), "w") as f:
+    f.write("".join(f'{{"source": "source {i}", "target": "target {i}"}}\n' for i in range(rows)))
+  return directory

@@ -2,13 +2,17 @@
 
 import json
 import os
+import pathlib
 
 import numpy as np
 import pytest
 import seqio
 
-from tasks import inventory, mixtures
+from tasks import instances, inventory, mixtures
 from tests.helpers.p3_data import SCORE_FEATURES, TRAIN_FEATURES, make_examples, write_subset
+
+
+GOLDEN_RANDPERM = pathlib.Path(__file__).parents[1] / "golden" / "torch_randperm" / "randperm_golden.json"
 
 
 @pytest.fixture(scope="module")
@@ -62,21 +66,61 @@ def test_elm_inputs_end_with_exactly_one_eos_and_t0s_keep_p3s(registered):
 
 @pytest.mark.parametrize("sampling", ["permutation", "first"])
 def test_budgets_are_drawn_as_the_papers_task_classes_draw_them(registered, sampling):
-  """A budget of 5 of 12 rows: the first 5, or the first 5 of numpy's seed-42 permutation of
-  the whole split (the paper used torch's randperm(42): the same count, not the same rows)."""
+  """A budget of 5 of 12 rows: the first 5, or the first 5 of the paper's torch.randperm(12,
+  generator seed 42) over the whole split, computed without PyTorch."""
   _, _, cosmos, _ = registered
   base = seqio.TaskRegistry.get(cosmos[0])
-  source = mixtures._budgeted_source(base.source, 5, sampling, lambda: 12)
+  sample = inventory.TrainSample(5, sampling)
+  source = mixtures._budgeted_source(base.source, sample, lambda: 12)
   rows = [r["inputs_pretokenized"] for r in source.get_dataset(split="train", shuffle=False).as_numpy_iterator()]
   every = [r["inputs_pretokenized"] for r in base.get_dataset(split="train", shuffle=False).as_numpy_iterator()]
   if sampling == "first":
     assert rows == every[:5]
   else:
-    chosen = sorted(np.random.default_rng(42).permutation(12)[:5])
+    chosen = sorted(instances.torch_randperm(12, 42)[:5])
     assert rows == [every[i] for i in chosen]
-  validation_untouched = mixtures._budgeted_source(base.source, 5, sampling, lambda: 12)
+  validation_untouched = mixtures._budgeted_source(base.source, sample, lambda: 12)
   assert validation_untouched.splits == base.source.splits
   assert mixtures.budget_rows(12, None, "all") is None and mixtures.budget_rows(4, 5, "permutation") is None
+  # The rows torch.randperm(10, generator seed 42) puts first (PyTorch's own output, golden).
+  golden = json.load(open(GOLDEN_RANDPERM))
+  first = next(c["first"] for c in golden["cases"] if (c["n"], c["seed"]) == (10, 42))
+  assert list(np.flatnonzero(mixtures.budget_rows(10, 4, "permutation"))) == sorted(first[:4])
+  # A draw from a slice (multi_news: 4 of its first 10 rows of 12): only rows of the slice.
+  keep = mixtures.budget_rows(12, 4, "permutation", drawn_from=10)
+  assert keep.sum() == 4 and not keep[10:].any() and list(np.flatnonzero(keep)) == sorted(first[:4])
+  assert list(np.flatnonzero(mixtures.budget_rows(12, None, "all", drawn_from=8))) == list(range(8))
+
+
+@pytest.mark.parametrize("dataset, budget, code, configs", [
+    ("amazon_polarity", 5556, (50_000, "first", None), (5556, "first", None)),
+    ("app_reviews", 12_500, (50_000, "first", None), (12_500, "permutation", None)),
+    ("gigaword", 1112, (10_000, "first", None), (1112, "first", None)),
+    ("trec", 2778, (None, "all", None), (2778, "permutation", None)),
+    ("rotten_tomatoes", 50_000, (None, "all", None), (50_000, "permutation", None)),
+    ("multi_news", 1666, (1666, "permutation", 10_000), (1666, "first", None)),
+    ("cosmos_qa", 3847, (3847, "permutation", None), (3847, "permutation", None)),
+    ("trec", None, (None, "all", None), (None, "all", None))])
+def test_the_papers_code_takes_its_classes_slices(dataset, budget, code, configs):
+  """`AbstractTask.get` of the ten whole-slice classes ignores max_train_samples (ELM_NOTES §1.5,
+  correction): their experts train on the slice by default; the configs' budgets on request."""
+  for follows, want in (("code", code), ("configs", configs)):
+    got = inventory.train_sample(dataset, budget, follows)
+    assert (got.samples, got.sampling, got.drawn_from) == want, follows
+  with pytest.raises(Exception, match=r"sampling_follows: expected one of \['code', 'configs'\], got 'x'"):
+    inventory.train_sample("imdb", 10, "x")
+
+
+def test_full_parameter_experts_train_on_every_template_of_the_dataset(registered):
+  """`<dataset>_random_prompt` holds every P3 training subset of the dataset in the copy (here
+  cosmos_qa's two prompt-expert subsets and not its `_score_eval` twin), not the prompt-expert
+  list, each cut to one sample of at most 100k rows."""
+  root, reg, cosmos, _ = registered
+  assert reg["cosmos_qa_random_prompt"] == [f"elm_fde_{c}" for c in sorted(cosmos)]
+  de = next(d for d in inventory.load_inventory()["dataset_experts"] if d["name"] == "cosmos_qa")
+  assert mixtures.dataset_templates(de, root) == sorted(cosmos)
+  quarel = next(d for d in inventory.load_inventory()["dataset_experts"] if d["name"] == "quarel")
+  assert mixtures.dataset_templates(quarel, root) == quarel["prompt_experts"]  # none in the copy
 
 
 def test_t0_train_is_t0s_mixture_at_t0s_rates(registered):

@@ -101,3 +101,18 @@ def test_schedule_and_bad_optimizer():
   assert float(schedule(0)) == pytest.approx(1e-4) and float(schedule(10)) == pytest.approx(0.0)
   with pytest.raises(ts.OptimizerConfigError, match="OptimizerConfig.name"):
     ts.make_optimizer(ts.OptimizerConfig(name="sgd"), 10)
+
+
+def test_adafactor_scales_updates_by_parameter_rms_when_asked():
+  """T0's Adafactor (Mesh TensorFlow's default, set by experiments/t0_multitask_xl.gin) scales
+  each update by the parameter's RMS, floored at 1e-3; without the flag the update is not."""
+  params = {"w": np.full((256, 256), 0.5, np.float32), "z": np.zeros((256, 256), np.float32)}
+  grads = {"w": np.ones((256, 256), np.float32), "z": np.ones((256, 256), np.float32)}
+  config = ts.OptimizerConfig(name="adafactor", learning_rate=1e-3, schedule="constant", max_grad_norm=None)
+  scaled = ts.make_optimizer(ts.OptimizerConfig(**{**config.__dict__, "multiply_by_parameter_scale": True}), 10)
+  plain = ts.make_optimizer(config, 10)
+  up_scaled, _ = scaled.update(grads, scaled.init(params), params)
+  up_plain, _ = plain.update(grads, plain.init(params), params)
+  np.testing.assert_allclose(np.asarray(up_plain["w"]), -1e-3, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(up_scaled["w"]), -1e-3 * 0.5, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(up_scaled["z"]), -1e-3 * 1e-3, rtol=1e-5)
