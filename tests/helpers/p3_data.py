@@ -1,9 +1,11 @@
 """P3 as published, in miniature: TFRecord shards and info.<split>.json files for a subset."""
 
+import contextlib
 import json
 import os
 
 import numpy as np
+import seqio
 import tensorflow as tf
 
 TRAIN_FEATURES = {
@@ -73,3 +75,21 @@ def write_continual(root, expert, rows, split="train"):
   with open(os.path.join(directory, f"{split}.jsonl"), "w") as f:
     f.write("".join(f'{{"source": "source {i}", "target": "target {i}"}}\n' for i in range(rows)))
   return directory
+
+
+@contextlib.contextmanager
+def separate_registry():
+  """seqio's task and mixture registries emptied for the block and restored afterwards, so a
+  module that registers the ELM tasks over its own P3 fixture neither meets the registrations
+  other tests left behind (the same names over no data, say) nor leaves its own."""
+  registries = (seqio.TaskRegistry._REGISTRY, seqio.MixtureRegistry._REGISTRY)
+  saved = [dict(r) for r in registries]
+  for registry in registries:
+    registry.clear()
+  try:
+    yield
+  finally:
+    for registry, old in zip(registries, saved):
+      registry.clear()
+      registry.update(old)
+

@@ -12,7 +12,7 @@ import pytest
 import seqio
 
 from tasks import instances, inventory, p3, randperm
-from tests.helpers.p3_data import SCORE_FEATURES, TRAIN_FEATURES, make_examples, write_subset
+from tests.helpers.p3_data import SCORE_FEATURES, TRAIN_FEATURES, make_examples, separate_registry, write_subset
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GOLDEN = os.path.join(REPO, "tests", "golden", "torch_randperm", "randperm_golden.json")
@@ -91,13 +91,10 @@ def fixture_tasks(tmp_path_factory):
   write_subset(root, imdb, "train", TRAIN_FEATURES, rows, shards=1)
   write_subset(root, RANK_TASK, "validation", SCORE_FEATURES, make_examples(600, score=True), shards=1)
   write_subset(root, SMALL_TASK, "train", TRAIN_FEATURES, make_examples(10), shards=1)
-  names = [imdb, RANK_TASK, SMALL_TASK]
-  for name in names:
-    assert name not in seqio.TaskRegistry.names()
-    p3.register_p3_task(name, root)
-  yield imdb
-  for name in names:
-    seqio.TaskRegistry.remove(name)
+  with separate_registry():
+    for name in [imdb, RANK_TASK, SMALL_TASK]:
+      p3.register_p3_task(name, root)
+    yield imdb
 
 
 def test_keys_are_the_first_100_of_torch_randperm_over_the_split(fixture_tasks, golden):

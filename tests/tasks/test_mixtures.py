@@ -9,7 +9,7 @@ import pytest
 import seqio
 
 from tasks import instances, inventory, mixtures
-from tests.helpers.p3_data import SCORE_FEATURES, TRAIN_FEATURES, make_examples, write_subset
+from tests.helpers.p3_data import SCORE_FEATURES, TRAIN_FEATURES, make_examples, separate_registry, write_subset
 
 
 GOLDEN_RANDPERM = pathlib.Path(__file__).parents[1] / "golden" / "torch_randperm" / "randperm_golden.json"
@@ -34,7 +34,8 @@ def registered(tmp_path_factory):
     write_subset(root, extra, "train", TRAIN_FEATURES, make_examples(4), shards=1)
   cb = "super_glue_cb_can_we_infer_score_eval"
   write_subset(root, cb, "validation", SCORE_FEATURES, make_examples(6, score=True), shards=1)
-  return root, mixtures.register_elm_tasks(data_dir=root), cosmos, cb
+  with separate_registry():
+    yield root, mixtures.register_elm_tasks(data_dir=root), cosmos, cb
 
 
 def test_everything_is_registered_without_reading_data(registered):
