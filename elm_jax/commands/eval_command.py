@@ -78,7 +78,7 @@ def main(args: argparse.Namespace) -> int:
   mesh_config = run_files.mesh_config(args.mesh)
   files.check_output_dir(args.output_dir, "--output_dir",
                          within=files.directories_read(args.library, args.checkpoint))
-  expert_eval.check_output_dir(args.output_dir, args.overwrite)
+  expert_eval.check_output_dir(args.output_dir)
   instances.register_setup(args.setup)
   instances.ensure_registered([args.task])
   tasks = expert_eval.member_tasks(args.task)

@@ -199,8 +199,10 @@ def decode_texts(loaded: ExpertsOnBackbone, inputs: Sequence[str], *, batch_size
   `partitioner`, each chunk of experts is split over the mesh's `expert` axis (the chunk rounded
   up to a multiple of it), batch rows over `data` and the backbone by the model rules."""
   out: list[list[str]] = [[] for _ in loaded.names]
-  for length, positions in loaded.input_length_groups(max_input_length):
-    group = loaded.with_stack(loaded.stack.select([loaded.names[i] for i in positions]))
+  groups = loaded.input_length_groups(max_input_length)
+  for length, positions in groups:
+    group = loaded if len(groups) == 1 else loaded.with_stack(
+        loaded.stack.select([loaded.names[i] for i in positions]))
     texts = _decode_group(group, inputs, batch_size=batch_size, expert_chunk=expert_chunk,
                           max_input_length=length, max_decode_length=max_decode_length,
                           beam_size=beam_size, partitioner=partitioner)
@@ -310,12 +312,11 @@ REPORT_FILES = ("results.json", "results.csv", "results.md", "predictions")
 SWEEP_FILES = ("units", "log.jsonl", "tensorboard")
 
 
-def check_output_dir(output_dir: str, overwrite: bool = False) -> None:
+def check_output_dir(output_dir: str) -> None:
   """Refuses, before any work, an output directory that is a file, or one holding anything
   `eval` did not write (its reports, its sweep's units, log and TensorBoard files, and the
   temporary names of its atomic writes): a sweep resumes in a directory of its own and never
-  deletes anything else. (`overwrite` recomputes every unit; it replaces only eval's files.)"""
-  del overwrite  # the same files are replaced either way; see run_sweep(recompute=...)
+  deletes anything else."""
   files.check_output_dir(output_dir, "--output_dir")
   if not os.path.isdir(output_dir):
     return
@@ -344,12 +345,12 @@ def report_bytes(results: Sequence[TaskResult], experts: Sequence[str], run: dic
 
 
 def write_reports(output_dir: str, results: Sequence[TaskResult], experts: Sequence[str],
-                  run: dict[str, Any], overwrite: bool = False) -> None:
+                  run: dict[str, Any]) -> None:
   """results.json, results.csv, results.md and predictions/<task>.jsonl in `output_dir`, each
   written under a temporary name and renamed into place (predictions/ as one directory); the
   directory's other files (a sweep's units and logs) stay."""
   output_dir = os.path.abspath(output_dir)
-  check_output_dir(output_dir, overwrite)
+  check_output_dir(output_dir)
   os.makedirs(output_dir, exist_ok=True)
   with files.atomic_directory(os.path.join(output_dir, "predictions"), replace=True) as tmp:
     for r in results:

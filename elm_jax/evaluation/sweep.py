@@ -36,7 +36,7 @@ from typing import Any, Optional, Sequence
 
 from tqdm import tqdm
 
-from elm_jax import files, partitioning, tf_input
+from elm_jax import expert_stack, files, partitioning, tf_input
 from elm_jax.errors import UserInputError
 from elm_jax.evaluation import expert_eval
 from elm_jax.evaluation.expert_eval import TaskResult
@@ -127,7 +127,7 @@ def task_record(task: str, rows: Sequence[dict[str, Any]], options: SweepOptions
           "softmax_vocab_size": options.softmax_vocab_size}
 
 
-def _task_directory(task: str) -> str:
+def _directory_name(task: str) -> str:
   name = re.sub(r"[^A-Za-z0-9_.-]", "_", task)
   return "_" + name if name in ("", ".", "..") else name
 
@@ -148,7 +148,7 @@ class UnitStore:
     self.root = os.path.join(output_dir, UNITS_DIR)
 
   def task_dir(self, task: str) -> str:
-    return os.path.join(self.root, _task_directory(task))
+    return os.path.join(self.root, _directory_name(task))
 
   def read(self, task: str, record: dict[str, Any], digests: dict[str, str], stream=None) -> Found:
     """Every unit file of `task`, sorted by name, sorted into results that match `record` and
@@ -233,10 +233,12 @@ def assemble_task(task: str, found: Found, experts: Sequence[str]) -> TaskResult
 
 class SweepLog:
   """What a user watches: log.jsonl (a line per finished unit with its metrics) and TensorBoard
-  scalars per (expert, task) under tensorboard/EXPERT/ (the primary metric, tagged by task)."""
+  scalars per (expert, task) under tensorboard/EXPERT/ (every metric, tagged TASK/METRIC; one
+  events file per expert per run, flushed after each unit)."""
 
   def __init__(self, output_dir: str, enabled: bool):
     self.output_dir, self.enabled = output_dir, enabled
+    self.writers: dict[str, Any] = {}
 
   def event(self, record: dict[str, Any]) -> None:
     if not self.enabled:
@@ -258,11 +260,18 @@ class SweepLog:
                 "metrics": {e: m for e, m in result.metrics.items()}})
     tf = tf_input.tensorflow()
     for expert, metrics in result.metrics.items():
-      writer = tf.summary.create_file_writer(os.path.join(self.output_dir, TENSORBOARD_DIR, _task_directory(expert)))
-      with writer.as_default():
+      if expert not in self.writers:
+        self.writers[expert] = tf.summary.create_file_writer(
+            os.path.join(self.output_dir, TENSORBOARD_DIR, _directory_name(expert)))
+      with self.writers[expert].as_default():
         for metric, value in metrics.items():
           tf.summary.scalar(f"{unit.task}/{metric}", value, step=0)
+      self.writers[expert].flush()
+
+  def close(self) -> None:
+    for writer in self.writers.values():
       writer.close()
+    self.writers.clear()
 
 
 def run_sweep(loaded: ExpertsOnBackbone, tasks: Sequence[str], output_dir: str, *, options: SweepOptions,
@@ -295,26 +304,30 @@ def run_sweep(loaded: ExpertsOnBackbone, tasks: Sequence[str], output_dir: str, 
              "shard": list(shard) if shard else None})
   bar = (tqdm(total=len(todo), desc="eval units", unit="unit", file=stream)
          if progress and primary and todo else None)
-  for unit, pending in todo:
-    start = time.perf_counter()
-    subset = loaded.with_stack(loaded.stack.select(pending))
-    result = expert_eval.evaluate_tasks(
-        subset, [unit.task], split=options.split, max_examples=options.max_examples,
-        batch_size=options.batch_size, expert_chunk=expert_chunk, max_input_length=options.max_input_length,
-        max_target_length=options.max_target_length, beam_size=options.beam_size,
-        partitioner=partitioner, rows={unit.task: rows[unit.task]})[0]
-    path = store.write(unit, records[unit.task], expert_digests, result) if primary else ""
-    partitioning.barrier(f"elm_jax.eval.unit.{unit.index}")
-    seconds = time.perf_counter() - start
-    log.unit(unit, result, seconds, path)
-    for expert in pending:
-      found[unit.task].valid[expert] = ({"metrics": result.metrics[expert],
-                                         "predictions": [p["predictions"][expert] for p in result.predictions]}, path)
-    found[unit.task].task_facts = _task_facts(result)
+  if partitioner is not None and todo:  # the backbone goes on the mesh once, not once per unit
+    backbone_specs, _ = expert_stack.logical_specs(loaded.config, loaded.model.expert)
+    loaded = dataclasses.replace(loaded, backbone=partitioner.place(loaded.backbone, backbone_specs))
+  try:
+    for unit, pending in todo:
+      start = time.perf_counter()
+      # A unit of every expert scores the stack as it is (no host copy of it per unit).
+      subset = loaded if tuple(pending) == loaded.names else loaded.with_stack(loaded.stack.select(pending))
+      result = expert_eval.evaluate_tasks(
+          subset, [unit.task], split=options.split, max_examples=options.max_examples,
+          batch_size=options.batch_size, expert_chunk=expert_chunk, max_input_length=options.max_input_length,
+          max_target_length=options.max_target_length, beam_size=options.beam_size,
+          partitioner=partitioner, rows={unit.task: rows[unit.task]})[0]
+      path = store.write(unit, records[unit.task], expert_digests, result) if primary else ""
+      partitioning.barrier(f"elm_jax.eval.unit.{unit.index}")
+      log.unit(unit, result, time.perf_counter() - start, path)
+      found[unit.task].valid.update((expert, (stored, path)) for expert, stored in _expert_results(result).items())
+      found[unit.task].task_facts = _task_facts(result)
+      if bar is not None:
+        bar.update(1)
+  finally:
+    log.close()
     if bar is not None:
-      bar.update(1)
-  if bar is not None:
-    bar.close()
+      bar.close()
   if shard is not None:
     return None
   return [assemble_task(t, found[t], names) for t in tasks]
