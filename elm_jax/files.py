@@ -59,7 +59,7 @@ def is_local(path: str | os.PathLike) -> bool:
 # ---------------------------------------------------------------------------- write failures
 # Errors that can only come from writing: a directory being filled reports these (and no
 # other error of its caller's, which may be reading an input) as a failed write.
-_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
 _RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
 
 
@@ -118,7 +118,7 @@ def describe_write_error(error: BaseException) -> Optional[str]:
   """One line for an `OSError` that only a write raises (a full disk, a quota, a read-only
   file system), naming the file written (a copy's destination) and, for a copy, the bytes it
   needed; None for any other error."""
-  if not isinstance(error, OSError) or error.errno not in _WRITE_ERRNOS:
+  if not isinstance(error, OSError) or error.errno not in WRITE_ERRNOS:
     return None
   target = error.filename2 or error.filename
   size = None
@@ -168,7 +168,7 @@ def atomic_directory(path: str | os.PathLike, *, replace: bool = False) -> Itera
     _move_into_place(tmp, path)
   except BaseException as e:
     failure = None
-    if not isinstance(e, UserInputError) and _errno_of(e) in _WRITE_ERRNOS:
+    if not isinstance(e, UserInputError) and _errno_of(e) in WRITE_ERRNOS:
       written = _tree_bytes(tmp)
       file = getattr(e, "filename", None)
       file = os.fsdecode(file) if file is not None else None

@@ -182,6 +182,7 @@ def _deadline(seconds: float, program: str, message: Callable[[], str]):
   """Ends the process with `<program>: error: <message()>` and status 2 unless the body is done
   within `seconds` (it may be blocked in C++, where no Python exception can reach it)."""
   def give_up():
+    text = f"no answer within {seconds:g} s"
     try:
       text = message()
     finally:

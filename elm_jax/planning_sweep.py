@@ -30,6 +30,7 @@ the 113 held-out prompts at their published sizes and on the 13 BIG-bench tasks.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import re
 import sys
@@ -375,13 +376,7 @@ def _print_tasks(tasks: Sequence[SweepTask], batches: dict[str, int], chunks: in
 
 def _runs(sizes: Sequence[int]) -> list[tuple[int, int]]:
   """[(size, how many in a row)] of `sizes`."""
-  out: list[list[int]] = []
-  for size in sizes:
-    if out and out[-1][0] == size:
-      out[-1][1] += 1
-    else:
-      out.append([size, 1])
-  return [(s, n) for s, n in out]
+  return [(size, len(list(run))) for size, run in itertools.groupby(sizes)]
 
 
 def _expert_words(config: ExpertConfig) -> str:

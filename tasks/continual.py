@@ -2,7 +2,8 @@
 
 Each split is a file of objects; `inputs_field` and `targets_field` name the prompted source and
 the target (default `source` / `target`; the cT0 JSON files' field names are not public, so pass
-yours). A training split keeps at most its expert's cap of rows (100,000 for the cT0 experts):
+yours). A training split keeps at most its expert's cap of rows (100,000 for the cT0 experts;
+wiki_auto every row, as the paper's task class takes it, unless `sampling_follows='configs'`):
 the first of `torch.randperm(rows, generator seed 42)` over the file, as the paper's code draws
 `max_train_samples` (`mixtures.budget_rows`), read in file order. An evaluation split keeps at most 300
 examples, `random.Random(42).sample` of the file: the paper's `target_eval_300.json` holds at

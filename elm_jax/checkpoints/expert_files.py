@@ -207,8 +207,8 @@ def _identity(directory: str) -> Optional[tuple]:
 def check_expert(directory: str) -> ExpertMetadata:
   """The metadata of the expert at `directory`, once its files have passed `load_expert`'s
   checks (parameter list, finite values); the tensors are not kept. A local expert whose files
-  this process checked before (same paths, sizes, modification times) is not read again, so
-  `library add` checks every expert before it creates the library and reads each file once."""
+  this process checked before (same paths, sizes, modification times) is not checked again, so
+  `library add` checks every expert before it creates the library and loads each one once."""
   key = _identity(directory)
   if key is None or key not in _checked:
     metadata = load_expert(directory)[1]
@@ -240,7 +240,7 @@ def parameter_list(expert_config: ExpertConfig, model_config: T5Config,
                    source: str) -> dict[str, jax.ShapeDtypeStruct]:
   """The exact tensors ({name: shape and dtype}) an expert of `expert_config` on a backbone of
   `model_config` holds (`adapters.expert_parameters` of the model `t5.init_params` builds with
-  it, traced by `jax.eval_shape`: no arrays are made; once per pair of configs per process). A
+  it, traced by `jax.eval_shape`: no arrays are made; kept for the last 32 pairs of configs). A
   config the model cannot build is named as `source`'s."""
   try:
     return dict(_parameter_list(model_config, expert_config))

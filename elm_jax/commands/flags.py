@@ -121,6 +121,8 @@ def check_softmax_cut(cut: Optional[int], vocabulary, choices: Iterable[tuple[st
   if cut is None:
     return
   size = vocabulary.vocab_size
+  if cut >= size:  # every token id, EOS and padding included, is below the vocabulary's size
+    return
   for where, text in choices:
     top = max(vocabulary.encode(text), default=-1)
     if top >= cut:

@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--no_progress", action="store_true", help="no progress bar")
   parser.add_argument("--dry_run", action="store_true",
                       help="print every expert's training plan (of the whole recipe, with an experiment "
-                           "file) and the model and mesh, and exit, reading no data and building no model")
+                           "file) and the model and mesh, and exit, building no model (steps from the data's sizes where it is here: P3 stats files, continual files' line counts)")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -60,7 +60,6 @@ EXPERT_FILES = (expert_files.TENSORS_FILE, expert_files.METADATA_FILE)
 STAGED = re.compile(r"^\.(?P<name>.+)\.(?P<host>[\w-]*)\.(?P<pid>\d+)\.[0-9a-f]{32}\.tmp$")
 # An expert being removed: .trash/<directory name>.<hex id>/
 TRASHED = re.compile(r"^(?P<dirname>.+)\.(?P<id>[0-9a-f]{32})$")
-_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
 
 
 class LibraryError(UserInputError):
@@ -140,7 +139,7 @@ def open_nofollow(root: epath.Path, relative: str, flags: int, purpose: str) -> 
   except OSError as e:
     if e.errno == errno.ELOOP:
       raise link_error(root, path, purpose) from None
-    if e.errno in _WRITE_ERRNOS:
+    if e.errno in files.WRITE_ERRNOS:
       raise files.write_failure(path, e, kept=f"needed to {purpose}") from None
     raise LibraryError(f"{path}: cannot be opened to {purpose} ({e.strerror or e})") from None
 

@@ -150,9 +150,10 @@ def trashed(library: ExpertLibrary, purpose: str) -> list[epath.Path]:
   trash = library._path(TRASH_DIR, purpose)
   if not trash.is_dir():
     return []
-  for path in trash.iterdir():
+  found = sorted(trash.iterdir())
+  for path in found:
     library._path(f"{TRASH_DIR}/{path.name}", purpose)
-  return sorted(trash.iterdir())
+  return found
 
 
 def record_of(library: ExpertLibrary, trash: epath.Path) -> Optional[dict[str, Any]]:

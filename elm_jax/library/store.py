@@ -144,8 +144,9 @@ class ExpertLibrary:
 
   def _append_history(self, record: dict[str, Any]) -> Callable[[], None]:
     """Appends one line to history.jsonl (called under the lock); returns the call that cuts it
-    off again, for a command whose later step fails. A failed write (a full disk) leaves no
-    part of the line and raises one line naming the file and the bytes it needed."""
+    off again, for a command whose later step fails (on an object store, where a file cannot be
+    cut, a call that does nothing). A failed write (a full disk) leaves no part of a local line
+    and raises one line naming the file and the bytes it needed."""
     line = (json.dumps({"time": _now(), **record}, sort_keys=True) + "\n").encode()
     if not files.is_local(self.root):
       with (self.root / HISTORY).open("ab") as f:
@@ -194,7 +195,10 @@ class ExpertLibrary:
 
   def entry(self, name: str) -> dict[str, Any]:
     """The manifest entry of `name`; an error when there is none or its removal is pending."""
-    experts = self.manifest()["experts"]
+    return self._entry(name, self.manifest()["experts"])
+
+  def _entry(self, name: str, experts: dict[str, Any]) -> dict[str, Any]:
+    """`entry` from the manifest's `experts` read once by the caller (who looks up many)."""
     if name not in experts:
       raise LibraryError(f"{self.root / MANIFEST}: no expert named {name!r}; the library holds "
                          f"{len(experts)} expert(s): {', '.join(sorted(experts)[:10])}"
@@ -238,8 +242,9 @@ class ExpertLibrary:
       if selection == "all":
         return self.names()
       selection = [s for s in selection.split(",") if s]
+    experts = self.manifest()["experts"]
     for name in selection:
-      self.entry(name)
+      self._entry(name, experts)
     if len(set(selection)) != len(selection):
       raise LibraryError(f"--experts: names repeat in {list(selection)}")
     if not selection:
@@ -264,7 +269,8 @@ class ExpertLibrary:
     """(the experts stacked [E, ...] in the order of `names`, their metadata): each file read
     once, checked against the manifest's sha256 as it is read (unless the library was opened
     without checks), and stacked once. All must share one expert config."""
-    entries = [self.entry(name) for name in names]
+    experts = self.manifest()["experts"]
+    entries = [self._entry(name, experts) for name in names]
     directories = [os.fspath(self._directory(n, e)) for n, e in zip(names, entries)]
     if not self.check_integrity:
       for name in names:

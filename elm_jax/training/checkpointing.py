@@ -131,8 +131,8 @@ _NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 
 @contextlib.contextmanager
 def hold_run_lock(model_dir: str) -> Iterator[None]:
-  """Holds `<model_dir>/train.lock` while the body runs, so that a second `elm-jax train` started
-  on the same MODEL_DIR is refused at once, naming this one, instead of both writing checkpoints
+  """Holds `<model_dir>/train.lock` (a local or mounted MODEL_DIR) while the body runs, so that a
+  second `elm-jax train` started on the same MODEL_DIR is refused at once, naming this one, instead of both writing checkpoints
   there. The lock is the kernel's (flock), which ends with its process however it ends; the file
   records host, pid and start time for the message, and is removed when the body ends. A file
   left by a process that has ended (a kill) is taken over with a note; one recorded by another

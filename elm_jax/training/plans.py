@@ -341,9 +341,9 @@ def _is_count(value: Any) -> bool:
 
 
 def available_split_sizes(data_dir: Optional[str] = None, continual_dir: Optional[str] = None) -> dict[str, int]:
-  """The train rows on this machine, read without touching a record: `p3_split_sizes` when a
-  local P3 copy is there (`data_dir` or $ELM_P3_DATA_DIR) and the continual experts' training
-  files' row counts when they are (`continual_dir` or $ELM_CONTINUAL_DATA_DIR)."""
+  """The train rows on this machine: `p3_split_sizes` from a local P3 copy's stats files when
+  one is there (`data_dir` or $ELM_P3_DATA_DIR; no TFRecord is read) and the continual experts'
+  training files' line counts when they are (`continual_dir` or $ELM_CONTINUAL_DATA_DIR)."""
   try:
     sizes = p3_split_sizes(data_dir)
   except mixtures.p3.P3DataError:

@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import seqio
 
-from elm_jax import defaults, partitioning
+from elm_jax import defaults, files, partitioning
 from elm_jax.checkpoints import expert_files, hf, loading
 from elm_jax.models.adapters import ExpertConfig
 from elm_jax.models.t5 import init_params
@@ -62,7 +62,7 @@ def train(model_dir: str, expert_tasks: Optional[Sequence[str]] = None, steps: O
   recipe (`_split_rows`: the P3 copy in `data_dir` or $ELM_P3_DATA_DIR, the continual experts'
   files in $ELM_CONTINUAL_DATA_DIR); EXPERT_TASKS, EXPERT_NAMES or TRAIN_STEPS bound beside it
   are refused, not ignored. `dry_run` prints the plans of the whole recipe, with the steps the
-  split sizes on this machine give (stats files and row counts, no record read) and upper
+  split sizes on this machine give (P3 stats files, line counts of the continual files) and upper
   bounds, said to be so, where the data is not here (without a recipe: each expert's steps,
   batch, lengths and optimizer, the model, backbone and mesh) and returns without building the
   model.
@@ -130,9 +130,12 @@ def train(model_dir: str, expert_tasks: Optional[Sequence[str]] = None, steps: O
     raise trainer.TrainingError("train.upcycle: needs a dense BACKBONE_CHECKPOINT and a model "
                                 "config with `moe` set")
   # One run at a time writes MODEL_DIR: a second is refused here, before a backbone is loaded.
-  # With several processes, process 0 holds the lock for the run.
-  os.makedirs(model_dir, exist_ok=True)
-  with (checkpointing.hold_run_lock(model_dir) if partitioning.is_primary() else contextlib.nullcontext()):
+  # With several processes, process 0 holds the lock for the run. The lock is a kernel file
+  # lock: a MODEL_DIR in a bucket (gs://) has none, and is not locked.
+  locked = partitioning.is_primary() and files.is_local(model_dir)
+  if locked:
+    os.makedirs(model_dir, exist_ok=True)
+  with (checkpointing.hold_run_lock(model_dir) if locked else contextlib.nullcontext()):
     return _train_locked(config, model_config, backbone_checkpoint, upcycle, seed, model_dir, expert_tasks,
                          expert_config=expert_config, optimizer_config=optimizer_config, progress=progress,
                          mesh_config=mesh_config, logical_axis_rules=logical_axis_rules)
@@ -192,7 +195,7 @@ def run_table(config: trainer.TrainConfig, model_config: T5Config, expert_config
   backbone and mesh: what `elm-jax train --dry_run` prints for it."""
   clip = "none" if optimizer_config.max_grad_norm is None else f"{optimizer_config.max_grad_norm:g}"
   lines = [f"train run: {len(config.expert_tasks)} expert(s), trained together (vmapped) for {config.steps:,} "
-           "steps; --dry_run reads no data and builds no model",
+           "steps; --dry_run builds no model",
            "name | task | steps | batch | src/tgt | lr | schedule | dropout | optimizer | kind",
            "---|" * 10]
   for name, task in zip(config.names(), config.expert_tasks):
