@@ -19,7 +19,7 @@ from typing import Optional
 import seqio
 import sentencepiece as spm
 
-from tasks import builtin_suite, prompted
+from tasks import builtin_suite, prompted, row_order
 from tasks.mixtures import add_mixture
 
 VOCAB_SIZE = 1000
@@ -97,5 +97,7 @@ def register_builtin_suite(num_train: int = 2000, num_eval: int = 200, seed: int
       mixtures[f"builtin_{spec.role}"].append(name)
   for mixture, members in mixtures.items():
     add_mixture(mixture, members, source="built-in suite")
+    if mixture.endswith("_all_prompts"):  # a dataset expert's prompts, concatenated
+      row_order.register_order(mixture, "concatenated")
   _REGISTERED = (settings, list(mixtures), set(_task_names))
   return mixtures

@@ -5,7 +5,8 @@ the target (default `source` / `target`; the cT0 JSON files' field names are not
 yours). A training split keeps at most its expert's cap of rows (100,000 for the cT0 experts;
 wiki_auto every row, as the paper's task class takes it, unless `sampling_follows='configs'`):
 the first of `torch.randperm(rows, generator seed 42)` over the file, as the paper's code draws
-`max_train_samples` (`mixtures.budget_rows`), read in file order. An evaluation split keeps at most 300
+`max_train_samples` (`mixtures.budget_rows`), kept in file order (the trainer reads them in a new
+permutation every epoch: `tasks.row_order`). An evaluation split keeps at most 300
 examples, `random.Random(42).sample` of the file: the paper's `target_eval_300.json` holds at
 most 300 examples per prompt chosen at random with seed 42; which 300 it chose is not public.
 """

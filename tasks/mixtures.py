@@ -8,24 +8,26 @@ rotten_tomatoes: the whole split) train on that slice whatever the budget, multi
 seed-42 draw from its first 10,000 rows, every other dataset on the first N of a seed-42
 permutation of the whole split: the paper's `torch.randperm(n, generator seed 42)`, computed
 without PyTorch (`randperm.torch_randperm`), so the same rows where the split is in the same
-order as the paper's copy. The kept rows are read in file order and shuffled by the input
-pipeline's buffer (the paper's trainer draws a new permutation of them every epoch).
+order as the paper's copy. The trainer reads the kept rows by index in a new permutation every
+epoch (`tasks.row_order`), as the paper's trainer draws one.
 
 - `elm_pe_<name>`: one task per prompt expert (296), cut as above. Every input ends with
   exactly one EOS, as the paper's T5 tokenizer ends it (P3 caches inputs without EOS: t-zero
   tokenized them with add_eos=False); an input that already ends with EOS is left alone.
 - `<dataset>_all_prompts`: one mixture per adapter dataset expert (36): each of the dataset's
   prompt-expert prompts cut as above with the `*_all` config's per-prompt budget, mixed in
-  proportion to their sizes (the paper concatenated them, so an epoch holds every prompt's rows).
+  proportion to their sizes for SeqIO readers; the trainer reads them concatenated, as the paper
+  did (order 'concatenated': every epoch one permutation of every prompt's rows).
 - `<dataset>_random_prompt`: the full-parameter dataset experts' data: every template of the
   dataset that the local P3 copy holds (its prompt-expert prompts when there is no copy, and for
   the 3 datasets built from raw data), each cut to the same seed-42 sample of at most 100,000
   row indices (the torch permutation above; the companion trainer's own seed-42 shuffle is not
-  reproduced row for row), mixed at equal rates. The paper's trainer draws one template per example at every
-  epoch (excluding, by the example's label, trec's, paws' `paraphrase-task` and wiki_qa's
-  generation templates); here each draw of the mixture picks a template at random and that
-  template's next row, so an epoch does not visit each example exactly once; P3's subsets of
-  those label-dependent templates hold only the rows they apply to.
+  reproduced row for row), mixed at equal rates for SeqIO readers. The trainer reads it as the
+  paper's companion trainer does (order 'template_per_row'): every epoch visits each sampled row
+  once, rendered by one template drawn for it in that epoch. The paper excludes some templates
+  by the example's label (trec's, paws' `paraphrase-task`, wiki_qa's generation templates); P3's
+  subsets of those label-dependent templates hold only the rows they apply to, so they cannot be
+  aligned to the dataset's rows and are never drawn here (`row_order.aligned_templates`).
 - `t0_train`: T0's training mixture: every P3 training subset of T0's training datasets found
   in the local copy (not only ELM's 296 prompts), each at T0's rate, its example count capped
   at 500,000 / (that dataset's number of subsets). Inputs keep T0's convention (no EOS).
@@ -57,7 +59,7 @@ import seqio
 
 from elm_jax import tf_input
 from elm_jax.errors import UserInputError
-from tasks import inventory, p3, randperm, rank_classification, templated, templates
+from tasks import inventory, p3, randperm, rank_classification, row_order, templated, templates
 
 T0_MAX_EXAMPLES_PER_DATASET = 500_000
 SHUFFLE_SEED = 42
@@ -139,8 +141,9 @@ def budget_rows(n: int, budget: Optional[int], sampling: str, seed: int = SHUFFL
 
 def _budgeted_source(base: seqio.DataSource, sample: inventory.TrainSample,
                      count: Callable[[], int]) -> seqio.DataSource:
-  """`base` with its train split cut to `sample` (`budget_rows`); rows are read in file order so
-  that row indices are the split's, then shuffled downstream by SeqIO."""
+  """`base` with its train split cut to `sample` (`budget_rows`), in file order: what SeqIO readers
+  of the task (evaluation, `tasks list`, counts) see. The trainer reads the same rows by index
+  (`row_order.register_sample`, in `_register_budgeted`)."""
   tf = tf_input.tensorflow()
   whole = sample.sampling == "all" and sample.drawn_from is None
 
@@ -224,6 +227,8 @@ def _register_budgeted(name: str, source: seqio.Task, sample: inventory.TrainSam
     seqio.TaskRegistry.add(name, source=_budgeted_source(source.source, sample, count),
                            output_features=source.output_features, preprocessors=preprocessors,
                            metric_fns=[])
+    row_order.register_sample(name, source.name, lambda n: budget_rows(
+        n, sample.samples, sample.sampling, drawn_from=sample.drawn_from))
   return name
 
 
@@ -273,6 +278,7 @@ def register_elm_tasks(data_dir: Optional[str] = None, sampling_follows: str = "
     # The paper concatenates the prompts' examples: each member's share is its size.
     rate = lambda task, s=sample: float(s.rows(train_size(task.name[len("elm_de_"):], data_dir)))  # noqa: E731
     add_mixture(dataset_expert_mixture(de["name"]), members, default_rate=rate)
+    row_order.register_order(dataset_expert_mixture(de["name"]), "concatenated")
     registered[dataset_expert_mixture(de["name"])] = members
     # The full-parameter dataset expert: every template of the dataset, one 100k sample of rows.
     full = []
@@ -281,6 +287,7 @@ def register_elm_tasks(data_dir: Optional[str] = None, sampling_follows: str = "
                 else p3.register_p3_task(name, data_dir))
       full.append(_register_budgeted(f"elm_fde_{name}", source, FULL_DE_SAMPLE, count(name)))
     add_mixture(random_prompt_mixture(de["name"]), full)
+    row_order.register_order(random_prompt_mixture(de["name"]), "template_per_row")
     registered[random_prompt_mixture(de["name"])] = full
 
   train = register_t0_train(data_dir)

@@ -15,6 +15,7 @@ import math
 import os
 from typing import Any, Iterable, Optional
 
+import numpy as np
 import seqio
 
 from elm_jax import tf_input
@@ -104,14 +105,12 @@ def validate_shard(path: str, features: dict[str, dict[str, Any]],
       raise P3DataError(f"{path}: example {index}: field(s) {extra} are not in the info file")
 
 
-def load_split(subset_dir: str, split: str, shuffle_files: bool = False, seed: Optional[int] = None):
-  """tf.data.Dataset of parsed examples, with dtypes and shapes as the info file says."""
+def record_parser(subset_dir: str, split: str):
+  """The function that turns one serialized record of the split into a dict of tensors, with
+  dtypes and shapes as the info file says (the shards' first records checked against it)."""
   tf = tf_input.tensorflow()
-  if not os.path.isdir(subset_dir):
-    raise P3DataError(f"{subset_dir}: P3 subset directory not found")
   features = read_info(subset_dir, split)
-  files = shard_files(subset_dir, split)
-  for path in files:
+  for path in shard_files(subset_dir, split):
     validate_shard(path, features)
   spec = _parse_spec(features)
   casts = {name: {"int32": tf.int32, "bool": tf.bool}.get(info["dtype"]) for name, info in features.items()}
@@ -119,12 +118,86 @@ def load_split(subset_dir: str, split: str, shuffle_files: bool = False, seed: O
   def parse(raw):
     example = tf.io.parse_single_example(raw, spec)
     return {k: tf.cast(v, casts[k]) if casts[k] is not None else v for k, v in example.items()}
+  return parse
 
-  files_ds = tf.data.Dataset.from_tensor_slices(files)
+
+def load_split(subset_dir: str, split: str, shuffle_files: bool = False, seed: Optional[int] = None):
+  """tf.data.Dataset of parsed examples, with dtypes and shapes as the info file says."""
+  tf = tf_input.tensorflow()
+  if not os.path.isdir(subset_dir):
+    raise P3DataError(f"{subset_dir}: P3 subset directory not found")
+  parse = record_parser(subset_dir, split)
+  files_ds = tf.data.Dataset.from_tensor_slices(shard_files(subset_dir, split))
   if shuffle_files:
-    files_ds = files_ds.shuffle(len(files), seed=seed)
+    files_ds = files_ds.shuffle(len(shard_files(subset_dir, split)), seed=seed)
   return files_ds.interleave(tf.data.TFRecordDataset, cycle_length=1).map(
       parse, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+class RecordIndex:
+  """Random access to the records of a split's TFRecord shards, in file order: record i of the
+  split is `read(i)` (serialized bytes). Built by walking each shard's record headers (a length
+  and a checksum before each record, a checksum after it), so no record is parsed or held; a
+  shard whose headers do not end exactly at its end (a compressed or damaged file) is refused."""
+
+  def __init__(self, subset_dir: str, split: str):
+    if not os.path.isdir(subset_dir):
+      raise P3DataError(f"{subset_dir}: P3 subset directory not found")
+    self.files = shard_files(subset_dir, split)
+    starts, lengths, shard = [], [], []
+    for k, path in enumerate(self.files):
+      size = os.path.getsize(path)
+      with open(path, "rb") as f:
+        offset = 0
+        while offset < size:
+          header = f.read(12)
+          if len(header) < 12:
+            raise P3DataError(f"{path}: record header at byte {offset} is cut short; expected an "
+                              "uncompressed TFRecord file")
+          length = int.from_bytes(header[:8], "little")
+          end = offset + 12 + length + 4
+          if end > size:
+            raise P3DataError(f"{path}: record at byte {offset} claims {length} bytes, past the end "
+                              f"of the file ({size} bytes); expected an uncompressed TFRecord file")
+          starts.append(offset + 12)
+          lengths.append(length)
+          shard.append(k)
+          f.seek(end)
+          offset = end
+    self.starts = np.asarray(starts, np.int64)
+    self.lengths = np.asarray(lengths, np.int64)
+    self.shard = np.asarray(shard, np.int32)
+    self._fds: dict[int, int] = {}
+
+  def __len__(self) -> int:
+    return len(self.starts)
+
+  def read(self, i: int) -> bytes:
+    k = int(self.shard[i])
+    fd = self._fds.get(k)
+    if fd is None:
+      fd = self._fds.setdefault(k, os.open(self.files[k], os.O_RDONLY))
+    return os.pread(fd, int(self.lengths[i]), int(self.starts[i]))
+
+  def close(self) -> None:
+    for fd in self._fds.values():
+      os.close(fd)
+    self._fds.clear()
+
+
+class P3Source(seqio.FunctionDataSource):
+  """The data source of a P3 subset: a SeqIO source that also knows its directory, so that the
+  trainer (`tasks.row_order`) can read its records by index."""
+
+  def __init__(self, subset: str, data_dir: Optional[str]):
+    self.subset, self.data_dir = subset, data_dir
+
+    def dataset_fn(split, shuffle_files, seed=None):
+      return load_split(self.subset_dir(), split, shuffle_files, seed)
+    super().__init__(dataset_fn, splits=SPLITS)
+
+  def subset_dir(self) -> str:
+    return os.path.join(p3_data_root(self.data_dir), self.subset)
 
 
 def register_p3_task(subset: str, data_dir: Optional[str] = None, *, vocabulary=None,
@@ -149,7 +222,7 @@ def register_p3_task(subset: str, data_dir: Optional[str] = None, *, vocabulary=
       "targets": seqio.Feature(vocabulary, add_eos=False, dtype="int32"),
   }
   return seqio.TaskRegistry.add(
-      name, source=seqio.FunctionDataSource(dataset_fn, splits=SPLITS),
+      name, source=P3Source(subset, data_dir),
       output_features=output_features, preprocessors=[], postprocess_fn=postprocess_fn,
       metric_fns=list(metric_fns))
 

@@ -182,7 +182,7 @@ class Demo:
         expert_names=names, batch_size=batch or b.expert_batch, input_length=b.input_length,
         target_length=b.target_length, seed=0, save_every=max(steps // 2, 1), keep=1,
         log_every=max(steps // 4, 1), expert_config=expert_config, optimizer_config=optimizer,
-        progress=self.progress, shuffle_buffer_size=256, upcycle=upcycle)
+        progress=self.progress, upcycle=upcycle)
 
   def _bar(self, total: int, desc: str):
     return tqdm(total=total, desc=desc, file=sys.stderr, disable=not self.progress, dynamic_ncols=True)

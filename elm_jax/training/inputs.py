@@ -2,10 +2,11 @@
 [E, batch, length], each expert's rows from its own SeqIO task or mixture.
 
 `check_tasks` refuses unknown tasks (and vocabularies larger than the model's) without reading
-data; `expert_batches` builds the stream. Each expert's pipeline is SeqIO's shuffled, repeated
-dataset (seeded from the run's seed and the expert's name, so an expert reads the same
-stream alone or in any group), cut to fixed lengths by `unpacked_encdec_features`; restoring a run
-replays the stream to its step, so resumption needs no input state.
+data; `expert_batches` builds the stream. Which rows fill each step's batch, in which order, is
+`tasks.row_order`'s: a new permutation of an expert's sampled rows every epoch (seeded from the
+run's seed and the expert's name, so an expert reads the same rows alone or in any group), read
+by index, so a process reads only its own rows of each batch and a restored run starts reading at
+its step. Each expert's examples are cut to fixed lengths by `unpacked_encdec_features`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import seqio
 
 from elm_jax import tf_input
 from elm_jax.training.errors import TrainingError
+from tasks import row_order
 
 if TYPE_CHECKING:
   from elm_jax.training.trainer import TrainConfig
@@ -45,34 +47,31 @@ def check_tasks(tasks: Sequence[str], vocab_size: Optional[int] = None) -> list:
 
 
 def expert_batches(config: "TrainConfig", vocab_size: Optional[int] = None, *,
-                   experts: slice = slice(None), rows: slice = slice(None)) -> Iterator[dict[str, np.ndarray]]:
-  """An endless, deterministic stream of stacked batches [E, batch, length], or of the block of
-  them `experts` x `rows` (a process of a multi-process run reads only its own experts' streams
-  and keeps its rows of each batch). Every task is checked now (`check_tasks`); the input
-  pipelines are built when the first batch is asked for."""
-  providers = check_tasks(config.expert_tasks, vocab_size)
-  return _stacked_stream(config, providers, experts, rows)
+                   experts: slice = slice(None), rows: slice = slice(None),
+                   start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
+  """An endless, deterministic stream of stacked batches [E, batch, length] from step
+  `start_step` on, or of the block of them `experts` x `rows` (a process of a multi-process run
+  reads only its own experts' rows of each batch). Every task is checked now (`check_tasks`);
+  the input pipelines are built when the first batch is asked for."""
+  check_tasks(config.expert_tasks, vocab_size)
+  return _stacked_stream(config, experts, rows, start_step)
 
 
-def _stacked_stream(config: "TrainConfig", providers, experts: slice = slice(None),
-                    rows: slice = slice(None)) -> Iterator[dict[str, np.ndarray]]:
+def _stacked_stream(config: "TrainConfig", experts: slice, rows: slice,
+                    start_step: int) -> Iterator[dict[str, np.ndarray]]:
   tf_input.tensorflow()
   lengths = {"inputs": config.input_length, "targets": config.target_length}
   options = _input_options(config.input_prefetch)
-  iterators = []
   seeds = config.expert_seeds()
-  chosen = range(len(providers))[experts]
-  for e in chosen:
-    name, provider = config.expert_tasks[e], providers[e]
-    shuffle = {}
-    if config.shuffle_buffer_size is not None and isinstance(provider, seqio.Task):
-      shuffle["shuffle_buffer_size"] = config.shuffle_buffer_size  # mixtures keep SeqIO's default
-    ds = provider.get_dataset(sequence_length=lengths, split=config.split, shuffle=True,
-                              seed=seeds[e], num_epochs=None, **shuffle)
-    ds = unpacked_encdec_features(ds, lengths, name).batch(config.batch_size, drop_remainder=True)
+  iterators = []
+  for e in range(len(config.expert_tasks))[experts]:
+    ds = row_order.expert_dataset(
+        config.expert_tasks[e], split=config.split, seed=seeds[e], batch_size=config.batch_size,
+        rows=rows, start_step=start_step, lengths=lengths,
+        convert=lambda ds, name: unpacked_encdec_features(ds, lengths, name))
     iterators.append(ds.with_options(options).as_numpy_iterator())
   for batches in zip(*iterators):
-    yield {k: np.stack([b[k][rows] for b in batches]) for k in FEATURES}
+    yield {k: np.stack([b[k] for b in batches]) for k in FEATURES}
 
 
 def batch_shapes(config: "TrainConfig") -> dict[str, jax.ShapeDtypeStruct]:

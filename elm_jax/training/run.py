@@ -39,7 +39,7 @@ def train(model_dir: str, expert_tasks: Optional[Sequence[str]] = None, steps: O
           optimizer_config: ts.OptimizerConfig = ts.OptimizerConfig(),
           setup: Sequence[Callable] = (), progress: bool = True,
           mesh_config: Optional[partitioning.MeshConfig] = None,
-          shuffle_buffer_size: Optional[int] = None, upcycle: bool = False,
+          upcycle: bool = False,
           logical_axis_rules: Optional[Sequence] = None, shared_init: bool = True,
           plan_group: Optional[plans.PlanGroup] = None, dry_run: bool = False,
           data_dir: Optional[str] = None, plan: Optional[Callable[["RunLayout"], Any]] = None,
@@ -115,7 +115,7 @@ def train(model_dir: str, expert_tasks: Optional[Sequence[str]] = None, steps: O
       input_length=input_length, target_length=target_length,
       expert_names=tuple(expert_names) if expert_names else None, seed=seed,
       save_every=save_every, keep=keep, log_every=log_every,
-      shuffle_buffer_size=shuffle_buffer_size, shared_init=shared_init,
+      shared_init=shared_init,
       expert_steps=expert_steps, expert_learning_rates=expert_learning_rates)
   config.names()
   trainer.check_settings(config)

@@ -3,9 +3,8 @@ multitask baseline, over a frozen backbone, with preemption-safe checkpoints.
 
 Each expert draws its batches from its own SeqIO task or mixture (`inputs`); one compiled step
 updates all of them (`train_step.train_step`). Orbax keeps the last `keep` checkpoints
-(`checkpointing`); the input position is restored by replaying the deterministic input stream,
-so a run killed at any moment and restarted ends with the same parameters as one never
-interrupted. A non-finite loss stops the run, naming the expert and the step, after saving the
+(`checkpointing`); the input position follows from the step (`tasks.row_order`), so a run
+killed at any moment and restarted ends with the same parameters as one never interrupted. A non-finite loss stops the run, naming the expert and the step, after saving the
 last good state. Each expert is exported to `<model_dir>/experts/<name>/`.
 """
 
@@ -60,7 +59,6 @@ class TrainConfig:
   log_every: int = 10
   split: str = "train"
   backbone_checkpoint: Optional[str] = None  # recorded in each expert's metadata
-  shuffle_buffer_size: Optional[int] = None  # per expert; None: SeqIO's default (1000)
   # Background input threads (tf.data autotuning and prefetch). None: on, except on a CPU
   # backend, where they compete with XLA for the same cores (and delay shutdown by seconds).
   input_prefetch: Optional[bool] = None
@@ -228,13 +226,14 @@ def train_experts(config: TrainConfig, model_config: T5Config, backbone_params: 
     batch_sharding = partitioner.sharding(PartitionSpec("expert", "batch", "length"))
     experts_here, rows_here, _ = partitioning.local_block(
         batch_sharding, (len(names), config.batch_size, config.input_length))
-  stream = inputs.expert_batches(config, model_config.vocab_size, experts=experts_here,  # tasks checked
-                                 rows=rows_here)
   checkpoints = checkpointing.Checkpoints(os.path.join(config.model_dir, "checkpoints"), config.keep)
+  latest = max(checkpoints.manager.all_steps(), default=0)
+  stream = inputs.expert_batches(config, model_config.vocab_size, experts=experts_here,  # tasks checked
+                                 rows=rows_here, start_step=latest)
   # The input pipelines (Python and TensorFlow) build on another thread while this one
   # initialises the experts and compiles the step (XLA, which releases the GIL).
   first = None
-  if max(checkpoints.manager.all_steps(), default=0) < config.steps:
+  if latest < config.steps:
     first = _Ahead(lambda: next(stream))
   model = EncoderDecoderModel.build(model_config, expert_config)
   backbone, stacked = initial_experts(model_config, expert_config, backbone_params, len(names), config.seed,
@@ -265,7 +264,10 @@ def train_experts(config: TrainConfig, model_config: T5Config, backbone_params: 
       logging.info("ahead-of-time compilation failed (%s: %s)", type(e).__name__, e)
   if first is not None:
     stream = itertools.chain([first.result()], stream)
-  batches = itertools.islice(stream, start, None)  # replay to the saved position
+  if start != latest:  # the latest checkpoint was not the one restored: read from its step
+    stream = inputs.expert_batches(config, model_config.vocab_size, experts=experts_here,
+                                   rows=rows_here, start_step=start)
+  batches = stream
   logs = checkpointing.Logs(config.model_dir, names) if partitioning.is_primary() else None
   bar = _progress_bar(start, config.steps, names) if progress and partitioning.is_primary() else None
 

@@ -84,8 +84,10 @@ def test_each_expert_ends_where_it_ends_alone(setup, group_run, tmp_path):
     assert together[name][1].steps == meta.steps == STEPS[i]
     assert together[name][1].training_config["plan"] == {"steps": STEPS[i], "learning_rate": RATES[i]}
     # Two programs of ours (E=3 against E=1): the same per-expert arithmetic, vmapped at
-    # another width; float32 rounding may differ, within 1e-6.
-    assert_trees_close(together[name][0], params, rtol=1e-6, atol=1e-6)
+    # another width; float32 rounding may differ. Adam divides by the root of the squared
+    # gradient, so a component whose gradient is near 0 turns a rounding difference into a
+    # visible one (up to about 2e-6 here, after 9 steps at rates of 1e-3).
+    assert_trees_close(together[name][0], params, rtol=1e-6, atol=5e-6)
 
 
 def test_finished_experts_stay_bitwise_unchanged(group_run):
