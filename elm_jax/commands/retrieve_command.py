@@ -5,7 +5,7 @@
 `roe` (default): 32 unlabeled inputs vote with their top-1 training-instance neighbours
 (--embedder minilm, the paper's; t5, the backbone's encoder; or bm25). `likelihood`: every expert
 scores the inputs' answer choices in one pass, ranked by --criterion. `oracle`: ranked by
-accuracy on the labelled inputs (analysis only).
+accuracy on the labelled inputs (analysis only). The methods are `library/selection.py`'s.
 """
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ import sys
 
 from elm_jax import defaults, files, partitioning
 from elm_jax.commands import flags, gin_utils, run_files
-from elm_jax.evaluation.expert_eval import score_instances
-from elm_jax.library import retrieval
+from elm_jax.library import retrieval, selection
 from elm_jax.library.loaded import load_experts
 from elm_jax.library.store import ExpertLibrary
 from tasks import instances
@@ -29,12 +28,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   flags.add_distributed_flags(parser)
   parser.add_argument("--library", default=None, help="Expert Library (or LIBRARY in a run file)")
   parser.add_argument("--task", default=None, help="target task (registered SeqIO task)")
-  parser.add_argument("--method", choices=retrieval.METHODS, default="roe")
+  parser.add_argument("--method", choices=tuple(selection.METHODS), default="roe",
+                      help="; ".join(f"{m.name}: {m.description}" for m in selection.METHODS.values()))
   parser.add_argument("--top_k", type=flags.positive_int, default=1, help="experts to report (ranked)")
   parser.add_argument("--experts", default="all", help="candidates: all or NAME,NAME,...")
   parser.add_argument("--embedder", choices=retrieval.EMBEDDERS, default="minilm")
   parser.add_argument("--text_format", choices=instances.TEXT_FORMATS, default=instances.DEFAULT_TEXT_FORMAT)
-  parser.add_argument("--criterion", choices=retrieval.CRITERIA, default="entropy",
+  parser.add_argument("--criterion", choices=selection.CRITERIA, default="entropy",
                       help="likelihood method: lowest mean entropy or highest mean max-probability")
   parser.add_argument("--num_queries", type=flags.positive_int, default=instances.NUM_QUERIES)
   parser.add_argument("--split", default="validation", help="split of the target task the queries come from")
@@ -54,36 +54,24 @@ def rank(args: argparse.Namespace) -> dict:
   instances.ensure_registered([args.task])
   library = ExpertLibrary(args.library, check_integrity=not args.skip_integrity_check)
   names = library.resolve(args.experts)
-  queries = instances.query_instances(args.task, args.num_queries, args.split,
-                                      labelled=args.method == "oracle")
-  if args.method == "roe":
-    if args.experts == "all":  # merged experts, and any added with --keys=none, have no keys
-      names = [n for n in names if library.entry(n).get("keys")]
-    embedder = None
-    if args.embedder == "minilm":
-      embedder = retrieval.MiniLMTextEmbedder()
-    elif args.embedder == "t5":
-      embedder = retrieval.backbone_embedder(library, args.checkpoint, gin_utils.model_config_or_none())
-    ranking = retrieval.roe_ranking(library, names, queries, embedder=embedder,
-                                    bm25=args.embedder == "bm25", text_format=args.text_format)
+  method = selection.selection_method(args.method)
+  queries = instances.query_instances(args.task, args.num_queries, args.split, labelled=method.labelled)
+  config = gin_utils.model_config_or_none()
+  options = dict(queries=queries, embedder=args.embedder, text_format=args.text_format, criterion=args.criterion,
+                 checkpoint=args.checkpoint, model_config=config, source=f"task {args.task}")
+  if method.reads == "keys":  # only the library's keys: no backbone is loaded
+    chosen = selection.select_experts(args.method, library, names=None if args.experts == "all" else names,
+                                      **options)
   else:
     loaded = load_experts(args.library, names, checkpoint=args.checkpoint,
-                          check_integrity=not args.skip_integrity_check,
-                          config=gin_utils.model_config_or_none())
-    chosen = run_files.placement_for(loaded, args, "retrieve", max_input_length=defaults.MAX_INPUT_LENGTH,
+                          check_integrity=not args.skip_integrity_check, config=config)
+    placed = run_files.placement_for(loaded, args, "retrieve", max_input_length=defaults.MAX_INPUT_LENGTH,
                                      max_target_length=defaults.MAX_TARGET_LENGTH)
-    scores, _ = score_instances(loaded, queries, batch_size=args.batch_size, partitioner=chosen.partitioner,
-                                expert_chunk=chosen.expert_chunk, source=f"task {args.task}")
-    if args.method == "likelihood":
-      ranking = retrieval.likelihood_ranking(scores, names, args.criterion)
-    else:
-      labels = [q["label"] for q in queries]
-      if any(label is None for label in labels):
-        raise retrieval.RetrievalError(f"task {args.task}: the oracle needs labelled instances")
-      ranking = retrieval.oracle_ranking(scores, labels, names)
-  return {"task": args.task, "method": args.method, "embedder": args.embedder if args.method == "roe" else None,
-          "text_format": args.text_format, "criterion": args.criterion if args.method == "likelihood" else None,
-          "queries": len(queries), "split": args.split, "ranking": ranking}
+    chosen = selection.select_experts(args.method, loaded, **options, scoring=dict(
+        batch_size=args.batch_size, partitioner=placed.partitioner, expert_chunk=placed.expert_chunk))
+  return {"task": args.task, "method": args.method, "embedder": chosen.computed_from.get("embedder"),
+          "text_format": args.text_format, "criterion": chosen.computed_from.get("criterion"),
+          "queries": len(queries), "split": args.split, "ranking": chosen.ranking()}
 
 
 def main(args: argparse.Namespace) -> int:

@@ -36,8 +36,7 @@ from elm_jax import files, tree_paths
 from elm_jax.checkpoints import expert_files, hf
 from elm_jax.errors import UserInputError
 from elm_jax.evaluation import expert_eval
-from elm_jax.expert_stack import ExpertStack
-from elm_jax.library import merging, retrieval
+from elm_jax.library import merging, retrieval, selection
 from elm_jax.library.loaded import load_experts
 from elm_jax.library.store import ExpertLibrary
 from elm_jax.models.adapters import ExpertConfig
@@ -52,6 +51,10 @@ from tasks.span_corruption import register_builtin_span_corruption
 
 STAGES = ("pretrain", "experts", "baseline", "library", "held_out", "retrieval", "seen", "continual",
           "composed", "moe")
+# The selection methods (library/selection.py) the retrieval stage compares, as it runs them.
+SELECTION_METHODS = {"roe": "Retrieval of Experts (32 unlabeled inputs, top-1 votes)",
+                     "likelihood": "likelihood (lowest entropy over the choices)",
+                     "oracle": "oracle (best accuracy on the 32 inputs, labelled)"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,38 +290,27 @@ class Demo:
 
   def stage_retrieval(self) -> dict[str, Any]:
     """RoE, likelihood and oracle selection per held-out prompt; top-1 and merged top-k"""
-    held = self.results["held_out"]
-    library = ExpertLibrary(self.path("library"))
+    b, held = self.budget, self.results["held_out"]
     # The prompt experts of the library stage, as the paper (not those the continual stage adds).
     names = [n for n in self.results["library"]["experts"] if not n.endswith("_all_prompts")]
-    embedder, embedder_name = _retrieval_embedder(self, library)
     loaded = load_experts(self.path("library"), names)
+    embedder, embedder_name = _retrieval_embedder(self, loaded.library)
     out: dict[str, Any] = {"embedder": embedder_name, "candidates": names, "prompts": {}}
-    merged_trees, merged_for = [], []
     bar = self._bar(len(held["tasks"]), "retrieval")
     for task in held["tasks"]:
-      queries = instances.query_instances(task, instances.NUM_QUERIES)
-      labelled = instances.query_instances(task, instances.NUM_QUERIES, labelled=True)
-      rankings = {"roe": retrieval.roe_ranking(library, names, queries, embedder=embedder)}
-      scores, _ = expert_eval.score_instances(loaded, queries, batch_size=16,
-                                              max_input_length=self.budget.input_length * 2,
-                                              max_target_length=self.budget.choice_length)
-      rankings["likelihood"] = retrieval.likelihood_ranking(scores, names, "entropy")
-      rankings["oracle"] = retrieval.oracle_ranking(scores, [q["label"] for q in labelled], names)
       accuracy = held["experts"][task]["scores"]
-      entry = {}
-      for method, ranking in rankings.items():
-        top = [r["expert"] for r in ranking[:self.budget.top_k]]
-        entry[method] = {"top1": top[0], "top1_accuracy": accuracy[top[0]], "top_k": top}
-        merged_trees.append(merging.merge_uniform(loaded.stack.select(top)))
-        merged_for.append((task, method))
-      out["prompts"][task] = entry
+      queries = instances.query_instances(task, instances.NUM_QUERIES, labelled=True)
+      merged = selection.select_merge_evaluate(
+          SELECTION_METHODS, loaded, task, queries=queries, top_k=b.top_k, embedder=embedder, criterion="entropy",
+          scoring=dict(batch_size=16, max_input_length=b.input_length * 2, max_target_length=b.choice_length),
+          evaluation=dict(max_examples=b.eval_examples, batch_size=16, max_input_length=b.input_length * 2,
+                          max_target_length=self._eval_target_length(task)))
+      out["prompts"][task] = {m.selection.method: {"top1": m.members[0], "top1_accuracy": accuracy[m.members[0]],
+                                                   "top_k": list(m.members), "merged_accuracy": m.score}
+                              for m in merged}
       bar.update(1)
     bar.close()
-    merged_accuracy = _evaluate_merged(self, loaded, merged_trees, merged_for)
-    for (task, method), value in merged_accuracy.items():
-      out["prompts"][task][method]["merged_accuracy"] = value
-    for method in ("roe", "likelihood", "oracle"):
+    for method in SELECTION_METHODS:
       out[f"{method}_top1_mean"] = float(np.mean([p[method]["top1_accuracy"] for p in out["prompts"].values()]))
       out[f"{method}_merged_mean"] = float(np.mean([p[method]["merged_accuracy"] for p in out["prompts"].values()]))
     return out
@@ -462,21 +454,6 @@ def _retrieval_embedder(demo: Demo, library):
 
 def _evaluate_trees(demo: Demo, loaded, trees, task: str) -> list[float]:
   """Primary metric of each expert tree (same config as `loaded`) on one task, in one pass."""
-  names = [f"m{i}" for i in range(len(trees))]
-  custom = loaded.with_stack(ExpertStack.from_trees(names, trees, loaded.stack.expert_config))
-  result = expert_eval.evaluate_task(custom, task, max_examples=demo.budget.eval_examples, batch_size=16,
-                                     max_input_length=demo.budget.input_length * 2,
-                                     max_target_length=demo._eval_target_length(task))
-  return [result.metrics[f"m{i}"][result.primary] for i in range(len(trees))]
-
-
-def _evaluate_merged(demo: Demo, loaded, trees, merged_for) -> dict[tuple[str, str], float]:
-  out = {}
-  by_task: dict[str, list[int]] = {}
-  for i, (task, _) in enumerate(merged_for):
-    by_task.setdefault(task, []).append(i)
-  for task, indices in by_task.items():
-    scores = _evaluate_trees(demo, loaded, [trees[i] for i in indices], task)
-    for i, score in zip(indices, scores):
-      out[merged_for[i]] = score
-  return out
+  return selection.evaluate_trees(loaded, trees, task, max_examples=demo.budget.eval_examples, batch_size=16,
+                                  max_input_length=demo.budget.input_length * 2,
+                                  max_target_length=demo._eval_target_length(task))[1]

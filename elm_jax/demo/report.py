@@ -9,6 +9,8 @@ import platform
 from typing import Any
 
 from elm_jax import files
+from elm_jax.demo.pipeline import SELECTION_METHODS
+from elm_jax.library.selection import METHODS
 
 MINIATURE_NOTE = (
     "This is a miniature: a {params:,}-parameter T5 pretrained for {pretrain_steps} steps on a "
@@ -71,9 +73,7 @@ def markdown(report: dict[str, Any], plots: list[str]) -> str:
             "Mean held-out accuracy of the expert each method picks (top-1), and of the uniform merge of "
             f"its top-{report['budget']['top_k']}:", "",
             "| method | top-1 | merged top-k |", "|---|---|---|"]
-  for method, label in (("roe", "Retrieval of Experts (32 unlabeled inputs, top-1 votes)"),
-                        ("likelihood", "likelihood (lowest entropy over the choices)"),
-                        ("oracle", "oracle (best accuracy on the 32 inputs, labelled)")):
+  for method, label in SELECTION_METHODS.items():
     lines.append(f"| {label} | {_pct(ret[f'{method}_top1_mean'])} | {_pct(ret[f'{method}_merged_mean'])} |")
   lines += [f"| multitask baseline | {_pct(held['baseline_mean'])} | |", "",
             "## Seen tasks: experts against the multitask model (negative transfer)", "",
@@ -144,13 +144,13 @@ def write_plots(report: dict[str, Any], out: str) -> list[str]:
   written.append("held_out.png")
 
   ret = s["retrieval"]
-  methods = ["roe", "likelihood", "oracle"]
+  methods = list(SELECTION_METHODS)
   fig, ax = plt.subplots(figsize=(6, 3.5))
   x = range(len(methods))
   ax.bar([i - 0.2 for i in x], [ret[f"{m}_top1_mean"] for m in methods], width=0.4, label="top-1")
   ax.bar([i + 0.2 for i in x], [ret[f"{m}_merged_mean"] for m in methods], width=0.4, label="merged top-k")
   ax.axhline(held["baseline_mean"], color="black", linestyle="--", label="multitask baseline")
-  ax.set_xticks(list(x), ["RoE", "likelihood", "oracle"])
+  ax.set_xticks(list(x), [METHODS[m].title for m in methods])
   ax.set_ylabel("mean held-out accuracy (%)")
   ax.legend(fontsize=8)
   fig.tight_layout()

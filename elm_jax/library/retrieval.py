@@ -1,4 +1,4 @@
-"""Retrieval of Experts (RoE) and the rankings it is compared with.
+"""Retrieval of Experts (RoE): the embedders, the retrieval keys and the vote.
 
 RoE as the paper's `run_retrieval.py` does it: each expert's stored training instances are keys
 (embedded once and cached in the library); each of 32 unlabeled target inputs, written in the
@@ -8,10 +8,8 @@ by the first query that voted for the expert (the paper's stable sort over first
 then by library order. Embedders: all-MiniLM-L6-v2 (the paper's "ST"), the backbone's own
 encoder (mean-pooled), or BM25 over whitespace tokens (BM25Okapi, as `rank_bm25`).
 
-Likelihood ranking needs no embedding model: every expert scores the 32 inputs' answer choices
-in one pass (`score_all_experts`) and experts are ranked by a label-free criterion (lowest mean
-entropy of the choice distribution, or highest mean max-probability). The oracle ranks experts
-by accuracy on labelled target examples, as an upper bound for analysis.
+RoE is one of the methods of `library/selection.py` (with the likelihood and oracle rankings it
+is compared with), which `elm-jax retrieve`, the demo and notebooks call.
 """
 
 from __future__ import annotations
@@ -35,14 +33,13 @@ from elm_jax.models.t5_config import T5Config
 from elm_jax.vocabularies import SentencePieceVocabulary
 from tasks import instances
 
-METHODS = ("roe", "likelihood", "oracle")
 EMBEDDERS = ("minilm", "t5", "bm25")
-CRITERIA = ("entropy", "max_prob")
 KEY_MAX_LENGTH, QUERY_MAX_LENGTH = 256, 512
 
 
 class RetrievalError(UserInputError):
-  """A retrieval request the library cannot answer (no keys, no choices, unknown method)."""
+  """A retrieval request the library cannot answer (no keys, no vocabulary beside the backbone,
+  an unreadable embedding cache)."""
 
 
 # ---------------------------------------------------------------------------- embedders
@@ -192,37 +189,6 @@ def vote_ranking(similarity: np.ndarray, owners: np.ndarray, names: Sequence[str
   first_vote = {int(e): q for q, e in reversed(list(enumerate(voters)))}
   order = sorted(range(len(names)), key=lambda e: (-votes[e], first_vote.get(e, len(voters)), e))
   return [{"expert": names[e], "votes": int(votes[e])} for e in order]
-
-
-def choice_probabilities(scores: np.ndarray) -> np.ndarray:
-  """[E, N, C] log-likelihoods (-inf on padded choices) -> softmax over choices."""
-  shifted = scores - np.max(scores, axis=-1, keepdims=True)
-  p = np.exp(shifted)
-  return p / p.sum(-1, keepdims=True)
-
-
-def likelihood_ranking(scores: np.ndarray, names: Sequence[str], criterion: str = "entropy"
-                       ) -> list[dict[str, Any]]:
-  """Experts ranked by a label-free criterion over their choice distributions [E, N, C]:
-  'entropy' (mean entropy, lowest first) or 'max_prob' (mean max-probability, highest first)."""
-  p = choice_probabilities(scores)
-  if criterion == "entropy":
-    value = -np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0).sum(-1).mean(-1)
-    order = sorted(range(len(names)), key=lambda e: (value[e], e))
-  elif criterion == "max_prob":
-    value = p.max(-1).mean(-1)
-    order = sorted(range(len(names)), key=lambda e: (-value[e], e))
-  else:
-    raise RetrievalError(f"--criterion: expected one of {CRITERIA}, got {criterion!r}")
-  return [{"expert": names[e], criterion: float(value[e])} for e in order]
-
-
-def oracle_ranking(scores: np.ndarray, labels: Sequence[int], names: Sequence[str]) -> list[dict[str, Any]]:
-  """Experts ranked by rank-classification accuracy (%) on labelled examples: scores [E, N, C]."""
-  predictions = np.argmax(scores, axis=-1)
-  accuracy = 100.0 * (predictions == np.asarray(labels)[None, :]).mean(-1)
-  order = sorted(range(len(names)), key=lambda e: (-accuracy[e], e))
-  return [{"expert": names[e], "accuracy": float(accuracy[e])} for e in order]
 
 
 def roe_ranking(library: ExpertLibrary, names: Sequence[str], queries: Sequence[dict[str, Any]], *,

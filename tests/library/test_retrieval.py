@@ -5,7 +5,7 @@ import hashlib
 import numpy as np
 import pytest
 
-from elm_jax.library import retrieval
+from elm_jax.library import retrieval, selection
 from tasks import instances
 from elm_jax.library.store import ExpertLibrary
 from tests.helpers.library import make_expert
@@ -101,12 +101,12 @@ def test_likelihood_and_oracle_rankings():
       [[0.9, 0.1], [0.05, 0.95]],
       [[0.2, 0.8], [0.9, 0.1]],
   ]))
-  entropy = retrieval.likelihood_ranking(scores, names, "entropy")
+  entropy = selection.likelihood_ranking(scores, names, "entropy")
   assert [r["expert"] for r in entropy][0] == "sure_right" and entropy[-1]["expert"] == "flat"
   assert entropy[-1]["entropy"] == pytest.approx(np.log(2))
-  max_prob = retrieval.likelihood_ranking(scores, names, "max_prob")
+  max_prob = selection.likelihood_ranking(scores, names, "max_prob")
   assert max_prob[0]["expert"] == "sure_right" and max_prob[0]["max_prob"] == pytest.approx(0.925)
-  oracle = retrieval.oracle_ranking(scores, [0, 1], names)
+  oracle = selection.oracle_ranking(scores, [0, 1], names)
   assert [(r["expert"], r["accuracy"]) for r in oracle] == [("sure_right", 100.0), ("flat", 50.0),
                                                             ("sure_wrong", 0.0)]
 
