@@ -27,7 +27,7 @@ import functools
 import json
 import os
 import uuid
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Protocol, Sequence
 
 from etils import epath
 
@@ -35,8 +35,22 @@ from elm_jax import files
 from elm_jax.library import paths, records
 from elm_jax.library.paths import MANIFEST, REMOVAL_RECORD, TRASH_DIR, TRASHED, LibraryError, safe_name
 
-if TYPE_CHECKING:
-  from elm_jax.library.store import ExpertLibrary
+
+class ExpertLibrary(Protocol):
+  """What removal uses of `store.ExpertLibrary` (which calls it; naming the class itself here
+  would make the two modules import each other)."""
+  root: epath.Path
+
+  def _path(self, relative: str, purpose: str) -> epath.Path: ...
+  def _lock(self) -> contextlib.AbstractContextManager[None]: ...
+  def manifest(self) -> dict[str, Any]: ...
+  def _write_manifest(self, manifest: dict[str, Any]) -> None: ...
+  def _check_bookkeeping(self) -> None: ...
+  def _append_history(self, record: dict[str, Any]) -> Callable[[], None]: ...
+  def history(self) -> list[dict[str, Any]]: ...
+  def _directory(self, name: str, entry: dict[str, Any], purpose: Optional[str] = None) -> epath.Path: ...
+  def keys_path(self, name: str, purpose: Optional[str] = None) -> epath.Path: ...
+  def _embedding_files(self, name: str, purpose: str) -> list[epath.Path]: ...
 
 
 def remove(library: ExpertLibrary, name: str) -> bool:

@@ -16,7 +16,7 @@ import logging
 import os
 import socket
 import sys
-from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -24,10 +24,9 @@ import orbax.checkpoint as ocp
 from elm_jax import expert_stack, partitioning, tf_input
 from elm_jax.checkpoints import expert_files
 from elm_jax.training import train_step as ts
+from elm_jax.training.config import TrainConfig
 from elm_jax.training.errors import TrainingError
 
-if TYPE_CHECKING:
-  from elm_jax.training.trainer import TrainConfig
 
 
 class Checkpoints:
@@ -87,7 +86,7 @@ class Logs:
       writer.close()
 
 
-def exported_metrics(config: "TrainConfig", names) -> Optional[dict[str, dict[str, float]]]:
+def exported_metrics(config: TrainConfig, names) -> Optional[dict[str, dict[str, float]]]:
   """Each expert's recorded final metrics, if all were exported after their planned steps."""
   out = {}
   for name, steps in zip(names, config.steps_per_expert()):
@@ -102,7 +101,7 @@ def exported_metrics(config: "TrainConfig", names) -> Optional[dict[str, dict[st
   return out
 
 
-def export(config: "TrainConfig", names, model_config, expert_config, optimizer_config,
+def export(config: TrainConfig, names, model_config, expert_config, optimizer_config,
             fingerprint: str, state, metrics) -> None:
   """Writes each expert with its own step count, plan and the metrics of its last step (`state`
   on the host). With several processes, process 0 writes and the others wait for it."""

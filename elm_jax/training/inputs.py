@@ -11,18 +11,16 @@ its step. Each expert's examples are cut to fixed lengths by `unpacked_encdec_fe
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import jax
 import numpy as np
 import seqio
 
 from elm_jax import tf_input
+from elm_jax.training.config import TrainConfig
 from elm_jax.training.errors import TrainingError
 from tasks import row_order
-
-if TYPE_CHECKING:
-  from elm_jax.training.trainer import TrainConfig
 
 FEATURES = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens",
             "decoder_loss_weights")
@@ -46,7 +44,7 @@ def check_tasks(tasks: Sequence[str], vocab_size: Optional[int] = None) -> list:
   return providers
 
 
-def expert_batches(config: "TrainConfig", vocab_size: Optional[int] = None, *,
+def expert_batches(config: TrainConfig, vocab_size: Optional[int] = None, *,
                    experts: slice = slice(None), rows: slice = slice(None),
                    start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
   """An endless, deterministic stream of stacked batches [E, batch, length] from step
@@ -57,7 +55,7 @@ def expert_batches(config: "TrainConfig", vocab_size: Optional[int] = None, *,
   return _stacked_stream(config, experts, rows, start_step)
 
 
-def _stacked_stream(config: "TrainConfig", experts: slice, rows: slice,
+def _stacked_stream(config: TrainConfig, experts: slice, rows: slice,
                     start_step: int) -> Iterator[dict[str, np.ndarray]]:
   tf_input.tensorflow()
   lengths = {"inputs": config.input_length, "targets": config.target_length}
@@ -74,7 +72,7 @@ def _stacked_stream(config: "TrainConfig", experts: slice, rows: slice,
     yield {k: np.stack([b[k] for b in batches]) for k in FEATURES}
 
 
-def batch_shapes(config: "TrainConfig") -> dict[str, jax.ShapeDtypeStruct]:
+def batch_shapes(config: TrainConfig) -> dict[str, jax.ShapeDtypeStruct]:
   """The shapes and dtypes of one `expert_batches` element."""
   num = len(config.expert_tasks)
   return {k: jax.ShapeDtypeStruct((num, config.batch_size, config.input_length if k == "encoder_input_tokens"

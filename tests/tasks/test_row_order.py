@@ -19,7 +19,7 @@ import pytest
 import seqio
 
 from elm_jax.training import inputs
-from elm_jax.training.trainer import TrainConfig
+from elm_jax.training.config import TrainConfig
 from tasks import continual, inventory, mixtures, row_order
 from tests.helpers.p3_data import TRAIN_FEATURES, separate_registry, write_subset
 
