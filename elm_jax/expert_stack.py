@@ -4,13 +4,15 @@ Training updates a stack in one vmapped step, evaluation scores a stack in one v
 merging averages over a stack's leading axis; this module is the one place that builds,
 slices, chunks, shards and loads it:
 
-- `ExpertStack`: names and the stacked tree of one expert configuration; built from expert
-  trees or expert files once (`from_trees`, `load`), then sliced (`select`, `tree`) without
-  ever being unstacked and restacked;
+- `ExpertStack`: names and the stacked tree of one expert configuration, or of several kinds
+  (each expert then holds every kind's parameters, its own and the others' identities:
+  `stack_mixed`); built from expert trees or expert files once (`from_trees`, `load`), then
+  sliced (`select`, `tree`) without ever being unstacked and restacked;
 - `chunks`: fixed-size chunks of the leading axis (the last padded by repeating an expert, so
   one compiled program serves every chunk);
-- `logical_specs` / `leading_axis_specs` / `place`: the stacked tree's logical axes
-  (`expert` first, then each parameter's own axes) and its placement on a mesh;
+- `leading_axis_specs` / `place`: the logical axes of a stacked tree the model does not
+  describe (optimizer state; the model gives its experts' own, `EncoderDecoderModel.expert_specs`)
+  and a stack's placement on a mesh;
 - `ExpertsOnBackbone`: a stack with the frozen backbone and model it runs on, what evaluation
   and retrieval take.
 """
@@ -27,9 +29,8 @@ from jax.sharding import PartitionSpec
 from elm_jax import tree_paths
 from elm_jax.checkpoints import expert_files
 from elm_jax.errors import UserInputError
-from elm_jax.models.adapters import ExpertConfig, split_params
+from elm_jax.models.experts import ExpertConfig, ExpertConfigError, ExpertSet
 from elm_jax.models.model import EncoderDecoderModel
-from elm_jax.models.t5 import logical_axes
 from elm_jax.models.t5_config import T5Config
 from elm_jax.vocabularies import SentencePieceVocabulary
 
@@ -61,6 +62,46 @@ def stack_trees(trees: Sequence[Mapping], names: Sequence[str]) -> dict:
   return tree_paths.unflatten({p: np.stack([np.asarray(f[p]) for f in flats]) for p in flats[0]})
 
 
+def stack_mixed(trees: Sequence[Mapping], configs: Sequence[ExpertConfig], names: Sequence[str],
+                pretrained: Optional[Mapping] = None) -> tuple[dict, ExpertSet]:
+  """Experts of several kinds -> (one tree of [k, ...] numpy arrays holding every parameter any
+  of them holds, their `ExpertSet`). Where an expert lacks a parameter, it holds the identity of
+  the kind that adds it (an adapter's zeros, a scale's ones: the module then changes
+  nothing) or, for a backbone parameter another expert trains (a layer-norm scale), its value
+  in `pretrained` (the full pretrained tree; refused without it). Two experts of one kind must
+  share one configuration."""
+  try:
+    experts = ExpertSet.of(configs)
+  except ExpertConfigError as e:
+    raise ExpertStackError(str(e)) from None
+  flats = [tree_paths.flatten(tree) for tree in trees]
+  shapes: dict = {}
+  for name, flat in zip(names, flats):
+    for path, value in flat.items():
+      first = shapes.setdefault(path, (name, np.shape(value)))
+      if first[1] != np.shape(value):
+        raise ExpertStackError(f"expert {name!r}: parameter {tree_paths.join(path)!r} has shape "
+                               f"{np.shape(value)}, {first[0]!r} has {first[1]}")
+  given = tree_paths.flatten(pretrained) if pretrained is not None else {}
+  padded = []
+  for name, flat in zip(names, flats):
+    full = dict(flat)
+    for path in sorted(set(shapes) - set(flat)):
+      identity, shape = experts.neutral(tree_paths.join(path)), shapes[path][1]
+      if identity is not None:
+        full[path] = np.full(shape, identity, np.float32)
+      elif path in given and np.shape(given[path]) == shape:
+        full[path] = np.asarray(given[path], np.float32)
+      else:
+        raise ExpertStackError(
+            f"experts {name!r} and {shapes[path][0]!r} have different configurations, and only the "
+            f"second trains {tree_paths.join(path)!r}: stacked together, the first needs the pretrained "
+            "backbone's value there. Experts of several kinds are scored together when loaded with their "
+            "backbone (library.loaded.load_experts); merged, only with experts of their own configuration")
+    padded.append(full)
+  return stack_trees([tree_paths.unflatten(f) for f in padded], names), experts
+
+
 def index(params: Any, i: int) -> Any:
   """Expert `i`'s own tree (the one conversion from the stacked form to a single expert)."""
   return jax.tree_util.tree_map(lambda x: np.asarray(x)[i], params)
@@ -82,11 +123,12 @@ def chunks(params: Any, size: int) -> Iterator[tuple[int, int, Any]]:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class ExpertStack:
-  """Named experts of one `expert_config`, their parameters stacked: `params` leaves are
-  [len(names), ...] in the order of `names`."""
+  """Named experts of one `expert_config` (or, for experts of several kinds, an `ExpertSet` of
+  one config per kind), their parameters stacked: `params` leaves are [len(names), ...] in the
+  order of `names`."""
   names: tuple[str, ...]
   params: Any
-  expert_config: ExpertConfig
+  expert_config: ExpertConfig | ExpertSet
 
   def __post_init__(self):
     object.__setattr__(self, "names", tuple(self.names))
@@ -103,23 +145,26 @@ class ExpertStack:
   @classmethod
   def load(cls, names: Sequence[str], directories: Sequence[str], *,
            recorded: Optional[Sequence[Optional[Mapping]]] = None, backbone_fingerprint: Optional[str] = None,
-           check_integrity: bool = True) -> tuple["ExpertStack", list[expert_files.ExpertMetadata]]:
+           check_integrity: bool = True, pretrained: Optional[Mapping] = None
+           ) -> tuple["ExpertStack", list[expert_files.ExpertMetadata]]:
     """Reads each expert directory once (checked against `recorded` digests, a library
-    manifest's, when given) and stacks them once; all must share one expert config."""
+    manifest's, when given) and stacks them once. Experts of several configurations (one per
+    kind) are stacked as `stack_mixed` does, with `pretrained` (the full backbone tree) for the
+    backbone parameters only some of them train."""
     trees, metas = [], []
     for i, (name, directory) in enumerate(zip(names, directories)):
       tree, meta = expert_files.load_expert(directory, backbone_fingerprint,
                                             recorded=recorded[i] if recorded else None,
                                             what=f"expert {name!r}", check_integrity=check_integrity)
-      if metas and meta.expert_config != metas[0].expert_config:
-        raise ExpertStackError(f"{directory}: expert {name!r} has expert_config {meta.expert_config}, "
-                               f"unlike {names[0]!r} ({metas[0].expert_config}); experts scored "
-                               "together must share one configuration")
       trees.append(tree)
       metas.append(meta)
     if not trees:
       raise ExpertStackError("no experts selected")
-    return cls.from_trees(names, trees, ExpertConfig(**metas[0].expert_config)), metas
+    configs = [ExpertConfig(**meta.expert_config) for meta in metas]
+    if len({config.settings() for config in configs}) == 1:  # one configuration (fields it reads)
+      return cls.from_trees(names, trees, configs[0]), metas
+    params, experts = stack_mixed(trees, configs, names, pretrained)
+    return cls(tuple(names), params, experts), metas
 
   def __len__(self) -> int:
     return len(self.names)
@@ -142,14 +187,6 @@ class ExpertStack:
 
 
 # ---------------------------------------------------------------------------- sharding
-def logical_specs(model_config: T5Config, expert_config: ExpertConfig) -> tuple[Any, Any]:
-  """(backbone logical specs, stacked expert logical specs: `expert` then each leaf's axes)."""
-  backbone, expert = split_params(logical_axes(model_config, expert_config), expert_config)
-  stacked = jax.tree_util.tree_map(lambda spec: PartitionSpec("expert", *spec), expert,
-                                   is_leaf=lambda x: isinstance(x, PartitionSpec))
-  return backbone, stacked
-
-
 def leading_axis_specs(tree: Any) -> Any:
   """Specs placing only the leading expert axis of every [E, ...] leaf (scalars replicated):
   for optimizer state, whose structure depends on the optimizer."""

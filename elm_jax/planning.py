@@ -30,19 +30,17 @@ import sys
 import time
 from typing import Any, Optional, Sequence
 
-import flax.linen as nn
 import jax
 import jax.extend
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from elm_jax import defaults, expert_stack, partitioning
+from elm_jax import defaults, partitioning
 from elm_jax.errors import UserInputError
 from elm_jax.evaluation import rank_scoring
-from elm_jax.models.adapters import ExpertConfig, split_params
+from elm_jax.models.experts import ExpertConfig
 from elm_jax.models.model import EncoderDecoderModel
-from elm_jax.models.t5 import init_params
 from elm_jax.models.t5_config import REMAT_POLICIES, T5Config
 from elm_jax.training import inputs, run, trainer
 from elm_jax.training import train_step as ts
@@ -145,16 +143,6 @@ def _with_shardings(tree: Any, shardings: Any) -> Any:
   return jax.tree_util.tree_map(_struct, tree, shardings)
 
 
-def _abstract_model(model_config: T5Config, expert_config: ExpertConfig) -> tuple[Any, Any]:
-  """(frozen backbone, one expert) as ShapeDtypeStructs, as the trainer splits them."""
-  backbone = jax.eval_shape(lambda: nn.unbox(init_params(model_config, jax.random.PRNGKey(0))))
-  with_expert = jax.eval_shape(
-      lambda: nn.unbox(init_params(model_config, jax.random.PRNGKey(0), expert=expert_config)))
-  frozen, _ = split_params(backbone, expert_config)
-  _, expert = split_params(with_expert, expert_config)
-  return frozen, expert
-
-
 def _stacked(expert: Any, num_experts: int) -> Any:
   return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct((num_experts,) + x.shape, x.dtype), expert)
 
@@ -194,7 +182,7 @@ def plan_training(model_config: T5Config, expert_config: ExpertConfig, optimizer
                    "partitioning.MeshConfig.data (or the recipe's batch size)")
   model = EncoderDecoderModel.build(model_config, expert_config)
   optimizer = ts.make_optimizer(optimizer_config)
-  frozen, expert = _abstract_model(model_config, expert_config)
+  frozen, expert = model.abstract_params()
   state = jax.eval_shape(lambda p: ts.init_train_state(p, optimizer), _stacked(expert, num_experts))
   plans = jax.eval_shape(lambda: ts.ExpertPlans.build([1] * num_experts, [1.0] * num_experts,
                                                       seeds=range(num_experts)))
@@ -241,13 +229,12 @@ def training_activation_bytes(model_config: T5Config, expert_config: ExpertConfi
   """Activations the vmapped loss of `num_experts` experts on `batch_size` rows each keeps for
   the backward pass, under `model_config.remat_policy`."""
   model = EncoderDecoderModel.build(model_config, expert_config)
-  frozen, expert = _abstract_model(model_config, expert_config)
+  frozen, expert = model.abstract_params()
   batch = _batch(num_experts, batch_size, input_length, target_length)
   rngs = jax.ShapeDtypeStruct((num_experts, 2), jnp.uint32) if noisy else None
 
   def loss(stacked, frozen, batch, rngs):
-    per_expert = lambda p, b, r: ts.expert_loss(p, frozen, b, model, r)[0]  # noqa: E731
-    return jax.vmap(per_expert, in_axes=(0, 0, 0 if rngs is not None else None))(stacked, batch, rngs).sum()
+    return model.expert_losses(frozen, stacked, batch, rngs)[0].sum()  # as the train step differentiates it
   return saved_activation_bytes(loss, _stacked(expert, num_experts), frozen, batch, rngs)
 
 
@@ -271,9 +258,9 @@ def plan_scoring(model_config: T5Config, expert_config: ExpertConfig, partitione
   mesh = partitioner.mesh.shape
   _check_divisible("the scored expert chunk", num_experts, "expert", mesh["expert"], "--expert_chunk")
   model = EncoderDecoderModel.build(model_config, expert_config)
-  frozen, expert = _abstract_model(model_config, expert_config)
+  frozen, expert = model.abstract_params()
   experts = _stacked(expert, num_experts)
-  backbone_specs, expert_specs = expert_stack.logical_specs(model_config, expert_config)
+  backbone_specs, expert_specs = model.expert_specs()
   backbone_sh, experts_sh = partitioner.shardings(backbone_specs), partitioner.shardings(expert_specs)
   replicated = NamedSharding(partitioner.mesh, PartitionSpec())
   tokens = jax.ShapeDtypeStruct((batch_size, input_length), jnp.int32, sharding=replicated)

@@ -40,7 +40,8 @@ import jax
 
 from elm_jax import batching, partitioning, planning
 from elm_jax.evaluation import placement, rank_scoring, sweep
-from elm_jax.models.adapters import ExpertConfig
+from elm_jax.models.experts import ExpertConfig
+from elm_jax.models.model import EncoderDecoderModel
 from elm_jax.models.t5_config import T5Config
 from tasks import inventory
 
@@ -248,7 +249,7 @@ def choose_placement(model_config: T5Config, expert_config: ExpertConfig, memory
                      expert_chunk: Optional[int] = None) -> tuple[partitioning.MeshConfig, int, str]:
   """(mesh, expert chunk, why) as `placement.choose` picks them (`placement.decide`) on
   `num_devices` devices of `memory_bytes` each."""
-  frozen, expert = planning._abstract_model(model_config, expert_config)
+  frozen, expert = EncoderDecoderModel.build(model_config, expert_config).abstract_params()
   data = 1 if mesh_config is None else mesh_config.resolve(num_devices)[0]
   per_expert = placement.scoring_bytes_per_expert(model_config, planning._stacked(expert, 1), batch_size=batch_size,
                                                   input_length=input_length, target_length=target_length,
@@ -312,7 +313,7 @@ def plan_sweep(spec: SweepSpec, model_config: T5Config, expert_config: ExpertCon
   print(f"elm-jax plan: {spec.title}; {devices} devices as {reason}; per device of a {chip.name} "
         f"({planning._gib(chip.memory_bytes)})", file=stream)
   print(f"model: T5 {config.emb_dim} wide, {config.num_encoder_layers}+{config.num_decoder_layers} layers, "
-        f"{config.dtype} activations; experts: {_expert_words(expert_config)}", file=stream)
+        f"{config.dtype} activations; experts: {expert_config.describe()}", file=stream)
   size_words = " + ".join(f"{n} of {s}" for s, n in _runs(unit_sizes))
   print(f"units: {units} = {len(spec.tasks)} tasks x {len(unit_sizes)} unit(s) of experts each ({size_words} "
         f"experts; --unit_experts={spec.unit_experts or spec.num_experts})", file=stream)
@@ -377,14 +378,6 @@ def _print_tasks(tasks: Sequence[SweepTask], batches: dict[str, int], chunks: in
 def _runs(sizes: Sequence[int]) -> list[tuple[int, int]]:
   """[(size, how many in a row)] of `sizes`."""
   return [(size, len(list(run))) for size, run in itertools.groupby(sizes)]
-
-
-def _expert_words(config: ExpertConfig) -> str:
-  if config.kind == "adapter":
-    return f"adapters (reduction factor {config.reduction_factor})"
-  if config.kind == "lora":
-    return f"LoRA (rank {config.lora_rank} on {', '.join(config.lora_targets)})"
-  return "full fine-tunes"
 
 
 def _duration(seconds: float) -> str:

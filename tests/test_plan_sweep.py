@@ -13,7 +13,8 @@ import pytest
 from elm_jax import partitioning, planning, planning_sweep
 from elm_jax.commands import cli
 from elm_jax.evaluation import placement, sweep
-from elm_jax.models.adapters import ExpertConfig
+from elm_jax.models.experts import ExpertConfig
+from elm_jax.models.model import EncoderDecoderModel
 
 H100 = planning.ACCELERATORS["h100"]
 
@@ -84,7 +85,7 @@ def test_flops_scale_with_batches_and_experts(tiny_config):
 def test_the_chunk_is_placements_for_the_chips_memory(tiny_config):
   """A chip that holds one expert's pass a device gets the expert axis as its chunk, as
   `placement.choose` would give on such a device."""
-  frozen, expert = planning._abstract_model(tiny_config, ExpertConfig())
+  frozen, expert = EncoderDecoderModel.build(tiny_config, ExpertConfig()).abstract_params()
   per_expert = placement.scoring_bytes_per_expert(tiny_config, planning._stacked(expert, 1), batch_size=8,
                                                   input_length=32, target_length=8)
   memory = planning.tree_bytes(frozen) + int(1.5 * per_expert / placement.EXPERT_MEMORY_SHARE)

@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import pytest
 
 from elm_jax import partitioning, planning
-from elm_jax.models.adapters import ExpertConfig
+from elm_jax.models.experts import ExpertConfig
+from elm_jax.models.model import EncoderDecoderModel
 from elm_jax.training import plans, run
 from elm_jax.training import train_step as ts
 
@@ -53,7 +54,7 @@ def tiny_plan(tiny_config):
 def test_plan_figures_are_the_arrays_each_device_holds(tiny_config, tiny_plan):
   made, text = tiny_plan
   train, scorer = made
-  frozen, expert = planning._abstract_model(tiny_config, ExpertConfig())
+  frozen, expert = EncoderDecoderModel.build(tiny_config, ExpertConfig()).abstract_params()
   expert_bytes = planning.tree_bytes(expert)
   # 8 experts over a 4-way expert axis: 2 experts' adapters per device, the backbone whole.
   assert train.expert_parameters == 2 * expert_bytes

@@ -19,7 +19,6 @@ import json
 import os
 from typing import Any, Mapping, Optional, Sequence
 
-import flax.linen as nn
 import jax
 import numpy as np
 from etils import epath
@@ -28,8 +27,8 @@ from safetensors.numpy import save_file
 
 from elm_jax import files, tree_paths
 from elm_jax.errors import UserInputError
-from elm_jax.models import adapters, t5
-from elm_jax.models.adapters import ExpertConfig
+from elm_jax.models.experts import ExpertConfig, ExpertSet
+from elm_jax.models.model import EncoderDecoderModel
 from elm_jax.models.t5_config import T5Config
 
 TENSORS_FILE = "tensors.safetensors"
@@ -236,12 +235,12 @@ def recorded_model_config(metadata: ExpertMetadata, source: str) -> Optional[T5C
     raise ExpertFileError(f"{source}: field 'training_config.model': {e}") from None
 
 
-def parameter_list(expert_config: ExpertConfig, model_config: T5Config,
+def parameter_list(expert_config: ExpertConfig | ExpertSet, model_config: T5Config,
                    source: str) -> dict[str, jax.ShapeDtypeStruct]:
-  """The exact tensors ({name: shape and dtype}) an expert of `expert_config` on a backbone of
-  `model_config` holds (`adapters.expert_parameters` of the model `t5.init_params` builds with
-  it, traced by `jax.eval_shape`: no arrays are made; kept for the last 32 pairs of configs). A
-  config the model cannot build is named as `source`'s."""
+  """The exact tensors ({name: shape and dtype}) an expert of `expert_config` (or every expert
+  of a stack of several kinds, an `ExpertSet`) on a backbone of `model_config` holds: the
+  model's `expert_shapes` (traced: no arrays are made; kept for the last 32 pairs of configs).
+  A config the model cannot build is named as `source`'s."""
   try:
     return dict(_parameter_list(model_config, expert_config))
   except (TypeError, ValueError) as e:
@@ -250,10 +249,8 @@ def parameter_list(expert_config: ExpertConfig, model_config: T5Config,
 
 
 @functools.lru_cache(maxsize=32)
-def _parameter_list(model_config: T5Config, expert_config: ExpertConfig) -> tuple:
-  shapes = jax.eval_shape(lambda: nn.unbox(t5.init_params(model_config, jax.random.PRNGKey(0),
-                                                          expert=expert_config)))
-  return tuple(adapters.expert_parameters(shapes, expert_config).items())
+def _parameter_list(model_config: T5Config, expert_config: ExpertConfig | ExpertSet) -> tuple:
+  return tuple(EncoderDecoderModel.build(model_config, expert_config).expert_shapes().items())
 
 
 def _examples(names: Sequence[str], count: int = 3) -> str:
@@ -261,18 +258,18 @@ def _examples(names: Sequence[str], count: int = 3) -> str:
   return shown + (", ..." if len(names) > count else "")
 
 
-def layout_problems(layout: Mapping[str, tuple[tuple[int, ...], Any]], expert_config: ExpertConfig,
+def layout_problems(layout: Mapping[str, tuple[tuple[int, ...], Any]], expert_config: ExpertConfig | ExpertSet,
                     expected: Optional[Mapping[str, jax.ShapeDtypeStruct]]) -> list[str]:
   """What keeps tensors of `layout` ({name: (shape, dtype)}) from being an expert of
   `expert_config` whose parameter list is `expected` (`parameter_list`): names not in it, names
   missing from it, other shapes or dtypes. Without `expected` (an expert that records no
-  backbone config) only the names are checked, against the kind's `is_expert_parameter`."""
-  kind = expert_config.kind
+  backbone config) only the names are checked, against what the kind trains (`trains`)."""
+  kind = expert_config.label
   of_kind = f"{'an' if kind[:1] in 'aeiou' else 'a'} {kind!r} expert"
   if expected is None:
     return [f"tensor {name!r} is not a parameter of {of_kind} (expected only the modules its kind "
             "adds and, with train_layer_norms, the layer-norm scales)"
-            for name in sorted(layout) if not adapters.is_expert_parameter(name, expert_config)]
+            for name in sorted(layout) if not expert_config.trains(name)]
   names = sorted(expected)
   problems = [f"tensor {name!r} is not a parameter of {of_kind} (expected only its {len(names)} "
               f"parameters: {_examples(names)})" for name in sorted(set(layout) - set(expected))]

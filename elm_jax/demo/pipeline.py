@@ -177,7 +177,7 @@ class Demo:
              upcycle: bool = False) -> dict[str, dict[str, float]]:
     b = self.budget
     expert_config = ExpertConfig(kind=kind, reduction_factor=4)
-    default_rate = b.expert_learning_rate if kind == "adapter" else b.learning_rate
+    default_rate = b.learning_rate if expert_config.trains_backbone else b.expert_learning_rate
     optimizer = ts.OptimizerConfig(name="adamw", learning_rate=learning_rate or default_rate,
                                    schedule="linear", max_grad_norm=1.0)
     return training_run.train(

@@ -225,7 +225,7 @@ def _decode_group(loaded: ExpertsOnBackbone, inputs: Sequence[str], *, batch_siz
   if partitioner is not None:
     ways = partitioner.mesh.shape["expert"]
     chunk = -(-chunk // ways) * ways
-    backbone_specs, expert_specs = expert_stack.logical_specs(loaded.config, loaded.model.expert)
+    backbone_specs, expert_specs = loaded.model.expert_specs()
     backbone = partitioner.place(backbone, backbone_specs)
   out: list[list[str]] = [[""] * len(inputs) for _ in range(num_experts)]
   batches = list(batching.padded_batches(ids, batch_size, GENERATION_MIN_INPUT_BUCKET, max_input_length))

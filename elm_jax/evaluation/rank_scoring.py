@@ -22,9 +22,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from elm_jax import batching, defaults, expert_stack, partitioning
-from elm_jax.models.adapters import merge_params
 from elm_jax.models.model import EncoderDecoderModel
-from elm_jax.models.t5 import logical_axes, param_shapes
 
 Array = jax.Array
 CPU_EXPERT_CHUNK = 2
@@ -51,9 +49,9 @@ PACK_MIN_SAVING = 1 / 8
 
 def length_rungs(config) -> int:
   """Lengths per doubling of the padding ladder for `config`'s model (`batching.cost_bucket`):
-  8 (at most 1/8 padding), or 1 (powers of two) below FINE_LADDER_PARAMETERS."""
-  parameters = sum(int(np.prod(shape)) for shape in jax.tree_util.tree_leaves(
-      param_shapes(config), is_leaf=lambda x: isinstance(x, tuple)))
+  8 (at most 1/8 padding), or 1 (powers of two) below FINE_LADDER_PARAMETERS (the backbone's)."""
+  backbone = EncoderDecoderModel.build(config).abstract_params()[0]
+  parameters = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(backbone))
   return 8 if parameters >= FINE_LADDER_PARAMETERS else 1
 
 
@@ -114,12 +112,11 @@ def choice_log_likelihoods(model: EncoderDecoderModel, params, encoder_tokens: A
 def expert_choice_log_likelihoods(model: EncoderDecoderModel, backbone, experts, encoder_tokens: Array,
                                   choice_targets: Array, encoder_segments: Optional[Array] = None,
                                   scored_positions: Optional[Array] = None) -> Array:
-  """`choice_log_likelihoods` for every expert at once: experts' leaves [E, ...] on a shared
-  backbone; encoder_tokens [N, Li], choice_targets [N, C, Lt] -> [E, N, C] float32."""
-  def one(expert):
-    return model.choice_log_likelihoods(merge_params(backbone, expert), encoder_tokens, choice_targets,
-                                        encoder_segments, scored_positions)
-  return jax.vmap(one)(experts)
+  """`EncoderDecoderModel.expert_choice_log_likelihoods`, compiled: every expert at once,
+  experts' leaves [E, ...] on a shared backbone; encoder_tokens [N, Li], choice_targets
+  [N, C, Lt] -> [E, N, C] float32."""
+  return model.expert_choice_log_likelihoods(backbone, experts, encoder_tokens, choice_targets,
+                                             encoder_segments, scored_positions)
 
 
 @dataclasses.dataclass
@@ -307,9 +304,9 @@ class RankScorer:
     return [np.concatenate([partitioning.to_host(out)[:n] for out, n in parts], axis=0) for parts in results]
 
   def _place_backbone(self) -> None:
-    backbone_specs, self._expert_specs = expert_stack.logical_specs(self.model.config, self.model.expert)
+    backbone_specs, self._expert_specs = self.model.expert_specs()
     if self.experts is None:
-      self.params = self.partitioner.place(self.params, logical_axes(self.model.config, self.model.expert))
+      self.params = self.partitioner.place(self.params, self.model.param_specs())
       return
     self.params = self.partitioner.place(self.params, backbone_specs)
 
@@ -375,9 +372,8 @@ def predictions(scores: Iterable[np.ndarray]) -> list[int]:
 @functools.partial(jax.jit, static_argnames=("model", "max_decode_length", "beam_size"))
 def decode_all_experts(model: EncoderDecoderModel, backbone, experts, encoder_tokens: Array, *,
                        max_decode_length: int, beam_size: int = 1) -> tuple[Array, Array]:
-  """Greedy (beam_size 1) or beam decoding by every expert at once: experts' leaves [E, ...],
-  encoder_tokens [N, Li] -> (tokens [E, N, max_decode_length], scores [E, N])."""
-  def one(expert):
-    return model.predict(merge_params(backbone, expert), encoder_tokens,
-                         max_decode_length=max_decode_length, beam_size=beam_size)
-  return jax.vmap(one)(experts)
+  """`EncoderDecoderModel.expert_predictions`, compiled: greedy (beam_size 1) or beam decoding
+  by every expert at once, experts' leaves [E, ...], encoder_tokens [N, Li] -> (tokens [E, N,
+  max_decode_length], scores [E, N])."""
+  return model.expert_predictions(backbone, experts, encoder_tokens, max_decode_length=max_decode_length,
+                                  beam_size=beam_size)

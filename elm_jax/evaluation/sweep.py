@@ -36,7 +36,7 @@ from typing import Any, Optional, Sequence
 
 from tqdm import tqdm
 
-from elm_jax import expert_stack, files, partitioning, tf_input
+from elm_jax import files, partitioning, tf_input
 from elm_jax.errors import UserInputError
 from elm_jax.evaluation import expert_eval
 from elm_jax.evaluation.expert_eval import TaskResult
@@ -305,7 +305,7 @@ def run_sweep(loaded: ExpertsOnBackbone, tasks: Sequence[str], output_dir: str, 
   bar = (tqdm(total=len(todo), desc="eval units", unit="unit", file=stream)
          if progress and primary and todo else None)
   if partitioner is not None and todo:  # the backbone goes on the mesh once, not once per unit
-    backbone_specs, _ = expert_stack.logical_specs(loaded.config, loaded.model.expert)
+    backbone_specs, _ = loaded.model.expert_specs()
     loaded = dataclasses.replace(loaded, backbone=partitioner.place(loaded.backbone, backbone_specs))
   try:
     for unit, pending in todo:

@@ -11,7 +11,7 @@ from elm_jax import tree_paths
 from elm_jax.checkpoints import expert_files, loading
 from elm_jax.expert_stack import ExpertsOnBackbone
 from elm_jax.library.store import ExpertLibrary, LibraryError
-from elm_jax.models.adapters import ExpertConfig, split_params
+from elm_jax.models.experts import ExpertConfig, ExpertSet
 from elm_jax.models.model import EncoderDecoderModel
 from elm_jax.models.t5_config import T5Config
 
@@ -64,20 +64,22 @@ def load_experts(library_dir: str, selection: str | Sequence[str] = "all", *,
   checkpoint, which carries none) and the selected experts, checking that they were trained on
   it (unless `force`) and that every expert file matches the manifest's sha256 (unless
   `check_integrity` is False, which warns) and holds exactly its kind's parameters on this
-  backbone, all finite. Each expert file is read once and stacked once.
+  backbone, all finite. Each expert file is read once and stacked once; experts of several
+  kinds share one stack (`expert_stack.stack_mixed`) and are scored in one pass.
   Scores normalise over the vocabulary the experts were trained with (their recorded
   `softmax_vocab_size`: 32,100 for the paper's recipes) unless `softmax_vocab_size` says."""
   library = ExpertLibrary(library_dir, check_integrity=check_integrity)
   names = library.resolve(selection)
   loaded, fingerprint = load_backbone(library, checkpoint, dtype=dtype, force=force, config=config)
-  stack, metadata = library.load_stack(names, None if force else fingerprint)
+  stack, metadata = library.load_stack(names, None if force else fingerprint, pretrained=loaded.params)
   expert_config = stack.expert_config
   model_config = _model_config(library, names, metadata, loaded.config, expert_config)
   model_config = model_config.replace(
       softmax_vocab_size=softmax_vocab_size or _recorded_softmax_vocab(library, names, metadata))
   _check_fits(library, names, stack, model_config, backbone_checkpoint(library, checkpoint))
-  backbone, _ = split_params(loaded.params, expert_config)
-  return LoadedExperts(model=EncoderDecoderModel.build(model_config, expert_config), backbone=backbone,
+  model = EncoderDecoderModel.build(model_config, expert_config)
+  backbone, _ = model.split_params(loaded.params)
+  return LoadedExperts(model=model, backbone=backbone,
                        stack=stack, vocab_path=vocabulary or loaded.vocab_path, library=library,
                        metadata=tuple(metadata), pretrained=loaded.params, fingerprint=fingerprint,
                        source_lengths={n: _source_length(m) for n, m in zip(names, metadata)})
@@ -115,7 +117,7 @@ def _recorded_softmax_vocab(library, names, metadata) -> Optional[int]:
   return found.pop()
 
 
-def _model_config(library, names, metadata, config: T5Config, expert_config: ExpertConfig) -> T5Config:
+def _model_config(library, names, metadata, config: T5Config, expert_config: ExpertConfig | ExpertSet) -> T5Config:
   """The backbone's config, or the Mixture-of-Experts config that fully fine-tuned experts
   upcycled from it were trained with (all selected experts must agree)."""
   moe = {n: (m.training_config.get("model") or {}).get("moe") for n, m in zip(names, metadata)}
@@ -126,8 +128,8 @@ def _model_config(library, names, metadata, config: T5Config, expert_config: Exp
   first = next(iter(moe.values()))
   if first is None:
     return config
-  if expert_config.kind != "full":
+  if not expert_config.trains_backbone:
     raise LibraryError(f"{library.root}: expert {names[0]!r} has a Mixture-of-Experts model but "
-                       f"kind {expert_config.kind!r}; only fully fine-tuned (upcycled) MoE models "
+                       f"kind {expert_config.label!r}; only fully fine-tuned (upcycled) MoE models "
                        "can be loaded over a dense backbone")
   return config.replace(moe=first)

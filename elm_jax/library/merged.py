@@ -20,9 +20,12 @@ from elm_jax.errors import UserInputError
 from elm_jax.library import merging
 from elm_jax.library.loaded import load_backbone
 from elm_jax.library.store import ExpertLibrary, LibraryError, safe_name
+from elm_jax.models.experts import KINDS, ExpertConfig
 from elm_jax.models.t5_config import T5Config
 
-METHODS = ("uniform", "weighted", "task_arithmetic", "ties", "lora_updates", "lora_factors")
+# The merges of every kind, then those of one kind (`ExpertKind.merge_methods`).
+METHODS = ("uniform", "weighted", "task_arithmetic", "ties") + tuple(
+    method for kind in KINDS.values() for method in kind.merge_methods)
 
 
 def merged_tree(library: ExpertLibrary, names: Sequence[str], method: str, *,
@@ -32,20 +35,19 @@ def merged_tree(library: ExpertLibrary, names: Sequence[str], method: str, *,
   if method not in METHODS:
     raise UserInputError(f"method: expected one of {METHODS}, got {method!r}")
   stack, metas = library.load_stack(names)
+  if not isinstance(stack.expert_config, ExpertConfig):
+    raise UserInputError(f"experts {list(names)}: they are of several kinds ({stack.expert_config.label}); "
+                         "merge experts of one kind and configuration")
   expert_config = dict(metas[0].expert_config)
   if method == "uniform":
     return merging.merge_uniform(stack), expert_config, metas[0]
   if method == "weighted":
     return merging.merge_weighted(stack, weights), expert_config, metas[0]
-  if method in ("lora_updates", "lora_factors"):
-    if expert_config.get("kind") != "lora":
-      raise UserInputError(f"--method={method}: the experts are {expert_config.get('kind')!r} experts, not LoRA")
-    if method == "lora_factors":
-      return merging.merge_lora_factors(stack, weights), expert_config, metas[0]
-    tree, changes = merging.merge_lora_updates(stack, weights)
+  if method not in ("task_arithmetic", "ties"):
+    tree, changes = merging.merge_by_kind(stack, stack.expert_config, method, weights)
     return tree, {**expert_config, **changes}, metas[0]
   pretrained = load_backbone(library, checkpoint, config=config)[0].params
-  base = merging.zero_base(stack.tree(names[0]), pretrained)
+  base = merging.identity_base(stack.tree(names[0]), stack.expert_config, pretrained)
   if method == "task_arithmetic":
     return merging.task_arithmetic(stack, base, scale), expert_config, metas[0]
   return merging.merge_ties(stack, base, density, scale), expert_config, metas[0]

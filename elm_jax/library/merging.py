@@ -13,9 +13,10 @@ float64), and refuses experts whose leaf sets or shapes differ.
   biases and layer-norm scales alike, is set to the arithmetic mean over the experts.
 - `merge_weighted`: the same with non-negative weights normalised to sum to 1.
 - `task_arithmetic` (Ilharco et al. 2023) and `merge_ties` (Yadav et al. 2023) work on task
-  vectors `expert - base`; `zero_base` builds the usual base.
-- `merge_lora_factors` averages LoRA factors; `merge_lora_updates` averages the weight updates
-  exactly, as a LoRA of k times the rank.
+  vectors `expert - base`; `identity_base` builds the usual base (each added module at its
+  kind's identity, every other leaf at its pretrained value).
+- `merge_by_kind`: a merge of the experts' kind's own (`ExpertKind.merge_methods`), such as
+  LoRA's `lora_factors` and `lora_updates`.
 """
 
 from __future__ import annotations
@@ -25,19 +26,13 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 from elm_jax import tree_paths
-from elm_jax.errors import UserInputError
 from elm_jax.expert_stack import ExpertStack
-from elm_jax.models.adapters import ExpertConfig, is_expert_parameter
+from elm_jax.models.experts import ExpertConfig, MergeError
 
+__all__ = ["MergeError", "identity_base", "merge_by_kind", "merge_ties", "merge_uniform", "merge_weighted",
+           "task_arithmetic"]
 Tree = dict
 Path = tree_paths.Path
-
-# Adapter weights and LoRA factors (not layer norms): `is_expert_parameter` under this config.
-_ADDED_MODULES = ExpertConfig(kind="adapter", train_layer_norms=False)
-
-
-class MergeError(UserInputError):
-  """Experts (or weights, base, density) that cannot be merged; names the parameter and expert."""
 
 
 # ------------------------------------------------------------------ validation
@@ -118,25 +113,32 @@ def merge_weighted(experts: Sequence[Mapping], weights: Sequence[float]) -> Tree
 
 
 # ------------------------------------------------------------------ task vectors
-def zero_base(expert: Mapping, pretrained_backbone: Optional[Mapping] = None) -> Tree:
-  """The starting point of `expert`'s leaves, for task vectors `expert - base`.
+def identity_base(expert: Mapping, expert_config: ExpertConfig,
+                  pretrained_backbone: Optional[Mapping] = None) -> Tree:
+  """The starting point of `expert`'s leaves (an expert of `expert_config`), for task vectors
+  `expert - base`.
 
-  Adapter weights and LoRA factors (modules the backbone lacks) start at zero; every other leaf
-  (layer-norm scales; everything for kind 'full') takes its value in `pretrained_backbone`, the
-  full pretrained parameter tree (not the backbone half of `split_params`, which has no layer
-  norms). Without `pretrained_backbone` every leaf is zero, so task vectors equal the experts.
+  A leaf of a module the kind adds (adapter weights, LoRA factors, learned scales) takes the kind's
+  identity (`ExpertKind.identity`: 0, or 1 for a scale), the value at which the module leaves
+  the backbone unchanged; every other leaf (layer-norm scales; everything for full fine-tuning)
+  takes its value in `pretrained_backbone`, the full pretrained parameter tree (not the backbone
+  half of `split_params`, which has no layer norms), or 0 without it.
   """
+  kind = expert_config.expert_kind
   backbone = tree_paths.flatten(pretrained_backbone) if pretrained_backbone is not None else None
   base = {}
   for path, value in tree_paths.flatten(expert).items():
-    if backbone is None or is_expert_parameter(tree_paths.join(path), _ADDED_MODULES):
+    name = tree_paths.join(path)
+    if kind.adds(name):
+      base[path] = np.full(np.shape(value), kind.identity(name), np.float32)
+      continue
+    if backbone is None:
       base[path] = np.zeros(np.shape(value), np.float32)
       continue
     if path not in backbone:
-      raise MergeError(f"pretrained_backbone: parameter {tree_paths.join(path)!r} is missing; pass "
-                       f"the full pretrained tree")
+      raise MergeError(f"pretrained_backbone: parameter {name!r} is missing; pass the full pretrained tree")
     if np.shape(backbone[path]) != np.shape(value):
-      raise MergeError(f"pretrained_backbone: parameter {tree_paths.join(path)!r} has shape "
+      raise MergeError(f"pretrained_backbone: parameter {name!r} has shape "
                        f"{np.shape(backbone[path])}, expected {np.shape(value)}")
     base[path] = np.asarray(backbone[path], np.float32)
   return tree_paths.unflatten(base)
@@ -188,54 +190,16 @@ def merge_ties(experts: Sequence[Mapping], base: Mapping, density: float = 0.2,
   return _tree(merged)
 
 
-# ------------------------------------------------------------------ LoRA
-def _lora_pairs(paths: Sequence[Path]) -> list[tuple[Path, Path]]:
-  """The (lora_a, lora_b) path pairs among `paths`; an unpaired factor is an error."""
-  a_parents = {p[:-1] for p in paths if p[-1] == "lora_a"}
-  b_parents = {p[:-1] for p in paths if p[-1] == "lora_b"}
-  for parent in sorted(a_parents ^ b_parents):
-    have, lack = ("lora_a", "lora_b") if parent in a_parents else ("lora_b", "lora_a")
-    raise MergeError(f"expert 0: parameter {tree_paths.join(parent + (have,))!r} has no "
-                     f"{lack!r} beside it")
-  if not a_parents:
-    raise MergeError("experts: expected LoRA experts (leaves named lora_a and lora_b), found none")
-  return [(parent + ("lora_a",), parent + ("lora_b",)) for parent in sorted(a_parents)]
-
-
-def merge_lora_factors(experts: Sequence[Mapping],
-                       weights: Optional[Sequence[float]] = None) -> Tree:
-  """Weighted mean of the A factors and, separately, of the B factors (and of other leaves).
-
-  This is NOT the mean of the updates: the result's update is mean(A) @ mean(B), not
-  mean(A @ B); `merge_lora_updates` gives the latter. Weights default to uniform.
-  """
-  merged = _weighted_mean(experts, weights)
-  _lora_pairs(list(merged))
-  return _tree(merged)
-
-
-def merge_lora_updates(experts: Sequence[Mapping], weights: Optional[Sequence[float]] = None
-                       ) -> tuple[Tree, dict[str, int]]:
-  """The exact weighted mean of the LoRA updates, as one LoRA expert of rank k * r.
-
-  The model adds `(alpha / rank) * A @ B` to a kernel (layers.Kernel), A [in, r], B [r, out].
-  The mean update (alpha / r) * sum_i w_i A_i @ B_i equals (alpha / (k r)) * A' @ B' with
-  A' = [A_1 ... A_k] [in, k r] and B' = k * [w_1 B_1; ...; w_k B_k] [k r, out]: the factor k
-  keeps `lora_alpha` unchanged while the rank grows to k r. Other leaves (layer norms) are
-  averaged with the same weights (uniform by default).
-
-  Returns (merged tree, {"lora_rank": k * r}): the ExpertConfig changes to load it, e.g.
-  `dataclasses.replace(config, **changes)`; `lora_alpha` stays as the experts had it.
-  """
+# ------------------------------------------------------------------ a kind's own merges
+def merge_by_kind(experts: Sequence[Mapping], expert_config: ExpertConfig, method: str,
+                  weights: Optional[Sequence[float]] = None) -> tuple[Tree, dict[str, Any]]:
+  """`method`, one of the merges of `expert_config`'s kind (`ExpertKind.merge_methods`; LoRA's
+  `lora_factors` and `lora_updates`), over the k experts with `weights` (uniform by default)
+  -> (merged tree, the changes to the ExpertConfig the merged expert is saved with)."""
+  kind = expert_config.expert_kind
+  if method not in kind.merge_methods:
+    raise MergeError(f"--method={method}: the experts are {kind.name!r} experts, whose own merges are "
+                     f"{list(kind.merge_methods) or 'none'}")
   stacked = _stack(experts)
-  k = len(experts)
-  w = _normalised_weights(weights, k)
-  pairs = _lora_pairs(list(stacked))
-  ranks = {stacked[a].shape[-1] for a, _ in pairs}
-  if len(ranks) != 1:
-    raise MergeError(f"experts: expected one LoRA rank for every target, got ranks {sorted(ranks)}")
-  merged = {p: np.tensordot(w, v, axes=1) for p, v in stacked.items()}
-  for a, b in pairs:
-    merged[a] = np.concatenate(list(stacked[a]), axis=-1)  # [in, k r]
-    merged[b] = np.concatenate([k * wi * bi for wi, bi in zip(w, stacked[b])], axis=0)  # [k r, out]
-  return _tree(merged), {"lora_rank": k * ranks.pop()}
+  merged, changes = kind.merge(method, stacked, _normalised_weights(weights, next(iter(stacked.values())).shape[0]))
+  return _tree(merged), changes

@@ -36,7 +36,7 @@ import functools
 import json
 import os
 import uuid
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from etils import epath
 
@@ -264,11 +264,13 @@ class ExpertLibrary:
     except files.FileCheckError as e:
       raise LibraryError(str(e)) from None
 
-  def load_stack(self, names: Sequence[str], backbone_fingerprint: Optional[str] = None
-                 ) -> tuple[ExpertStack, list[expert_files.ExpertMetadata]]:
+  def load_stack(self, names: Sequence[str], backbone_fingerprint: Optional[str] = None,
+                 pretrained: Optional[Mapping] = None) -> tuple[ExpertStack, list[expert_files.ExpertMetadata]]:
     """(the experts stacked [E, ...] in the order of `names`, their metadata): each file read
     once, checked against the manifest's sha256 as it is read (unless the library was opened
-    without checks), and stacked once. All must share one expert config."""
+    without checks), and stacked once. Experts of several kinds stack as
+    `expert_stack.stack_mixed` does (`pretrained`: the full backbone tree, for the backbone
+    parameters only some of them train)."""
     experts = self.manifest()["experts"]
     entries = [self._entry(name, experts) for name in names]
     directories = [os.fspath(self._directory(n, e)) for n, e in zip(names, entries)]
@@ -278,7 +280,7 @@ class ExpertLibrary:
     try:
       return ExpertStack.load(names, directories, recorded=[e["files"] for e in entries],
                               backbone_fingerprint=backbone_fingerprint,
-                              check_integrity=self.check_integrity)
+                              check_integrity=self.check_integrity, pretrained=pretrained)
     except (files.FileCheckError, ExpertStackError) as e:
       raise LibraryError(str(e)) from None
 

@@ -130,34 +130,18 @@ class RelativePositionBias(nn.Module):
 class Kernel(nn.Module):
   """A named sub-module holding one `kernel`, so the tree reads `attention/query/kernel`.
 
-  With `lora_rank > 0` it also holds LoRA factors `lora_a` [in, rank] (normal init) and
-  `lora_b` [rank, out] (zeros) and returns kernel + lora_scale * lora_a @ lora_b.
-  """
+  With `expert` (a `models.experts.ExpertSet`) the kernel computed with is what the experts'
+  kinds make of it (`ExpertSet.kernel`: LoRA adds a low-rank update to it); their
+  parameters live beside the kernel (`attention/query/lora_a`)."""
   shape: tuple[int, ...]
   axes: tuple[str, ...]
   init: Callable = default_kernel_init
-  lora_rank: int = 0
-  lora_scale: float = 1.0
+  expert: Any = None
 
   @nn.compact
   def __call__(self) -> Array:
     kernel = param_with_axes(self, "kernel", self.init, self.shape, self.axes)
-    if not self.lora_rank:
-      return kernel
-    fan_in, fan_out = self.shape
-    a = param_with_axes(self, "lora_a", nn.initializers.normal(fan_in ** -0.5),
-                        (fan_in, self.lora_rank), (self.axes[0], "lora_rank"))
-    b = param_with_axes(self, "lora_b", nn.initializers.zeros, (self.lora_rank, fan_out),
-                        ("lora_rank", self.axes[1]))
-    return kernel + self.lora_scale * jnp.dot(a, b)
-
-
-def lora_kernel(name: str, shape: tuple[int, ...], axes: tuple[str, ...], lora) -> Kernel:
-  """A `Kernel`, with LoRA factors when `lora` (an ExpertConfig of kind 'lora') targets `name`."""
-  if lora is not None and lora.kind == "lora" and name in lora.lora_targets:
-    return Kernel(name=name, shape=shape, axes=axes, lora_rank=lora.lora_rank,
-                  lora_scale=lora.lora_alpha / lora.lora_rank)
-  return Kernel(name=name, shape=shape, axes=axes)
+    return kernel if self.expert is None else self.expert.kernel(self, kernel)
 
 
 class MultiHeadAttention(nn.Module):
@@ -176,7 +160,7 @@ class MultiHeadAttention(nn.Module):
   head_dim: int
   dtype: jnp.dtype = jnp.float32
   dropout_rate: float = 0.0
-  lora: Any = None  # ExpertConfig of kind 'lora', or None
+  expert: Any = None  # models.experts.ExpertSet, handed to every Kernel
 
   @nn.compact
   def __call__(self, inputs_q: Array, inputs_kv: Array, bias: Optional[Array], *,
@@ -185,7 +169,7 @@ class MultiHeadAttention(nn.Module):
     joined = self.num_heads * self.head_dim
 
     def project(name, x):
-      kernel = lora_kernel(name, (emb, joined), ("embed", "joined_kv"), self.lora)()
+      kernel = Kernel(name=name, shape=(emb, joined), axes=("embed", "joined_kv"), expert=self.expert)()
       y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
       y = y.reshape(*x.shape[:-1], self.num_heads, self.head_dim)
       return constrain(y, ("batch", "length", "heads", "kv"))
@@ -230,7 +214,7 @@ class MultiHeadAttention(nn.Module):
       weights = dropout(weights, self.dropout_rate, self.make_rng("dropout"))
     attended = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(self.dtype), value.astype(self.dtype))
     attended = jnp.swapaxes(attended, 1, 2).reshape(rows, q_len, joined)
-    out_kernel = lora_kernel("out", (joined, emb), ("joined_kv", "embed"), self.lora)()
+    out_kernel = Kernel(name="out", shape=(joined, emb), axes=("joined_kv", "embed"), expert=self.expert)()
     out = jnp.dot(attended, out_kernel.astype(self.dtype))
     return constrain(out, ("batch", "length", "embed"))
 
@@ -249,7 +233,7 @@ class MlpBlock(nn.Module):
   activations: tuple[str, ...]
   dtype: jnp.dtype = jnp.float32
   dropout_rate: float = 0.0
-  lora: Any = None  # ExpertConfig of kind 'lora', or None
+  expert: Any = None  # models.experts.ExpertSet, handed to every Kernel
 
   @nn.compact
   def __call__(self, x: Array, deterministic: bool = True) -> Array:
@@ -257,10 +241,10 @@ class MlpBlock(nn.Module):
     names = ["wi"] if len(self.activations) == 1 else [f"wi_{i}" for i in range(len(self.activations))]
     hidden = None
     for name, act in zip(names, self.activations):
-      kernel = lora_kernel(name, (emb, self.mlp_dim), ("embed", "mlp"), self.lora)()
+      kernel = Kernel(name=name, shape=(emb, self.mlp_dim), axes=("embed", "mlp"), expert=self.expert)()
       h = activation_fn(act)(jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype)))
       hidden = h if hidden is None else hidden * h
     hidden = constrain(hidden, ("batch", "length", "mlp"))
     hidden = Dropout(self.dropout_rate)(hidden, deterministic=deterministic)
-    wo = lora_kernel("wo", (self.mlp_dim, emb), ("mlp", "embed"), self.lora)()
+    wo = Kernel(name="wo", shape=(self.mlp_dim, emb), axes=("mlp", "embed"), expert=self.expert)()
     return constrain(jnp.dot(hidden, wo.astype(self.dtype)), ("batch", "length", "embed"))

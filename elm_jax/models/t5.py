@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from elm_jax.models import layers
-from elm_jax.models.adapters import BottleneckAdapter, ExpertConfig
+from elm_jax.models.experts import ExpertConfig, ExpertSet
 from elm_jax.models.moe import MoeLayer
 from elm_jax.models.t5_config import T5Config
 
@@ -64,12 +64,10 @@ def _cross_segment_bias(encoder_segments: Array, row_segments: Array, query_leng
   return _segment_bias(per_query, encoder_segments)
 
 
-def _adapt(expert: Optional[ExpertConfig], cfg: T5Config, name: str, h: Array) -> Array:
-  """The paper's bottleneck adapter on a sub-layer output, when the expert is an adapter."""
-  if expert is None or expert.kind != "adapter":
-    return h
-  return BottleneckAdapter(max(1, cfg.emb_dim // expert.reduction_factor), expert.init_std,
-                           cfg.jnp_dtype, name=name)(h)
+def _sublayer_output(block: nn.Module, site: str, h: Array) -> Array:
+  """The output of sub-layer `site` of `block` as the block's experts make it (adapters add a
+  module there; `ExpertSet.sublayer_output`): h [batch, length, embed]."""
+  return h if block.expert is None else block.expert.sublayer_output(block, site, h)
 
 
 def _dropout(cfg: T5Config) -> layers.Dropout:
@@ -79,19 +77,15 @@ def _dropout(cfg: T5Config) -> layers.Dropout:
   return layers.Dropout(cfg.dropout_rate, broadcast_dims=(-2,) if cfg.dropout_broadcast_over_length else ())
 
 
-def _lora(expert: Optional[ExpertConfig]) -> Optional[ExpertConfig]:
-  return expert if expert is not None and expert.kind == "lora" else None
-
-
-def _feed_forward(cfg: T5Config, sparse: bool, expert: Optional[ExpertConfig], h: Array,
+def _feed_forward(cfg: T5Config, sparse: bool, expert: Optional[ExpertSet], h: Array,
                   token_mask: Optional[Array], deterministic: bool) -> Array:
-  """The block's `mlp`: dense (`MlpBlock`, LoRA-able) or, in a sparse layer, a `MoeLayer` that
-  routes the tokens of `token_mask` ([batch, length] bool; None: all)."""
+  """The block's `mlp`: dense (`MlpBlock`, its kernels handed to the experts) or, in a sparse
+  layer, a `MoeLayer` that routes the tokens of `token_mask` ([batch, length] bool; None: all)."""
   if sparse:
     return MoeLayer(cfg.moe, cfg.mlp_dim, cfg.mlp_activations, cfg.jnp_dtype, cfg.dropout_rate,
                     name="mlp")(h, token_mask, deterministic=deterministic)
   return layers.MlpBlock(cfg.mlp_dim, cfg.mlp_activations, cfg.jnp_dtype, cfg.dropout_rate,
-                         _lora(expert), name="mlp")(h, deterministic=deterministic)
+                         expert, name="mlp")(h, deterministic=deterministic)
 
 
 def _remat(layer: type[nn.Module], cfg: T5Config, static_argnums: tuple[int, ...]) -> type[nn.Module]:
@@ -107,7 +101,7 @@ def _remat(layer: type[nn.Module], cfg: T5Config, static_argnums: tuple[int, ...
 
 class EncoderLayer(nn.Module):
   config: T5Config
-  expert: Optional[ExpertConfig] = None
+  expert: Optional[ExpertSet] = None
   sparse: bool = False  # a Mixture-of-Experts feed-forward
 
   @nn.compact
@@ -117,20 +111,20 @@ class EncoderLayer(nn.Module):
     dropout = _dropout(cfg)
     h = layers.RMSNorm(cfg.layer_norm_epsilon, cfg.jnp_dtype, name="pre_attention_layer_norm")(x)
     h = layers.MultiHeadAttention(cfg.num_heads, cfg.head_dim, cfg.jnp_dtype, cfg.dropout_rate,
-                                  _lora(self.expert), name="attention")(
+                                  self.expert, name="attention")(
                                       h, h, bias, deterministic=deterministic)
-    h = _adapt(self.expert, cfg, "attention_adapter", h)
+    h = _sublayer_output(self, "attention", h)
     x = x + dropout(h, deterministic=deterministic)
     h = layers.RMSNorm(cfg.layer_norm_epsilon, cfg.jnp_dtype, name="pre_mlp_layer_norm")(x)
     h = _feed_forward(cfg, self.sparse, self.expert, h, token_mask, deterministic)
-    h = _adapt(self.expert, cfg, "mlp_adapter", h)
+    h = _sublayer_output(self, "mlp", h)
     x = x + dropout(h, deterministic=deterministic)
     return layers.constrain(x, ("batch", "length", "embed"))
 
 
 class DecoderLayer(nn.Module):
   config: T5Config
-  expert: Optional[ExpertConfig] = None
+  expert: Optional[ExpertSet] = None
   sparse: bool = False  # a Mixture-of-Experts feed-forward
 
   @nn.compact
@@ -140,18 +134,19 @@ class DecoderLayer(nn.Module):
     cfg = self.config
     dropout = _dropout(cfg)
     attention = lambda name: layers.MultiHeadAttention(
-        cfg.num_heads, cfg.head_dim, cfg.jnp_dtype, cfg.dropout_rate, _lora(self.expert), name=name)
+        cfg.num_heads, cfg.head_dim, cfg.jnp_dtype, cfg.dropout_rate, self.expert, name=name)
     norm = lambda name: layers.RMSNorm(cfg.layer_norm_epsilon, cfg.jnp_dtype, name=name)
     h = norm("pre_self_attention_layer_norm")(x)
     h = attention("self_attention")(h, h, self_bias, decode=decode, deterministic=deterministic)
-    h = _adapt(self.expert, cfg, "self_attention_adapter", h)
+    h = _sublayer_output(self, "self_attention", h)
     x = x + dropout(h, deterministic=deterministic)
     h = norm("pre_cross_attention_layer_norm")(x)
     h = attention("encoder_decoder_attention")(h, encoded, cross_bias, deterministic=deterministic)
+    h = _sublayer_output(self, "encoder_decoder_attention", h)
     x = x + dropout(h, deterministic=deterministic)
     h = norm("pre_mlp_layer_norm")(x)
     h = _feed_forward(cfg, self.sparse, self.expert, h, token_mask, deterministic)
-    h = _adapt(self.expert, cfg, "mlp_adapter", h)
+    h = _sublayer_output(self, "mlp", h)
     x = x + dropout(h, deterministic=deterministic)
     return layers.constrain(x, ("batch", "length", "embed"))
 
@@ -159,7 +154,7 @@ class DecoderLayer(nn.Module):
 class Encoder(nn.Module):
   config: T5Config
   shared_embedding: nn.Module
-  expert: Optional[ExpertConfig] = None
+  expert: Optional[ExpertSet] = None
 
   @nn.compact
   def __call__(self, tokens: Array, mask: Array, deterministic: bool = True,
@@ -187,7 +182,7 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
   config: T5Config
   shared_embedding: nn.Module
-  expert: Optional[ExpertConfig] = None
+  expert: Optional[ExpertSet] = None
 
   @nn.compact
   def __call__(self, encoded: Array, encoder_mask: Array, tokens: Array, *,
@@ -247,17 +242,19 @@ class Decoder(nn.Module):
 class Transformer(nn.Module):
   """T5 encoder-decoder. Parameters: `token_embedder`, `encoder`, `decoder` (T5X names).
 
-  With an `expert` config the blocks carry its adapters (`attention_adapter`,
-  `self_attention_adapter`, `mlp_adapter`) or LoRA factors (`lora_a`, `lora_b`).
+  With `expert` (an `ExpertConfig`, or an `ExpertSet` of several kinds) every attention and
+  dense feed-forward kernel and every sub-layer output passes through the experts' hooks
+  (`models.experts`), which add their modules where their kinds say.
   """
   config: T5Config
-  expert: Optional[ExpertConfig] = None
+  expert: Optional[ExpertConfig | ExpertSet] = None
 
   def setup(self):
     cfg = self.config
+    expert = ExpertSet.of(self.expert)
     self.token_embedder = Embed(cfg.vocab_size, cfg.emb_dim, cfg.jnp_dtype)
-    self.encoder = Encoder(cfg, self.token_embedder, self.expert)
-    self.decoder = Decoder(cfg, self.token_embedder, self.expert)
+    self.encoder = Encoder(cfg, self.token_embedder, expert)
+    self.decoder = Decoder(cfg, self.token_embedder, expert)
 
   def encode(self, encoder_input_tokens: Array, encoder_mask: Optional[Array] = None,
              deterministic: bool = True, segment_ids: Optional[Array] = None) -> Array:
@@ -288,7 +285,7 @@ class Transformer(nn.Module):
 
 
 def init_params(config: T5Config, rng: jax.Array, encoder_length: int = 8,
-                decoder_length: int = 8, expert: Optional[ExpertConfig] = None):
+                decoder_length: int = 8, expert: Optional[ExpertConfig | ExpertSet] = None):
   """Randomly initialised parameters (boxed with logical axes) for `config` (and `expert`)."""
   model = Transformer(config, expert)
   tokens = jnp.ones((1, encoder_length), jnp.int32)
@@ -327,7 +324,7 @@ def _in_layout_order(tree):
   return {k: _in_layout_order(tree[k]) for k in sorted(tree, key=key)}
 
 
-def logical_axes(config: T5Config, expert: Optional[ExpertConfig] = None):
+def logical_axes(config: T5Config, expert: Optional[ExpertConfig | ExpertSet] = None):
   """The logical axis names of every parameter, as a tree of `PartitionSpec`s."""
   shapes = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0), expert=expert))
   return nn.get_partition_spec(shapes)

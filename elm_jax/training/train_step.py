@@ -1,8 +1,9 @@
 """One compiled step that updates E experts at once over one frozen backbone.
 
-Expert parameters and optimizer state carry a leading `expert` axis [E, ...]; the loss is
-`jax.vmap`-ed over that axis with the backbone broadcast, so memory is one backbone plus E
-experts. Batches are [E, batch, length]: each expert trains on its own task's examples.
+Expert parameters and optimizer state carry a leading `expert` axis [E, ...]; the model computes
+every expert's loss over the one backbone (`EncoderDecoderModel.expert_losses`), so memory is one
+backbone plus E experts, and the gradient of their sum is each expert's own gradient. Batches
+are [E, batch, length]: each expert trains on its own task's examples.
 Gradient clipping, the learning-rate schedule and the metrics are per expert.
 
 Experts of one program may follow different plans (`ExpertPlans`): each has its own number of
@@ -23,7 +24,6 @@ from jax.sharding import PartitionSpec
 
 from elm_jax import expert_stack
 from elm_jax.errors import UserInputError
-from elm_jax.models.adapters import merge_params
 from elm_jax.models.model import EncoderDecoderModel
 
 Array = jax.Array
@@ -110,7 +110,7 @@ def init_train_state(expert_params, optimizer: optax.GradientTransformation) -> 
 
 
 def state_specs(expert_specs, opt_state) -> ExpertTrainState:
-  """Logical specs of a train state: the stacked experts' (`expert_stack.logical_specs`), the
+  """Logical specs of a train state: the stacked experts' (`EncoderDecoderModel.expert_specs`), the
   optimizer state's leading expert axis, per-expert counters on `expert`, the step replicated."""
   return ExpertTrainState(PartitionSpec(), expert_specs, expert_stack.leading_axis_specs(opt_state),
                           PartitionSpec("expert"), PartitionSpec("expert"))
@@ -163,13 +163,6 @@ def planned_learning_rate(step: Array, total_steps: Array, peak: Array, warmup: 
   return jnp.where(step < warmup, warm, after)
 
 
-def expert_loss(expert_params, backbone, batch: dict[str, Array], model: EncoderDecoderModel,
-                dropout_rng: Optional[Array] = None):
-  """(loss, metrics) of one expert (its parameters merged into the frozen backbone) on its
-  batch: `EncoderDecoderModel.loss`."""
-  return model.loss(merge_params(backbone, expert_params), batch, dropout_rng)
-
-
 def train_step(state: ExpertTrainState, backbone, batch: dict[str, Array], *, model: EncoderDecoderModel,
                optimizer: optax.GradientTransformation, dropout_rng: Optional[Array] = None,
                plans: Optional[ExpertPlans] = None) -> tuple[ExpertTrainState, dict[str, Array]]:
@@ -190,14 +183,12 @@ def train_step(state: ExpertTrainState, backbone, batch: dict[str, Array], *, mo
     rngs = jax.vmap(lambda seed, step: jax.random.fold_in(jax.random.fold_in(dropout_rng, seed), step))(
         plans.seed, state.expert_steps)
 
-  def one(expert_params, expert_batch, rng):
-    grad_fn = jax.value_and_grad(expert_loss, has_aux=True)
-    (_, metrics), grads = grad_fn(expert_params, backbone, expert_batch, model, rng)
-    metrics["grad_norm"] = optax.tree.norm(grads)
-    return grads, metrics
+  def total_loss(params):
+    losses, metrics = model.expert_losses(backbone, params, batch, rngs)
+    return losses.sum(), metrics  # experts are independent: its gradient is each expert's own
 
-  grads, metrics = jax.vmap(one, in_axes=(0, 0, 0 if rngs is not None else None))(
-      state.params, batch, rngs)
+  (_, metrics), grads = jax.value_and_grad(total_loss, has_aux=True)(state.params)
+  metrics["grad_norm"] = jax.vmap(optax.tree.norm)(grads)
   updates, opt_state = jax.vmap(optimizer.update)(grads, state.opt_state, state.params)
   if plans is None:
     params = optax.apply_updates(state.params, updates)

@@ -18,17 +18,15 @@ import threading
 import time
 from typing import Any, Callable, Optional, Sequence
 
-import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import PartitionSpec
 from tqdm import tqdm
 
-from elm_jax import expert_stack, partitioning, tree_paths
+from elm_jax import partitioning
 from elm_jax.checkpoints import expert_files
-from elm_jax.models.adapters import ExpertConfig, split_params
+from elm_jax.models.experts import ExpertConfig
 from elm_jax.models.model import EncoderDecoderModel
-from elm_jax.models.t5 import init_params
 from elm_jax.models.t5_config import T5Config
 from elm_jax.training import checkpointing, inputs
 from elm_jax.training.config import TrainConfig, check_settings
@@ -62,33 +60,10 @@ class _Ahead(threading.Thread):
 
 def initial_experts(model_config: T5Config, expert_config: ExpertConfig, backbone_params: dict,
                     num_experts: int, seed: int, shared_init: bool = True) -> tuple[dict, dict]:
-  """(frozen backbone, stacked expert parameters [E, ...]).
-
-  New expert modules (adapters, LoRA factors) are initialised from `seed`, the same draw for
-  every expert (`shared_init`, as the paper's runs), or from `seed + e` for expert e;
-  trainable backbone tensors (layer-norm scales, or everything for full fine-tuning) start
-  from the backbone's pretrained values.
-  """
-  def fresh_expert(seed_e):
-    fresh = nn.unbox(init_params(model_config, jax.random.PRNGKey(seed_e), expert=expert_config))
-    return split_params(fresh, expert_config)[1]
-
-  seeds = np.arange(seed, seed + num_experts, dtype=np.uint32)
-  shapes = tree_paths.flatten(jax.eval_shape(jax.vmap(fresh_expert), seeds))
-  pretrained = tree_paths.flatten(backbone_params)
-  flat = {p: np.broadcast_to(np.asarray(pretrained[p], np.float32), shapes[p].shape).copy()
-          for p in shapes if p in pretrained}
-  if len(flat) < len(shapes):
-    # Compiled (eager initialisation dispatches every op on its own). One draw shared by all
-    # experts compiles in 1.7 s for the demo's model; a vmapped draw per expert in 4.3 s.
-    if shared_init:
-      one = tree_paths.flatten(jax.device_get(jax.jit(fresh_expert)(np.uint32(seed))))
-      fresh = {p: np.broadcast_to(x, shapes[p].shape) for p, x in one.items()}
-    else:
-      fresh = tree_paths.flatten(jax.device_get(jax.jit(jax.vmap(fresh_expert))(seeds)))
-    flat.update({p: np.asarray(x, np.float32).copy() for p, x in fresh.items() if p not in flat})
-  frozen, _ = split_params(backbone_params, expert_config)
-  return frozen, tree_paths.unflatten(flat)
+  """(frozen backbone, stacked expert parameters [E, ...]) over the pretrained `backbone_params`:
+  `EncoderDecoderModel.init_experts` of the model of `model_config` with `expert_config`."""
+  return EncoderDecoderModel.build(model_config, expert_config).init_experts(
+      backbone_params, num_experts, seed, shared_init=shared_init)
 
 
 def step_function(model: EncoderDecoderModel, optimizer, dropout_rng: Optional[jax.Array],
@@ -103,7 +78,7 @@ def step_function(model: EncoderDecoderModel, optimizer, dropout_rng: Optional[j
                          dropout_rng=dropout_rng, plans=plans)
   if partitioner is None:
     return jax.jit(step), None
-  backbone_specs, expert_specs = expert_stack.logical_specs(model.config, model.expert)
+  backbone_specs, expert_specs = model.expert_specs()
   state_specs = ts.state_specs(expert_specs, state.opt_state)
   plan_specs = jax.tree_util.tree_map(lambda _: PartitionSpec("expert"), plans)
   batch_specs = {k: PartitionSpec("expert", "batch", "length") for k in inputs.FEATURES}
@@ -146,8 +121,7 @@ def train_experts(config: TrainConfig, model_config: T5Config, backbone_params: 
   if latest < config.steps:
     first = _Ahead(lambda: next(stream))
   model = EncoderDecoderModel.build(model_config, expert_config)
-  backbone, stacked = initial_experts(model_config, expert_config, backbone_params, len(names), config.seed,
-                                      shared_init=config.shared_init)
+  backbone, stacked = model.init_experts(backbone_params, len(names), config.seed, shared_init=config.shared_init)
   optimizer = ts.make_optimizer(optimizer_config)  # rate 1: each expert's plan scales its update
   plans = ts.ExpertPlans.from_config(optimizer_config, config.steps_per_expert(),
                                      config.expert_learning_rates, config.expert_seeds())

@@ -130,8 +130,8 @@ def test_load_refuses_what_the_kind_does_not_hold(tiny_config, tmp_path, kind):
 
 
 def test_without_a_recorded_backbone_config_names_are_checked_by_kind(tmp_path):
-  """An expert.json without training_config.model: the names are checked against the kind's
-  `is_expert_parameter` (the shapes are checked once the backbone is known, when loaded onto it)."""
+  """An expert.json without training_config.model: the names are checked against what its kind
+  trains (the shapes are checked once the backbone is known, when loaded onto it)."""
   params = _params()
   params["decoder"] = {"layers_0": {"mlp": {"wo": {"kernel": np.zeros((4, 8), np.float32)}}}}
   ef.save_expert(str(tmp_path / "e"), params, _metadata("abc"))

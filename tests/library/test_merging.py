@@ -7,12 +7,23 @@ import numpy as np
 import pytest
 
 from elm_jax import tree_paths
-from elm_jax.library.merging import (MergeError, merge_lora_factors, merge_lora_updates,
-                                     merge_ties, merge_uniform, merge_weighted, task_arithmetic,
-                                     zero_base)
+from elm_jax.library.merging import (MergeError, identity_base, merge_by_kind, merge_ties, merge_uniform,
+                                     merge_weighted, task_arithmetic)
+from elm_jax.models.experts import ExpertConfig
 
 RANK, ALPHA = 2, 16.0
 LORA_PARENTS = ("encoder/layers_0/attention/query", "decoder/layers_0/self_attention/value")
+LORA = ExpertConfig(kind="lora", lora_rank=RANK, lora_alpha=ALPHA)
+
+
+def merge_lora_factors(experts, weights=None):
+  """LoRA's own `lora_factors` merge (`ExpertKind.merge_methods`): the merged tree."""
+  return merge_by_kind(experts, LORA, "lora_factors", weights)[0]
+
+
+def merge_lora_updates(experts, weights=None):
+  """LoRA's own `lora_updates` merge: (merged tree, config changes)."""
+  return merge_by_kind(experts, LORA, "lora_updates", weights)
 
 
 def _flat(tree):
@@ -157,23 +168,23 @@ def test_ties_trims_elects_signs_and_takes_the_disjoint_mean():
       base + 0.5 * np.array([2.0, 1.5, -1.5, 0.0]))
 
 
-def test_zero_base_zeroes_added_modules_and_keeps_pretrained_norms(tiny_config):
+def test_identity_base_zeroes_added_modules_and_keeps_pretrained_norms(tiny_config):
   import flax.linen as nn
   import jax
 
-  from elm_jax.models.adapters import ExpertConfig, split_params
+  from elm_jax.models.experts import split_params
   from elm_jax.models.t5 import init_params
   params = nn.unbox(init_params(tiny_config, jax.random.PRNGKey(0), expert=ExpertConfig()))
   backbone, expert = split_params(params, ExpertConfig())
-  base = _flat(zero_base(expert, params))
+  base = _flat(identity_base(expert, ExpertConfig(), params))
   pretrained = _flat(params)
   assert sorted(base) == sorted(_flat(expert))
   for path, value in base.items():
     want = pretrained[path] if path.endswith("/scale") else np.zeros_like(value)
     np.testing.assert_array_equal(value, want, err_msg=path)
-  assert all(not v.any() for v in _flat(zero_base(expert)).values())
+  assert all(not v.any() for v in _flat(identity_base(expert, ExpertConfig())).values())
   with pytest.raises(MergeError, match="decoder/decoder_norm/scale.*full pretrained"):
-    zero_base(expert, backbone)
+    identity_base(expert, ExpertConfig(), backbone)
 
 
 # ------------------------------------------------------------------ LoRA
@@ -221,9 +232,9 @@ def test_lora_update_merge_through_the_model_equals_the_dense_mean_update(tiny_c
   import flax.linen as nn
   import jax
 
-  from elm_jax.models.adapters import ExpertConfig, merge_params, split_params
+  from elm_jax.models.experts import merge_params, split_params
   from elm_jax.models.t5 import Transformer, init_params
-  lora_config = ExpertConfig(kind="lora", lora_rank=RANK, lora_alpha=ALPHA)
+  lora_config = LORA
   params = nn.unbox(init_params(tiny_config, jax.random.PRNGKey(0), expert=lora_config))
   backbone, template = split_params(params, lora_config)
   rng = np.random.default_rng(5)
@@ -255,9 +266,9 @@ def test_merged_lora_holds_the_parameter_list_of_its_config(tiny_config, method)
   import jax
 
   from elm_jax.checkpoints import expert_files
-  from elm_jax.models.adapters import ExpertConfig, split_params
+  from elm_jax.models.experts import split_params
   from elm_jax.models.t5 import init_params
-  lora_config = ExpertConfig(kind="lora", lora_rank=RANK, lora_alpha=ALPHA)
+  lora_config = LORA
   _, template = split_params(nn.unbox(init_params(tiny_config, jax.random.PRNGKey(0), expert=lora_config)),
                              lora_config)
   rng = np.random.default_rng(6)
@@ -339,6 +350,9 @@ def test_ties_refuses_density_outside_zero_one(density):
 def test_lora_merges_refuse_non_lora_and_unpaired_factors():
   with pytest.raises(MergeError, match="lora_a and lora_b"):
     merge_lora_updates([_adapter_expert(np.random.default_rng(9))])
+  with pytest.raises(MergeError, match="--method=lora_updates: the experts are 'adapter' experts, whose own "
+                                       "merges are none"):
+    merge_by_kind([_adapter_expert(np.random.default_rng(9))], ExpertConfig(), "lora_updates")
   lora = _lora_expert(np.random.default_rng(10))
   del lora["encoder"]["layers_0"]["attention"]["query"]["lora_b"]
   with pytest.raises(MergeError, match="'encoder/layers_0/attention/query/lora_a' has no 'lora_b'"):

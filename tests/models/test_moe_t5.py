@@ -10,7 +10,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from tests.helpers.trees import assert_trained_params_close
-from elm_jax import expert_stack, partitioning, tree_paths
+from elm_jax import partitioning, tree_paths
 from elm_jax.models.adapters import ExpertConfig
 from elm_jax.models.model import EncoderDecoderModel
 from elm_jax.models.layers import MlpBlock
@@ -162,7 +162,7 @@ def test_expert_parallel_step_equals_unsharded(dense):
 
   part = partitioning.Partitioner(partitioning.MeshConfig(data=2, expert=4, model=1),
                                   partitioning.MOE_RULES)
-  _, specs = expert_stack.logical_specs(moe_config, FULL)
+  _, specs = model.expert_specs()
   sharded_state = ts.init_train_state(experts, optimizer)
   state_specs = ts.state_specs(specs, sharded_state.opt_state)
   sharded_state = part.place(sharded_state, state_specs)

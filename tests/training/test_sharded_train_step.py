@@ -8,7 +8,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from tests.helpers.trees import assert_trained_params_close
-from elm_jax import expert_stack, partitioning
+from elm_jax import partitioning
 from elm_jax.models.adapters import ExpertConfig, split_params
 from elm_jax.models.model import EncoderDecoderModel
 from elm_jax.models.t5 import init_params
@@ -39,7 +39,7 @@ def test_sharded_equals_unsharded(tiny_config):
     state, _ = plain(state, backbone, batch)
 
   part = partitioning.Partitioner(partitioning.MeshConfig(data=2, expert=4, model=1))
-  backbone_specs, expert_specs = expert_stack.logical_specs(tiny_config, cfg)
+  backbone_specs, expert_specs = model.expert_specs()
   sharded_state = ts.init_train_state(stacked, optimizer)
   state_specs = ts.state_specs(expert_specs, sharded_state.opt_state)
   batch_specs = {k: P("expert", "batch", "length") for k in batches[0]}
