@@ -474,3 +474,18 @@ def directories_read(library: Optional[str] = None, checkpoint: Optional[str] = 
 def _checkpoint_directory(path: str) -> str:
   """A checkpoint's directory (a T5X checkpoint may be named by its msgpack file)."""
   return os.path.dirname(os.path.abspath(path)) if os.path.isfile(path) else path
+
+
+def read_json_object(path: str, error: type[Exception] = UserInputError) -> dict:
+  """The JSON object in the file `path`; `error`, naming the file, when it cannot be read, is not
+  UTF-8 JSON or holds something else than an object."""
+  try:
+    with open(path, "rb") as f:
+      raw = json.loads(f.read().decode("utf-8"))
+  except OSError as e:
+    raise error(f"{path}: cannot be read ({e.strerror or e})") from None
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise error(f"{path}: not valid JSON ({e})") from None
+  if not isinstance(raw, dict):
+    raise error(f"{path}: expected a JSON object, found {type(raw).__name__}")
+  return raw

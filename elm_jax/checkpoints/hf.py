@@ -147,15 +147,7 @@ def read_hf_config(path: str) -> tuple[T5Config, str]:
   if not os.path.isfile(config_path):
     raise CheckpointError(f"{config_path}: not found; a Hugging Face checkpoint directory needs "
                           "its config.json next to the weights")
-  try:
-    with open(config_path, "rb") as f:
-      raw = json.loads(f.read().decode("utf-8"))
-  except OSError as e:
-    raise CheckpointError(f"{config_path}: cannot be read ({e.strerror or e})") from None
-  except (UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise CheckpointError(f"{config_path}: not valid JSON ({e})") from None
-  if not isinstance(raw, dict):
-    raise CheckpointError(f"{config_path}: expected a JSON object, found {type(raw).__name__}")
+  raw = files.read_json_object(config_path, CheckpointError)
   try:
     return T5Config.from_hf_config(raw, source=config_path), raw.get("model_type", "t5")
   except ConfigError as e:

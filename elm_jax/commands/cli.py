@@ -32,7 +32,7 @@ SUBCOMMANDS = {
     "eval": ("elm_jax.commands.eval_command",
              "evaluate library experts on every prompt of a task or mixture"),
     "library": ("elm_jax.commands.library_command",
-                "manage an Expert Library: add, list, show, remove, verify"),
+                "manage an Expert Library: add, list, show, remove, verify, export"),
     "retrieve": ("elm_jax.commands.retrieve_command",
                  "rank a library's experts for an unseen task (RoE, likelihood, oracle)"),
     "merge": ("elm_jax.commands.merge_command", "merge library experts into a new expert"),

@@ -1,10 +1,12 @@
-"""`elm-jax library add|list|show|remove|verify`: manage an Expert Library directory.
+"""`elm-jax library add|list|show|remove|verify|export`: manage an Expert Library directory.
 
     elm-jax library add --library=LIB /tmp/run/experts/builtin_nli_can_we_infer ...
     elm-jax library add --library=LIB /tmp/run          # every expert a training run exported
+    elm-jax library add --library=LIB --checkpoint=HF_T5 peft_lora_dir adapterhub_dir   # imported
     elm-jax library list --library=LIB
     elm-jax library verify --library=LIB                # exit 1 when a file changed
     elm-jax library verify --repair --library=LIB       # first finish interrupted removes
+    elm-jax library export NAME OUT_DIR --format=peft --library=LIB   # or --format=adapters
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import sys
 from etils import epath
 
 from elm_jax import files, jsonl
-from elm_jax.checkpoints import expert_files
+from elm_jax.checkpoints import expert_files, hf, interchange
 from elm_jax.commands import flags
 from elm_jax.library.store import ExpertLibrary, LibraryError, check_keys
 
@@ -26,11 +28,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
   add = sub.add_parser("add", help="copy trained experts into the library (creating it)")
   add.add_argument("experts", nargs="+",
-                   help="expert directories, or training run directories (their experts/ are added)")
-  add.add_argument("--name", default=None, help="library name of the expert (one expert only)")
+                   help="expert directories, training run directories (their experts/ are added), or PEFT "
+                        "(LoRA, IA3) and AdapterHub (bottleneck adapter) folders, imported")
+  add.add_argument("--name", default=None,
+                   help="library name of the expert (one expert only; default: its own, or an imported "
+                        "folder's name)")
+  add.add_argument("--checkpoint", default=None,
+                   help="the Hugging Face T5 an imported PEFT or AdapterHub folder runs on (default: the "
+                        "library's backbone)")
   add.add_argument("--keys", default="auto",
-                   help="retrieval keys: 'auto' (100 training instances of the expert's task, seed 42), "
-                        "'none', or a JSONL file of {inputs, answer_choices?}")
+                   help="retrieval keys: 'auto' (100 training instances of the expert's task, seed 42; "
+                        "none for an imported expert, which has no task of ours), 'none', or a JSONL file "
+                        "of {inputs, answer_choices?}")
   add.add_argument("--setup", default=None,
                    help="tasks to register first: builtin, elm, or module:function (comma-separated)")
   for name, help_text in (("list", "the experts, one line each"), ("show", "one expert's entry"),
@@ -44,16 +53,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       p.add_argument("--repair", action="store_true",
                      help="first finish what a killed `library remove` or `library add` left "
                           "(pending removals are completed), then verify")
+  export = sub.add_parser("export", help="write an expert as a PEFT (LoRA, IA3) or AdapterHub "
+                                         "(bottleneck adapter) folder")
+  export.add_argument("name")
+  export.add_argument("out_dir", help="the folder to write (must not exist)")
+  export.add_argument("--format", required=True, choices=interchange.FORMATS)
+  export.add_argument("--base_model", default=None,
+                      help="the base model the folder names (PEFT's base_model_name_or_path, AdapterHub's "
+                           "model_name), e.g. google/flan-t5-large; default: the backbone checkpoint's path")
+  export.add_argument("--checkpoint", default=None,
+                      help="the backbone checkpoint (default: the one the expert or the library records)")
   for p in sub.choices.values():
     p.add_argument("--library", required=True, help="library directory (local path or any epath URL)")
   flags.add_integrity_flag(sub.choices["show"])
 
 
 def expert_dirs(paths) -> list[str]:
-  """Expert directories from arguments that may also be training run directories (any epath)."""
+  """Expert directories from arguments that may also be training run directories (any epath)
+  or PEFT and AdapterHub folders (local)."""
   found = []
   for path in map(epath.Path, paths):
-    if (path / expert_files.METADATA_FILE).is_file():
+    if (path / expert_files.METADATA_FILE).is_file() or interchange.folder_format(path) is not None:
       found.append(os.fspath(path))
     elif (path / "experts").is_dir():
       inside = sorted(os.fspath(d) for d in (path / "experts").iterdir()
@@ -62,8 +82,8 @@ def expert_dirs(paths) -> list[str]:
         raise LibraryError(f"{path}/experts: holds no expert directories")
       found.extend(inside)
     else:
-      raise LibraryError(f"{path}: neither an expert directory ({expert_files.METADATA_FILE}) nor a "
-                         "training run directory (experts/)")
+      raise LibraryError(f"{path}: neither an expert directory ({expert_files.METADATA_FILE}), a training "
+                         f"run directory (experts/), nor a PEFT or AdapterHub folder ({interchange.CONFIG_FILE})")
   return found
 
 
@@ -79,31 +99,9 @@ def _keys_for(option: str, task: str) -> list | None:
 
 def main(args: argparse.Namespace) -> int:
   if args.action == "add":
-    from tasks import instances  # lazily, as in _keys_for
-    instances.register_setup(args.setup)
-    dirs = expert_dirs(args.experts)
-    if args.name and len(dirs) != 1:
-      raise LibraryError(f"--name: names one expert, but {len(dirs)} were given")
-    metas = [expert_files.check_expert(d) for d in dirs]  # every tensor checked before the library is made
-    names = [args.name or meta.name for meta in metas]
-    expert_files.directory_names(names, "--name" if args.name else "expert names")
-    if args.keys not in ("auto", "none"):
-      _keys_for(args.keys, metas[0].task)  # a bad keys file is refused before anything is written
-    library = ExpertLibrary(args.library, create=True)
-    try:
-      for done in library.repair("add experts"):  # a killed remove is finished first
-        print(done)
-      for directory, meta, name in zip(dirs, metas, names):
-        if library.holds_identical(name, directory):
-          print(f"already in the library: {name} (same files; skipped)")
-          continue
-        keys = _keys_for(args.keys, meta.task)
-        library.add(directory, name=name, keys=keys)
-        print(f"added {name} ({meta.task}; {len(keys) if keys else 0} retrieval keys)")
-    except Exception:
-      library.discard_if_unused()  # a library this command made, that its failed adds left empty
-      raise
-    return 0
+    return _add(args)
+  if args.action == "export":
+    return _export(args)
   library = ExpertLibrary(args.library)
   if args.action == "list":
     manifest = library.manifest()
@@ -136,4 +134,62 @@ def main(args: argparse.Namespace) -> int:
     print(f"verified {checked} expert(s): {'OK' if not problems else f'{len(problems)} problem(s)'}",
           file=sys.stderr)
     return 1 if problems else 0
+  return 0
+
+
+def _add(args: argparse.Namespace) -> int:
+  from tasks import instances  # lazily, as in _keys_for
+  instances.register_setup(args.setup)
+  dirs = expert_dirs(args.experts)
+  if args.name and len(dirs) != 1:
+    raise LibraryError(f"--name: names one expert, but {len(dirs)} were given")
+  formats = [interchange.folder_format(d) for d in dirs]
+  # Every tensor of an expert directory is checked before the library is made; an imported
+  # folder is checked as it is converted, and a library its failed add made is removed.
+  metas = [None if fmt else expert_files.check_expert(d) for d, fmt in zip(dirs, formats)]
+  names = [args.name or (meta.name if meta else os.path.basename(os.path.normpath(d)))
+           for d, meta in zip(dirs, metas)]
+  expert_files.directory_names(names, "--name" if args.name else "expert names")
+  if args.keys not in ("auto", "none"):
+    _keys_for(args.keys, "")  # a bad keys file is refused before anything is written
+  library = ExpertLibrary(args.library, create=True)
+  try:
+    for done in library.repair("add experts"):  # a killed remove is finished first
+      print(done)
+    for directory, meta, name, fmt in zip(dirs, metas, names, formats):
+      if fmt is None and library.holds_identical(name, directory):
+        print(f"already in the library: {name} (same files; skipped)")
+        continue
+      keys = None if fmt and args.keys == "auto" else _keys_for(args.keys, meta.task if meta else "")
+      before = library.manifest()["experts"].get(name)
+      library.add(directory, name=name, keys=keys, checkpoint=args.checkpoint)
+      if fmt is None:
+        print(f"added {name} ({meta.task}; {len(keys) if keys else 0} retrieval keys)")
+      elif before is not None and before == library.entry(name):
+        print(f"already in the library: {name} (imported from {directory}; same files; skipped)")
+      else:
+        print(f"added {name} (imported {library.entry(name)['kind']} expert from the {fmt} folder "
+              f"{directory}; {len(keys) if keys else 0} retrieval keys"
+              + ("; --keys=auto gives none: pass --keys=FILE.jsonl" if args.keys == "auto" else "") + ")")
+  except Exception:
+    library.discard_if_unused()  # a library this command made, that its failed adds left empty
+    raise
+  return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+  library = ExpertLibrary(args.library)
+  params, meta = library.load(args.name)
+  source = os.fspath(library.expert_dir(args.name) / expert_files.METADATA_FILE)
+  checkpoint = (args.checkpoint or meta.training_config.get("backbone_checkpoint")
+                or library.manifest().get("backbone_checkpoint"))
+  hf_config, model_type = (hf.read_hf_config(checkpoint) if checkpoint and os.path.isfile(
+      os.path.join(checkpoint, "config.json")) else (None, "t5"))
+  model_config = expert_files.recorded_model_config(meta, source) or hf_config
+  if model_config is None:
+    raise LibraryError(f"{source}: records no backbone config (training_config.model); pass "
+                       "--checkpoint=DIR, the Hugging Face checkpoint the expert was trained on")
+  written = interchange.export_expert(params, meta, args.out_dir, args.format, model_config=model_config,
+                                      base_model=args.base_model or checkpoint or "", model_type=model_type)
+  print(f"wrote {args.out_dir} ({args.format}: {', '.join(written)}) from expert {args.name!r}")
   return 0

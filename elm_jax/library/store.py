@@ -41,7 +41,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 from etils import epath
 
 from elm_jax import files
-from elm_jax.checkpoints import expert_files
+from elm_jax.checkpoints import expert_files, interchange
 from elm_jax.expert_stack import ExpertStack, ExpertStackError
 from elm_jax.library import paths, records, removal
 from elm_jax.library.paths import (EMBEDDINGS_DIR, EXPERT_FILES, EXPERTS_DIR, HISTORY, KEYS_DIR, LOCK,
@@ -294,12 +294,19 @@ class ExpertLibrary:
 
   def add(self, expert_dir: str | os.PathLike, name: Optional[str] = None,
           keys: Optional[Sequence[dict[str, Any]]] = None,
-          provenance: Optional[dict[str, Any]] = None) -> str:
+          provenance: Optional[dict[str, Any]] = None, checkpoint: Optional[str] = None) -> str:
     """Copies a trainer-written expert directory into the library under `name` (default: its
     metadata name) with optional retrieval `keys`; returns the name. The same expert added again
     (same files) is a no-op; another expert under a name already present (or under a name that
     maps to another expert's directory), or one trained on another backbone than the library's,
-    is refused. A failed write (a full disk) leaves the library as it was."""
+    is refused. A failed write (a full disk) leaves the library as it was. A PEFT or AdapterHub
+    folder is converted for the backbone `checkpoint` (or the library's) and added the same way."""
+    if interchange.folder_format(expert_dir) is not None:
+      with interchange.converted(expert_dir, checkpoint or self.manifest().get("backbone_checkpoint"),
+                                 name) as (converted, meta):
+        imported = meta.training_config["imported"]
+        return self.add(converted, meta.name, keys, provenance or {
+            "source": imported["source"], "imported_from": imported["format"]})
     source = epath.Path(expert_dir)
     metadata = expert_files.check_expert(os.fspath(source))  # parameter list, finite values
     name = name or metadata.name
