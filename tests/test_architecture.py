@@ -45,6 +45,7 @@ LAYERS = [
     ("library", ["elm_jax.library.*"]),
     ("demo", ["elm_jax.demo.*"]),
     ("commands", ["elm_jax.commands.*"]),
+    ("api", ["elm_jax.api"]),
 ]
 # Within a layer: the members of a group never import each other.
 INDEPENDENT = [

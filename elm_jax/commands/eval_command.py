@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from typing import Optional
 
 from elm_jax import defaults, files, partitioning
 from elm_jax.commands import flags, gin_utils, run_files
@@ -74,44 +75,67 @@ def main(args: argparse.Namespace) -> int:
   if args.shard is not None and args.assemble:
     raise UserInputError("--shard and --assemble: a shard computes its units; --assemble (without "
                          "--shard) writes the reports once every shard is done")
-  shard = sweep.parse_shard(args.shard)
-  mesh_config = run_files.mesh_config(args.mesh)
-  files.check_output_dir(args.output_dir, "--output_dir",
-                         within=files.directories_read(args.library, args.checkpoint))
-  expert_eval.check_output_dir(args.output_dir)
-  instances.register_setup(args.setup)
-  instances.ensure_registered([args.task])
-  tasks = expert_eval.member_tasks(args.task)
-  loaded = load_experts(args.library, args.experts, checkpoint=args.checkpoint, force=args.force,
-                        check_integrity=not args.skip_integrity_check,
-                        config=gin_utils.model_config_or_none(), softmax_vocab_size=args.softmax_vocab_size)
-  flags.check_softmax_cut(args.softmax_vocab_size, loaded.vocabulary(), eos_id=loaded.config.eos_id,
-                          pad_id=loaded.config.pad_id)
-  chosen = run_files.placement_for(loaded, args, "eval", max_input_length=args.max_input_length,
-                                   max_target_length=args.max_target_length, mesh=mesh_config)
-  options = sweep.SweepOptions(split=args.split, max_examples=args.max_examples, batch_size=args.batch_size,
-                               max_input_length=args.max_input_length, max_target_length=args.max_target_length,
-                               beam_size=args.beam_size, softmax_vocab_size=loaded.config.softmax_vocab_size)
-  digests = {name: sweep.expert_digest(loaded.library.entry(name)["files"]) for name in loaded.names}
   start = time.perf_counter()
-  results = sweep.run_sweep(loaded, tasks, args.output_dir, options=options, expert_digests=digests,
-                            backbone_fingerprint=loaded.fingerprint, partitioner=chosen.partitioner,
-                            expert_chunk=chosen.expert_chunk, unit_experts=args.unit_experts, shard=shard,
-                            assemble=args.assemble, recompute=args.overwrite, progress=not args.no_progress)
+  options = {name: getattr(args, name) for name in RECORDED_FLAGS + (
+      "experts", "expert_chunk", "unit_experts", "assemble", "overwrite", "force")}
+  options.update(library_dir=options.pop("library"), shard=sweep.parse_shard(args.shard),
+                 mesh_config=run_files.mesh_config(args.mesh), progress=not args.no_progress,
+                 check_integrity=not args.skip_integrity_check, model_config=gin_utils.model_config_or_none())
+  names, tasks, results = run_sweep(args.output_dir, **options)
   if results is None:
     print(f"shard {args.shard}: its units are in {args.output_dir}/units ({time.perf_counter() - start:.1f}s); "
           "when every shard is done: the same command with --assemble instead of --shard", file=sys.stderr)
     return 0
   for result in results:
-    best = max(loaded.names, key=lambda e: result.metrics[e][result.primary])
+    best = max(names, key=lambda e: result.metrics[e][result.primary])
     print(f"{result.task}: {result.examples} examples, best {best} "
           f"{result.primary}={result.metrics[best][result.primary]:.1f}", file=sys.stderr)
-  run = {name: getattr(args, name) for name in RECORDED_FLAGS}
-  run["experts"] = list(loaded.names)
-  if partitioning.is_primary():  # every process holds every result; one writes them
-    expert_eval.write_reports(args.output_dir, results, loaded.names, run)
-  partitioning.barrier("elm_jax.eval.reports")
-  print(expert_eval.markdown_table(results, loaded.names))
-  print(f"evaluated {len(loaded.names)} expert(s) on {len(tasks)} task(s) in "
+  print(expert_eval.markdown_table(results, names))
+  print(f"evaluated {len(names)} expert(s) on {len(tasks)} task(s) in "
         f"{time.perf_counter() - start:.1f}s -> {args.output_dir}", file=sys.stderr)
   return 0
+
+
+def run_sweep(output_dir: str, *, library_dir: str, task: str, experts="all", split: str = "validation",
+              max_examples: Optional[int] = defaults.MAX_EXAMPLES, softmax_vocab_size: Optional[int] = None,
+              batch_size: int = defaults.BATCH_SIZE, expert_chunk: Optional[int] = None,
+              mesh_config: Optional[partitioning.MeshConfig] = None, unit_experts: Optional[int] = None,
+              shard: Optional[tuple[int, int]] = None, assemble: bool = False, overwrite: bool = False,
+              progress: bool = True, max_input_length: int = defaults.MAX_INPUT_LENGTH,
+              max_target_length: int = defaults.MAX_TARGET_LENGTH, beam_size: int = 1,
+              checkpoint: Optional[str] = None, force: bool = False, setup: Optional[str] = None,
+              check_integrity: bool = True, model_config=None):
+  """Every selected expert of the library on every task of `task` (a task or mixture), as the
+  resumable sweep of `evaluation/sweep.py` into `output_dir`, whose reports (results.json, .csv,
+  .md, predictions/) process 0 writes once the sweep is whole. Returns (the experts' names, the
+  member tasks, each task's TaskResult; None for a shard). What `eval` and
+  `elm_jax.api.evaluate(..., output_dir=...)` run; the arguments are `eval`'s flags."""
+  files.check_output_dir(output_dir, "--output_dir", within=files.directories_read(library_dir, checkpoint))
+  expert_eval.check_output_dir(output_dir)
+  instances.register_setup(setup)
+  instances.ensure_registered([task])
+  tasks = expert_eval.member_tasks(task)
+  loaded = load_experts(library_dir, experts, checkpoint=checkpoint, force=force, check_integrity=check_integrity,
+                        config=model_config, softmax_vocab_size=softmax_vocab_size)
+  flags.check_softmax_cut(softmax_vocab_size, loaded.vocabulary(), eos_id=loaded.config.eos_id,
+                          pad_id=loaded.config.pad_id)
+  chosen = run_files.choose_placement(loaded, "eval", batch_size=batch_size, expert_chunk=expert_chunk,
+                                      mesh_config=mesh_config, max_input_length=max_input_length,
+                                      max_target_length=max_target_length)
+  options = sweep.SweepOptions(split=split, max_examples=max_examples, batch_size=batch_size,
+                               max_input_length=max_input_length, max_target_length=max_target_length,
+                               beam_size=beam_size, softmax_vocab_size=loaded.config.softmax_vocab_size)
+  digests = {name: sweep.expert_digest(loaded.library.entry(name)["files"]) for name in loaded.names}
+  results = sweep.run_sweep(loaded, tasks, output_dir, options=options, expert_digests=digests,
+                            backbone_fingerprint=loaded.fingerprint, partitioner=chosen.partitioner,
+                            expert_chunk=chosen.expert_chunk, unit_experts=unit_experts, shard=shard,
+                            assemble=assemble, recompute=overwrite, progress=progress)
+  if results is not None:
+    run = {"library": library_dir, "task": task, "split": split, "max_examples": max_examples,
+           "softmax_vocab_size": softmax_vocab_size, "batch_size": batch_size,
+           "max_input_length": max_input_length, "max_target_length": max_target_length,
+           "beam_size": beam_size, "checkpoint": checkpoint, "setup": setup, "experts": list(loaded.names)}
+    if partitioning.is_primary():  # every process holds every result; one writes them
+      expert_eval.write_reports(output_dir, results, loaded.names, run)
+    partitioning.barrier("elm_jax.eval.reports")
+  return list(loaded.names), tasks, results

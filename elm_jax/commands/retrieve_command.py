@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Optional
 
 from elm_jax import defaults, files, partitioning
 from elm_jax.commands import flags, gin_utils, run_files
@@ -52,26 +53,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def rank(args: argparse.Namespace) -> dict:
   instances.register_setup(args.setup)
   instances.ensure_registered([args.task])
-  library = ExpertLibrary(args.library, check_integrity=not args.skip_integrity_check)
-  names = library.resolve(args.experts)
   method = selection.selection_method(args.method)
   queries = instances.query_instances(args.task, args.num_queries, args.split, labelled=method.labelled)
-  config = gin_utils.model_config_or_none()
-  options = dict(queries=queries, embedder=args.embedder, text_format=args.text_format, criterion=args.criterion,
-                 checkpoint=args.checkpoint, model_config=config, source=f"task {args.task}")
-  if method.reads == "keys":  # only the library's keys: no backbone is loaded
-    chosen = selection.select_experts(args.method, library, names=None if args.experts == "all" else names,
-                                      **options)
-  else:
-    loaded = load_experts(args.library, names, checkpoint=args.checkpoint,
-                          check_integrity=not args.skip_integrity_check, config=config)
-    placed = run_files.placement_for(loaded, args, "retrieve", max_input_length=defaults.MAX_INPUT_LENGTH,
-                                     max_target_length=defaults.MAX_TARGET_LENGTH)
-    chosen = selection.select_experts(args.method, loaded, **options, scoring=dict(
-        batch_size=args.batch_size, partitioner=placed.partitioner, expert_chunk=placed.expert_chunk))
+  chosen = select(args.library, queries, method=args.method, experts=args.experts, embedder=args.embedder,
+                  text_format=args.text_format, criterion=args.criterion, checkpoint=args.checkpoint,
+                  batch_size=args.batch_size, expert_chunk=args.expert_chunk,
+                  mesh_config=run_files.mesh_config(args.mesh), check_integrity=not args.skip_integrity_check,
+                  model_config=gin_utils.model_config_or_none(), source=f"task {args.task}")
   return {"task": args.task, "method": args.method, "embedder": chosen.computed_from.get("embedder"),
           "text_format": args.text_format, "criterion": chosen.computed_from.get("criterion"),
           "queries": len(queries), "split": args.split, "ranking": chosen.ranking()}
+
+
+def select(library_dir: str, queries, *, method: str = "roe", experts="all", embedder="minilm",
+           text_format: str = instances.DEFAULT_TEXT_FORMAT, criterion: str = "entropy",
+           checkpoint: Optional[str] = None, batch_size: int = defaults.BATCH_SIZE,
+           expert_chunk: Optional[int] = None, mesh_config: Optional[partitioning.MeshConfig] = None,
+           check_integrity: bool = True, model_config=None, source: str = "queries") -> selection.Selection:
+  """The library's `experts` ('all' or names) ranked by `method` for the task `queries` come
+  from (`selection.select_experts`): RoE reads the library's keys only; a method that reads
+  scores loads the experts on their backbone and scores the queries on the mesh and expert
+  chunk `run_files.choose_placement` picks. What `retrieve` and `elm_jax.api.select_experts`
+  run."""
+  library = ExpertLibrary(library_dir, check_integrity=check_integrity)
+  names = library.resolve(experts)
+  options = dict(queries=queries, embedder=embedder, text_format=text_format, criterion=criterion,
+                 checkpoint=checkpoint, model_config=model_config, source=source)
+  if selection.selection_method(method).reads == "keys":  # only the library's keys: no backbone is loaded
+    return selection.select_experts(method, library, names=None if experts == "all" else names, **options)
+  loaded = load_experts(library_dir, names, checkpoint=checkpoint, check_integrity=check_integrity,
+                        config=model_config)
+  placed = run_files.choose_placement(loaded, "retrieve", batch_size=batch_size, expert_chunk=expert_chunk,
+                                      mesh_config=mesh_config, max_input_length=defaults.MAX_INPUT_LENGTH,
+                                      max_target_length=defaults.MAX_TARGET_LENGTH)
+  return selection.select_experts(method, loaded, **options, scoring=dict(
+      batch_size=batch_size, partitioner=placed.partitioner, expert_chunk=placed.expert_chunk))
 
 
 def main(args: argparse.Namespace) -> int:

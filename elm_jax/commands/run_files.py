@@ -81,15 +81,15 @@ def mesh_config(mesh_flag) -> Optional[partitioning.MeshConfig]:
   return placement.parse_mesh_flag(mesh_flag) or mesh_config_from_gin()
 
 
-def placement_for(loaded, args: argparse.Namespace, what: str, *, max_input_length: int,
-                  max_target_length: int, mesh=None) -> placement.Placement:
-  """The mesh and expert chunk an evaluating command scores `loaded`'s experts on (`--mesh`,
-  gin's MeshConfig, or every device; `--expert_chunk` or the devices' memory), its layout
-  printed in one line on stderr."""
+def choose_placement(loaded, what: str, *, batch_size: int, expert_chunk: Optional[int],
+                     mesh_config: Optional[partitioning.MeshConfig], max_input_length: int,
+                     max_target_length: int) -> placement.Placement:
+  """The mesh and expert chunk an evaluating command (or `elm_jax.api`) scores `loaded`'s experts
+  on: `mesh_config` (`--mesh` or gin's, through `mesh_config`; None: every device) and
+  `expert_chunk` (None: from the devices' memory); the layout is printed in one line on stderr."""
   chosen = placement.choose(len(loaded.names), loaded.config, loaded.backbone, loaded.stack.params,
-                            batch_size=args.batch_size, max_input_length=max_input_length,
-                            max_target_length=max_target_length, expert_chunk=args.expert_chunk,
-                            mesh_config=mesh if mesh is not None else mesh_config(args.mesh), what=what)
+                            batch_size=batch_size, max_input_length=max_input_length,
+                            max_target_length=max_target_length, expert_chunk=expert_chunk,
+                            mesh_config=mesh_config, what=what)
   print(chosen.description, file=sys.stderr)
   return chosen
-

@@ -13,7 +13,7 @@ import argparse
 import math
 import sys
 import time
-from typing import Any
+from typing import Any, Optional
 
 from elm_jax import defaults, files, jsonl, partitioning
 from elm_jax.checkpoints import loading
@@ -63,27 +63,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def read_examples(path: str) -> list[dict[str, Any]]:
   """Reads and validates the JSONL input; errors name the file, the line and the field."""
-  examples = []
-  for number, record in jsonl.read_objects(path, "--input"):
-    where = f"{path}:{number}"
-    if "id" not in record:
-      raise InputError(f"{where}: field 'id' is missing")
-    if not isinstance(record["id"], (str, int, float)) or isinstance(record["id"], bool) or (
-        isinstance(record["id"], float) and not math.isfinite(record["id"])):
-      raise InputError(f"{where}: field 'id' must be a string or a number, got {record['id']!r}")
-    if not isinstance(record.get("inputs"), str):
-      raise InputError(f"{where}: field 'inputs' must be a string, got "
-                       f"{type(record.get('inputs')).__name__}")
-    choices = record.get("choices")
-    if not isinstance(choices, list) or not choices:
-      raise InputError(f"{where}: field 'choices' must be a non-empty list of strings")
-    for j, choice in enumerate(choices):
-      if not isinstance(choice, str):
-        raise InputError(f"{where}: field 'choices[{j}]' must be a string, got {type(choice).__name__}")
-    examples.append(record)
+  examples = [check_example(record, f"{path}:{number}")
+              for number, record in jsonl.read_objects(path, "--input")]
   if not examples:
     raise InputError(f"{path}: no examples (the file is empty)")
   return examples
+
+
+def check_example(record: Any, where: str) -> dict[str, Any]:
+  """`record` when it is an example {"id": string or number, "inputs": string, "choices":
+  [string, ...]}; else an InputError naming `where` and the field."""
+  if not isinstance(record, dict):
+    raise InputError(f"{where}: expected an object {{id, inputs, choices}}, got {type(record).__name__}")
+  if "id" not in record:
+    raise InputError(f"{where}: field 'id' is missing")
+  if not isinstance(record["id"], (str, int, float)) or isinstance(record["id"], bool) or (
+      isinstance(record["id"], float) and not math.isfinite(record["id"])):
+    raise InputError(f"{where}: field 'id' must be a string or a number, got {record['id']!r}")
+  if not isinstance(record.get("inputs"), str):
+    raise InputError(f"{where}: field 'inputs' must be a string, got "
+                     f"{type(record.get('inputs')).__name__}")
+  choices = record.get("choices")
+  if not isinstance(choices, list) or not choices:
+    raise InputError(f"{where}: field 'choices' must be a non-empty list of strings")
+  for j, choice in enumerate(choices):
+    if not isinstance(choice, str):
+      raise InputError(f"{where}: field 'choices[{j}]' must be a string, got {type(choice).__name__}")
+  return record
 
 
 def score_records(records, scorer: rank_scoring.RankScorer, vocabulary, *,
@@ -109,14 +115,11 @@ def score_with_library(args: argparse.Namespace, records) -> list[dict[str, Any]
   loaded = load_experts(args.library, args.experts, checkpoint=args.checkpoint, dtype=args.dtype,
                         vocabulary=args.vocabulary, check_integrity=not args.skip_integrity_check,
                         config=gin_utils.model_config_or_none(), softmax_vocab_size=args.softmax_vocab_size)
-  flags.check_softmax_cut(args.softmax_vocab_size, loaded.vocabulary(), _choices(args.input, records),
-                          eos_id=loaded.config.eos_id, pad_id=loaded.config.pad_id)
-  rows = [{"inputs": r["inputs"], "answer_choices": r["choices"]} for r in records]
-  chosen = run_files.placement_for(loaded, args, "score", max_input_length=args.max_input_length,
-                                   max_target_length=args.max_target_length)
-  scores, counts = score_instances(loaded, rows, batch_size=args.batch_size, partitioner=chosen.partitioner,
-                                   expert_chunk=chosen.expert_chunk, max_input_length=args.max_input_length,
-                                   max_target_length=args.max_target_length, source=args.input)
+  scores, counts = library_scores(loaded, records, batch_size=args.batch_size, expert_chunk=args.expert_chunk,
+                                  mesh_config=run_files.mesh_config(args.mesh),
+                                  max_input_length=args.max_input_length,
+                                  max_target_length=args.max_target_length,
+                                  softmax_vocab_size=args.softmax_vocab_size, source=args.input)
   out = []
   for n, record in enumerate(records):
     num = len(record["choices"])
@@ -125,6 +128,24 @@ def score_with_library(args: argparse.Namespace, records) -> list[dict[str, Any]
                 "scores": {name: [float(v) for v in per_expert[e]] for e, name in enumerate(loaded.names)},
                 "prediction": {name: int(per_expert[e].argmax()) for e, name in enumerate(loaded.names)}})
   return out
+
+
+def library_scores(loaded, records, *, batch_size: int, expert_chunk: Optional[int],
+                   mesh_config: Optional[partitioning.MeshConfig], max_input_length: int, max_target_length: int,
+                   softmax_vocab_size: Optional[int], source: str):
+  """Every loaded expert's log-likelihood of every validated record's choices, in one pass:
+  (scores [E, N, C] with -inf on padded choices, token counts [N, C], EOS included), on the mesh
+  and expert chunk `run_files.choose_placement` picks; what `score --library` and
+  `elm_jax.api.score` compute."""
+  flags.check_softmax_cut(softmax_vocab_size, loaded.vocabulary(), _choices(source, records),
+                          eos_id=loaded.config.eos_id, pad_id=loaded.config.pad_id)
+  rows = [{"inputs": r["inputs"], "answer_choices": r["choices"]} for r in records]
+  chosen = run_files.choose_placement(loaded, "score", batch_size=batch_size, expert_chunk=expert_chunk,
+                                      mesh_config=mesh_config, max_input_length=max_input_length,
+                                      max_target_length=max_target_length)
+  return score_instances(loaded, rows, batch_size=batch_size, partitioner=chosen.partitioner,
+                         expert_chunk=chosen.expert_chunk, max_input_length=max_input_length,
+                         max_target_length=max_target_length, source=source)
 
 
 def main(args: argparse.Namespace) -> int:

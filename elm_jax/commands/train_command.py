@@ -30,7 +30,14 @@ def main(args: argparse.Namespace) -> int:
     print("elm-jax train: error: pass a run file, e.g. --gin_file=gin_configs/runs/train_experts.gin",
           file=sys.stderr)
     return 2
-  final = gin.get_configurable(run.train)(progress=not args.no_progress, dry_run=args.dry_run)
+  final = train_configured(progress=not args.no_progress, dry_run=args.dry_run)
   for name, metrics in final.items():
     print(f"{name}: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
   return 0
+
+
+def train_configured(**overrides):
+  """`run.train` with the arguments the parsed gin files and bindings give it, and `overrides`
+  (progress, dry_run, ...): {expert name: final metrics}. What `train` and
+  `elm_jax.api.train_experts(gin_files=...)` run."""
+  return gin.get_configurable(run.train)(**overrides)
