@@ -21,7 +21,8 @@ what was expected). The workflow, on the built-in task suite (no download):
 
 Commands and functions, step by step: `train` -> `train_experts`; `library add` ->
 `add_experts`, `open_library`; `score --library` -> `score`; `retrieve` -> `select_experts`
-(and `select_merge_evaluate`, the route-merge-evaluate recipe); `merge` -> `merge`; `eval` ->
+(and `select_merge_evaluate`, the route-merge-evaluate recipe); `route` -> `route` (experts mixed
+per token or per example); `merge` -> `merge`; `eval` ->
 `evaluate`. docs/API.md lists every function with an example; `help(api.NAME)` shows its
 arguments.
 """
@@ -40,13 +41,13 @@ import numpy as np
 
 from elm_jax import compile_cache, defaults, partitioning
 from elm_jax.checkpoints import hf, loading
-from elm_jax.commands import (eval_command, gin_utils, library_command, retrieve_command,
+from elm_jax.commands import (eval_command, gin_utils, library_command, retrieve_command, route_command,
                               score_command, train_command)
 from elm_jax.errors import UserInputError
 from elm_jax.evaluation import expert_eval, placement
 from elm_jax.evaluation.expert_eval import TaskResult
 from elm_jax.library import loaded as library_loaded
-from elm_jax.library import merged, selection
+from elm_jax.library import merged, routing_methods, selection
 from elm_jax.library.store import ExpertLibrary
 from elm_jax.models.adapters import ExpertConfig
 from elm_jax.models.t5 import init_params
@@ -58,7 +59,7 @@ from tasks.builtin_registry import builtin_vocabulary
 
 __all__ = ["runtime", "model_config", "build_backbone", "load_backbone", "train_experts", "open_library",
            "add_experts", "load_experts", "task_examples", "score", "Scores", "select_experts",
-           "select_merge_evaluate", "merge", "evaluate", "Evaluation"]
+           "select_merge_evaluate", "route", "merge", "evaluate", "Evaluation"]
 
 _cache_ready = False
 
@@ -393,6 +394,34 @@ def select_merge_evaluate(library, task: str, *, methods: Sequence[str] = ("roe"
       list(methods), loaded, task, queries=rows, top_k=top_k, embedder=embedder, criterion=criterion,
       source=source, checkpoint=checkpoint, model_config=config, scoring=scoring,
       evaluation=dict(scoring, max_examples=max_examples))
+
+
+def route(library, task: str, *, method: str = "arrow", experts: str | Sequence[str] = "all", top_k: int = 1,
+          temperature: float = 1.0, expert: Optional[str] = None, embedder: Any = "minilm",
+          text_format: str = instances.DEFAULT_TEXT_FORMAT, neighbours: int = routing_methods.NEIGHBOURS,
+          split: str = "validation", max_examples: Optional[int] = defaults.MAX_EXAMPLES,
+          batch_size: int = defaults.BATCH_SIZE, max_input_length: int = defaults.MAX_INPUT_LENGTH,
+          max_target_length: int = defaults.MAX_TARGET_LENGTH, mesh=None, setup: Optional[str] = None,
+          checkpoint: Optional[str] = None, config: Optional[T5Config] = None,
+          check_integrity: bool = True) -> routing_methods.RoutedResult:
+  """`elm-jax route`: the library's `experts` routed on up to `max_examples` of `task`'s
+  examples, their outputs mixed per token or per example in one pass (experts on the mesh's
+  `expert` axis). `method`: 'arrow' (per token and module, the `top_k` experts whose
+  prototypes best match the token, softmax(score / `temperature`)), 'retrieval' (per example:
+  its `neighbours` nearest retrieval keys vote; `embedder` 'minilm', 't5' or 'bm25'),
+  'uniform' (weight 1/E) or 'forced' (every example to `expert`). Returns a RoutedResult
+  (`.accuracy` %, `.scores` [N, C], `.predictions` [N], `.computed_from`).
+
+      routed = api.route("/tmp/qs/lib", "builtin_nli_can_we_infer_score_eval", method="uniform")
+      routed.accuracy                                   # % of the examples the mixture gets right
+  """
+  _start()
+  return route_command.route_task(
+      _library_dir(library), task, method=method, experts=experts, top_k=top_k, temperature=temperature,
+      expert=expert, embedder=embedder, text_format=text_format, neighbours=neighbours, split=split,
+      max_examples=max_examples, checkpoint=checkpoint, batch_size=batch_size,
+      max_input_length=max_input_length, max_target_length=max_target_length, mesh_config=_mesh(mesh),
+      check_integrity=check_integrity, model_config=config, setup=setup)
 
 
 def merge(library, experts: Sequence[str] | selection.Selection, name: str, *, top_k: Optional[int] = None,

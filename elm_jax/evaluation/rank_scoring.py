@@ -67,6 +67,9 @@ class PaddedBatch:
   targets: np.ndarray
   scored: np.ndarray
   order: list[Optional[int]]
+  # For each target row, the index (in `RankScorer.score`'s examples) of the example it holds
+  # (None: a padding row): what a routed scorer weights each row by (`routed_scoring.py`).
+  examples: Optional[list[Optional[int]]] = None
 
   @property
   def arguments(self) -> tuple:
@@ -207,6 +210,8 @@ class RankScorer:
     # Similar lengths batch together; results go back in the original order.
     batches = batching.length_sorted_batches([(len(x), len(c)) for x, c in prepared], self.batch_size)
     arrays = [self._pad_batch([prepared[i] for i in chunk]) for chunk in batches]
+    for chunk, padded in zip(batches, arrays):
+      padded.examples = [None if p is None else owners[chunk[p]] for p in padded.order]
     self._compile_ahead(arrays)
     if self.experts is None:
       # Dispatch every batch first; reading results back is the only host sync.

@@ -141,22 +141,28 @@ def oracle_ranking(scores: np.ndarray, labels: Sequence[int], names: Sequence[st
   return [{"expert": names[e], "accuracy": float(accuracy[e])} for e in order]
 
 
+def resolve_embedder(embedder: Any, library: ExpertLibrary, checkpoint: Optional[str] = None,
+                     model_config: Optional[T5Config] = None) -> tuple[str, Any]:
+  """(name, embedder object; None for 'bm25') of `embedder`: 'minilm', 't5' (the library's
+  backbone encoder, or `checkpoint` with `model_config`), 'bm25', or an object with `name` and
+  `embed(texts, max_length)`. What 'roe' and per-example retrieval routing read keys with."""
+  if not isinstance(embedder, str):
+    return embedder.name, embedder
+  if embedder not in retrieval.EMBEDDERS:
+    raise SelectionError(f"embedder: expected one of {retrieval.EMBEDDERS} or an embedder object, "
+                         f"got {embedder!r}")
+  if embedder == "minilm":
+    return embedder, retrieval.MiniLMTextEmbedder()
+  if embedder == "t5":
+    return embedder, retrieval.backbone_embedder(library, checkpoint, model_config)
+  return embedder, None
+
+
 def _roe(request: SelectionRequest):
   if request.library is None:
     raise SelectionError("method 'roe' reads the retrieval keys of a library: pass an ExpertLibrary, "
                          "or experts loaded from one (library.loaded.load_experts)")
-  embedder = request.embedder
-  if isinstance(embedder, str):
-    if embedder not in retrieval.EMBEDDERS:
-      raise SelectionError(f"embedder: expected one of {retrieval.EMBEDDERS} or an embedder object, "
-                           f"got {embedder!r}")
-    name = embedder
-    if name == "minilm":
-      embedder = retrieval.MiniLMTextEmbedder()
-    elif name == "t5":
-      embedder = retrieval.backbone_embedder(request.library, request.checkpoint, request.model_config)
-  else:
-    name = embedder.name
+  name, embedder = resolve_embedder(request.embedder, request.library, request.checkpoint, request.model_config)
   ranking = retrieval.roe_ranking(request.library, request.names, request.queries,
                                   embedder=None if name == "bm25" else embedder, bm25=name == "bm25",
                                   text_format=request.text_format)

@@ -69,12 +69,15 @@ class RMSNorm(nn.Module):
   """T5 layer norm: x / sqrt(mean(x^2) + eps) * scale, computed in float32. [..., embed]."""
   epsilon: float = 1e-6
   dtype: jnp.dtype = jnp.float32
+  expert: Any = None  # models.experts.ExpertSet: `layer_norm_scale` gives the scale used
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     x32 = x.astype(jnp.float32)
     variance = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
     scale = param_with_axes(self, "scale", nn.initializers.ones, (x.shape[-1],), ("embed",))
+    if self.expert is not None:
+      scale = self.expert.layer_norm_scale(self, x, scale)
     y = x32 * jax.lax.rsqrt(variance + self.epsilon)
     return (y * scale).astype(self.dtype)
 
@@ -139,9 +142,16 @@ class Kernel(nn.Module):
   expert: Any = None
 
   @nn.compact
-  def __call__(self) -> Array:
+  def __call__(self, x: Optional[Array] = None, dtype: Any = None) -> Array:
+    """The kernel; or, given x [..., in], the projection x @ kernel [..., out] in `dtype` (what
+    the experts make of it: `ExpertSet.kernel_output`, where routing mixes experts' outputs)."""
     kernel = param_with_axes(self, "kernel", self.init, self.shape, self.axes)
-    return kernel if self.expert is None else self.expert.kernel(self, kernel)
+    kernel = kernel if self.expert is None else self.expert.kernel(self, kernel)
+    if x is None:
+      return kernel
+    x = x.astype(dtype)
+    y = jnp.dot(x, kernel.astype(dtype))
+    return y if self.expert is None else self.expert.kernel_output(self, kernel, x, y)
 
 
 class MultiHeadAttention(nn.Module):
@@ -169,8 +179,7 @@ class MultiHeadAttention(nn.Module):
     joined = self.num_heads * self.head_dim
 
     def project(name, x):
-      kernel = Kernel(name=name, shape=(emb, joined), axes=("embed", "joined_kv"), expert=self.expert)()
-      y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+      y = Kernel(name=name, shape=(emb, joined), axes=("embed", "joined_kv"), expert=self.expert)(x, self.dtype)
       y = y.reshape(*x.shape[:-1], self.num_heads, self.head_dim)
       return constrain(y, ("batch", "length", "heads", "kv"))
 
@@ -214,8 +223,8 @@ class MultiHeadAttention(nn.Module):
       weights = dropout(weights, self.dropout_rate, self.make_rng("dropout"))
     attended = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(self.dtype), value.astype(self.dtype))
     attended = jnp.swapaxes(attended, 1, 2).reshape(rows, q_len, joined)
-    out_kernel = Kernel(name="out", shape=(joined, emb), axes=("joined_kv", "embed"), expert=self.expert)()
-    out = jnp.dot(attended, out_kernel.astype(self.dtype))
+    out = Kernel(name="out", shape=(joined, emb), axes=("joined_kv", "embed"), expert=self.expert)(
+        attended, self.dtype)
     return constrain(out, ("batch", "length", "embed"))
 
 
@@ -241,10 +250,10 @@ class MlpBlock(nn.Module):
     names = ["wi"] if len(self.activations) == 1 else [f"wi_{i}" for i in range(len(self.activations))]
     hidden = None
     for name, act in zip(names, self.activations):
-      kernel = Kernel(name=name, shape=(emb, self.mlp_dim), axes=("embed", "mlp"), expert=self.expert)()
-      h = activation_fn(act)(jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype)))
+      h = activation_fn(act)(Kernel(name=name, shape=(emb, self.mlp_dim), axes=("embed", "mlp"),
+                                    expert=self.expert)(x, self.dtype))
       hidden = h if hidden is None else hidden * h
     hidden = constrain(hidden, ("batch", "length", "mlp"))
     hidden = Dropout(self.dropout_rate)(hidden, deterministic=deterministic)
-    wo = Kernel(name="wo", shape=(self.mlp_dim, emb), axes=("mlp", "embed"), expert=self.expert)()
-    return constrain(jnp.dot(hidden, wo.astype(self.dtype)), ("batch", "length", "embed"))
+    wo = Kernel(name="wo", shape=(self.mlp_dim, emb), axes=("mlp", "embed"), expert=self.expert)(hidden, self.dtype)
+    return constrain(wo, ("batch", "length", "embed"))

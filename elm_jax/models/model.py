@@ -15,7 +15,8 @@ frozen backbone, the one form training, evaluation and planning hold them in: th
 initialisation (`init_experts`), their parameter list (`expert_shapes`), their logical axes
 (`expert_specs`: `expert` first), and `expert_losses`, `expert_choice_log_likelihoods` and
 `expert_predictions`, each of every expert at once (vmapped over the leading axis of [E, ...]
-leaves). Every method is a pure function of its arrays, so callers jit it with the model as a
+leaves), and `routed_choice_log_likelihoods`, the experts routed (mixed per token or per example,
+`models/routing.py`) in one pass. Every method is a pure function of its arrays, so callers jit it with the model as a
 static argument (it is hashable). The model knows nothing of meshes or optimizers.
 """
 
@@ -228,16 +229,19 @@ class EncoderDecoderModel:
     return loss, metrics
 
   # ------------------------------------------------------------------ evaluation
-  def encode(self, params, encoder_tokens: Array, segment_ids: Optional[Array] = None) -> tuple[Array, Array]:
+  def encode(self, params, encoder_tokens: Array, segment_ids: Optional[Array] = None,
+             collections: Optional[dict] = None) -> tuple[Array, Array]:
     """(encoder outputs [N, Li, emb], mask [N, Li]) of tokens [N, Li] (0 = padding; packed
-    rows: `segment_ids`, see `Encoder`)."""
+    rows: `segment_ids`, see `Encoder`). `collections`: variables beside `params` (a routed
+    model's `experts` and `routing`, `models/routing.py`)."""
     mask = encoder_tokens != self.config.pad_id
-    return self.module.apply({"params": params}, encoder_tokens, mask, segment_ids=segment_ids,
-                             method=Transformer.encode), mask
+    return self.module.apply({"params": params, **(collections or {})}, encoder_tokens, mask,
+                             segment_ids=segment_ids, method=Transformer.encode), mask
 
   def choice_log_likelihoods(self, params, encoder_tokens: Array, choice_targets: Array,
                              encoder_segments: Optional[Array] = None,
-                             scored_positions: Optional[Array] = None) -> Array:
+                             scored_positions: Optional[Array] = None,
+                             collections: Optional[dict] = None) -> Array:
     """encoder_tokens [N, Li] (EOS included, 0 = padding), choice_targets [N, C, Lt] (EOS
     included, 0 = padding) -> [N, C] float32: the sum of each choice's token log-probabilities,
     teacher-forced. Each input is encoded once and shared by its C choices.
@@ -251,10 +255,11 @@ class EncoderDecoderModel:
     `scored_positions` [K] int32: the flat indices into choice_targets [N x C x Lt] of its
     non-padding tokens (in any order; entries of N x C x Lt or more are padding, ignored). Only
     those K positions go through the output projection and its log-softmax, the largest single
-    cost of a short choice; None: all N x C x Lt."""
+    cost of a short choice; None: all N x C x Lt. `collections`: variables beside `params`
+    (`routed_choice_log_likelihoods`)."""
     cfg = self.config
     n, c, lt = choice_targets.shape
-    encoded, mask = self.encode(params, encoder_tokens, encoder_segments)
+    encoded, mask = self.encode(params, encoder_tokens, encoder_segments, collections)
     # The C choice rows of an input share its encoder output: cross-attention projects its keys
     # and values once per input, not once per choice (`MultiHeadAttention`'s shared rows).
     targets = choice_targets.reshape(n * c, lt)
@@ -265,7 +270,7 @@ class EncoderDecoderModel:
         raise ValueError(f"choice_log_likelihoods: {n} rows of choices cannot be {encoder_tokens.shape[0]} "
                          "packed input rows' inputs")
       row_segments = (jnp.arange(n * c) // c) % per_row + 1
-    hidden, kernel = self.module.apply({"params": params}, encoded, mask,
+    hidden, kernel = self.module.apply({"params": params, **(collections or {})}, encoded, mask,
                                        shift_right(targets, cfg.decoder_start_id), project=False,
                                        encoder_segments=encoder_segments, row_segments=row_segments,
                                        method=Transformer.decode)
@@ -307,6 +312,16 @@ class EncoderDecoderModel:
       return self.choice_log_likelihoods(merge_params(backbone, expert), encoder_tokens, choice_targets,
                                          encoder_segments, scored_positions)
     return jax.vmap(one)(experts)
+
+  def routed_choice_log_likelihoods(self, backbone, experts, routing, encoder_tokens: Array,
+                                    choice_targets: Array, encoder_segments: Optional[Array] = None,
+                                    scored_positions: Optional[Array] = None) -> Array:
+    """`choice_log_likelihoods` of the experts routed (a model built with
+    `routing.RoutedExperts`): the experts' leaves [E, ...] mixed per token or per example as
+    the `routing` collection says (`models/routing.py`), over `backbone` (`routing.routed_backbone`);
+    encoder_tokens [N, Li] (one input a row), choice_targets [N, C, Lt] -> [N, C] float32."""
+    return self.choice_log_likelihoods(backbone, encoder_tokens, choice_targets, encoder_segments,
+                                       scored_positions, collections={"experts": experts, "routing": routing})
 
   def expert_predictions(self, backbone, experts, encoder_tokens: Array, *, max_decode_length: int,
                          beam_size: int = 1) -> tuple[Array, Array]:

@@ -109,13 +109,13 @@ class EncoderLayer(nn.Module):
                token_mask: Optional[Array] = None) -> Array:
     cfg = self.config
     dropout = _dropout(cfg)
-    h = layers.RMSNorm(cfg.layer_norm_epsilon, cfg.jnp_dtype, name="pre_attention_layer_norm")(x)
+    h = layers.RMSNorm(cfg.layer_norm_epsilon, cfg.jnp_dtype, self.expert, name="pre_attention_layer_norm")(x)
     h = layers.MultiHeadAttention(cfg.num_heads, cfg.head_dim, cfg.jnp_dtype, cfg.dropout_rate,
                                   self.expert, name="attention")(
                                       h, h, bias, deterministic=deterministic)
     h = _sublayer_output(self, "attention", h)
     x = x + dropout(h, deterministic=deterministic)
-    h = layers.RMSNorm(cfg.layer_norm_epsilon, cfg.jnp_dtype, name="pre_mlp_layer_norm")(x)
+    h = layers.RMSNorm(cfg.layer_norm_epsilon, cfg.jnp_dtype, self.expert, name="pre_mlp_layer_norm")(x)
     h = _feed_forward(cfg, self.sparse, self.expert, h, token_mask, deterministic)
     h = _sublayer_output(self, "mlp", h)
     x = x + dropout(h, deterministic=deterministic)
@@ -135,7 +135,7 @@ class DecoderLayer(nn.Module):
     dropout = _dropout(cfg)
     attention = lambda name: layers.MultiHeadAttention(
         cfg.num_heads, cfg.head_dim, cfg.jnp_dtype, cfg.dropout_rate, self.expert, name=name)
-    norm = lambda name: layers.RMSNorm(cfg.layer_norm_epsilon, cfg.jnp_dtype, name=name)
+    norm = lambda name: layers.RMSNorm(cfg.layer_norm_epsilon, cfg.jnp_dtype, self.expert, name=name)
     h = norm("pre_self_attention_layer_norm")(x)
     h = attention("self_attention")(h, h, self_bias, decode=decode, deterministic=deterministic)
     h = _sublayer_output(self, "self_attention", h)
@@ -175,7 +175,7 @@ class Encoder(nn.Module):
     for i in range(cfg.num_encoder_layers):
       x = layer(cfg, self.expert, cfg.is_sparse(i), name=f"layers_{i}")(
           x, bias, deterministic, mask)
-    x = layers.RMSNorm(cfg.layer_norm_epsilon, cfg.jnp_dtype, name="encoder_norm")(x)
+    x = layers.RMSNorm(cfg.layer_norm_epsilon, cfg.jnp_dtype, self.expert, name="encoder_norm")(x)
     return _dropout(cfg)(x, deterministic=deterministic)
 
 
@@ -223,7 +223,7 @@ class Decoder(nn.Module):
     for i in range(cfg.num_decoder_layers):
       x = layer(cfg, self.expert, cfg.is_sparse(i), name=f"layers_{i}")(
           x, encoded, self_bias, cross_bias, deterministic, decode, token_mask)
-    x = layers.RMSNorm(cfg.layer_norm_epsilon, cfg.jnp_dtype, name="decoder_norm")(x)
+    x = layers.RMSNorm(cfg.layer_norm_epsilon, cfg.jnp_dtype, self.expert, name="decoder_norm")(x)
     x = _dropout(cfg)(x, deterministic=deterministic)
     if cfg.logits_via_embedding:
       x = x * (cfg.emb_dim ** -0.5)

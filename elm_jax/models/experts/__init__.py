@@ -9,7 +9,8 @@ compares kind names.
   names the kind, which validates the fields it reads.
 - `ExpertSet`: the configurations one model is built with: one, or one per kind when experts of
   several kinds are stacked and scored together. The model hands it its hooks
-  (`kernel`, `sublayer_output`); it tells which parameters the experts hold (`trains`) and the
+  (`kernel`, `sublayer_output`, and `kernel_output`, `layer_norm_scale`, which change nothing
+  here and which routing overrides); it tells which parameters the experts hold (`trains`) and the
   value an expert holds where its kind adds nothing (`neutral`).
 - `split_params` / `merge_params`: a full parameter tree <-> (frozen backbone, expert).
 """
@@ -157,6 +158,16 @@ class ExpertSet:
     for config in self.configs:
       h = config.expert_kind.sublayer_output(config, module, site, h)
     return h
+
+  def kernel_output(self, module, kernel: Array, x: Array, y: Array) -> Array:
+    """The output of kernel `module` given y = x @ kernel: y itself (the kinds' kernels are
+    already in `kernel`); routing mixes the experts' changes here (`models/routing.py`)."""
+    return y
+
+  def layer_norm_scale(self, module, x: Array, scale: Array) -> Array:
+    """The scale layer norm `module` multiplies its normalised input x by: its own parameter
+    (an expert that trains it holds it in its tree); routing mixes the experts' here."""
+    return scale
 
 
 def split_params(params: dict, expert: Union[ExpertConfig, ExpertSet]) -> tuple[dict, dict]:

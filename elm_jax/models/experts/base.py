@@ -13,6 +13,16 @@ each kind decides from the module path it is handed whether to act there:
   `self_attention`, `encoder_decoder_attention`, `mlp`) and `module` the block; sub-modules
   created there live in the block (`.../layers_0/mlp_adapter`).
 
+Routing (`models/routing.py`) runs E experts at once over one backbone and mixes their outputs
+per token or per example; for that a kind says what one expert changes, as a pure function of
+that expert's own parameters (no module is created), which routing vmaps over the experts:
+
+- `kernel_delta(config, module, params, kernel, x, y)`: the change to the output `y = x @ kernel`
+  of a `layers.Kernel`;
+- `sublayer_delta(config, module, site, params, h)`: the change to a sub-layer's output `h`;
+- `arrow_prototypes(config, params)`: the unit vectors Arrow routes by, per routed module (a
+  kind without them says why in `arrow_refusal`).
+
 Parameters declare their logical axes as they are created (`layers.param_with_axes`), and their
 initialisers are the kind's own.
 """
@@ -20,7 +30,7 @@ initialisers are the kind's own.
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import jax
 import numpy as np
@@ -99,6 +109,34 @@ class ExpertKind:
     """The output of sub-layer `site` of block `module` (at `module.path`), given its own `h`
     [batch, length, embed]."""
     return h
+
+  # ------------------------------------------------------------------ routing
+  # Why experts of this kind cannot be routed at all; None when they can.
+  routing_refusal: Optional[str] = None
+  # Why Arrow cannot route experts of this kind; None when `arrow_prototypes` gives their
+  # prototypes.
+  arrow_refusal: Optional[str] = "it adds no module Arrow can take a prototype from"
+
+  def kernel_delta(self, config, module, params: Mapping[str, Array], kernel: Array, x: Array,
+                   y: Array) -> Optional[Array]:
+    """What one expert adds to the output `y = x @ kernel` [..., out] of `module` (a
+    `layers.Kernel`; x [..., in] and y in the compute dtype, `kernel` the backbone's), given
+    `params`, that expert's parameters this kind keeps at `module` ({'lora_a': [in, rank],
+    ...}, unstacked). None: the kind changes nothing there. The expert's own output is y plus it."""
+    return None
+
+  def sublayer_delta(self, config, module, site: str, params: Mapping[str, Any], h: Array) -> Optional[Array]:
+    """What one expert adds to the output `h` [batch, length, embed] of sub-layer `site` of
+    block `module`, given `params`, that expert's parameters in the block (nested as stored:
+    {'mlp_adapter': {'down_kernel': ...}, ...}). None: the kind changes nothing there."""
+    return None
+
+  def arrow_prototypes(self, config, params: Mapping[Path, np.ndarray]) -> dict[Path, np.ndarray]:
+    """Arrow's prototypes of one expert, from its flat parameters {path: array}: {path of the
+    routed module (a kernel's module path, or a block's path + (site,)): unit vector [in]
+    float64 in the space of that module's input}. Only kinds whose `arrow_refusal` is None
+    define them."""
+    return {}
 
   # ------------------------------------------------------------------ merging
   def merge(self, method: str, stacked: Mapping[Path, np.ndarray], weights: np.ndarray

@@ -11,6 +11,9 @@ class FullKind(ExpertKind):
   name = "full"
   trains_backbone = True
 
+  routing_refusal = ("a full fine-tune replaces every backbone parameter, so there is no added module "
+                     "whose output routing could mix; merge full fine-tunes or score them one by one")
+
   def describe(self, config) -> str:
     return "full fine-tunes"
 

@@ -6,6 +6,12 @@ where `lora_a` [in, rank] ~ N(0, 1 / in) and `lora_b` [rank, out] = 0 live besid
 (`encoder/layers_0/attention/query/lora_a`), on the kernel's logical axes and `lora_rank`.
 With `train_layer_norms` every layer-norm scale belongs to the expert too.
 
+Routing (`models/routing.py`): one expert adds (lora_alpha / lora_rank) (x @ a) @ b to a
+targeted projection's output x @ W (`kernel_delta`, never forming a @ b). Arrow's prototype of a
+targeted module is the top singular vector of the update a @ b on its input side (the top right
+singular vector of the update in PEFT's [out, in] convention): the input direction the update
+amplifies most, computed from the QR factors of a and b (`arrow_prototypes`).
+
 Merging: besides every kind's merges, `lora_factors` averages the factors (whose update is
 mean(a) @ mean(b), not the mean update) and `lora_updates` averages the updates exactly, as
 one LoRA of k times the rank.
@@ -57,6 +63,27 @@ class LoraKind(ExpertKind):
     b = param_with_axes(module, "lora_b", nn.initializers.zeros, (config.lora_rank, fan_out),
                         ("lora_rank", module.axes[1]))
     return kernel + (config.lora_alpha / config.lora_rank) * jnp.dot(a, b)
+
+  arrow_refusal = None
+
+  def kernel_delta(self, config, module, params, kernel, x, y):
+    if "lora_a" not in params or module.name not in config.lora_targets:
+      return None
+    a, b = params["lora_a"].astype(x.dtype), params["lora_b"].astype(x.dtype)
+    return (config.lora_alpha / config.lora_rank) * jnp.dot(jnp.dot(x, a), b)
+
+  def arrow_prototypes(self, config, params):
+    """The top input-side singular vector of a @ b [in, out] per targeted kernel: with
+    a = Qa Ra and b^T = Qb Rb (QR), a @ b = Qa (Ra Rb^T) Qb^T, so it is Qa u for u the top left
+    singular vector of the [rank, rank] Ra Rb^T. A zero update has no direction: zero vector."""
+    out = {}
+    for a_path, b_path in _pairs(list(params)):
+      a, b = np.asarray(params[a_path], np.float64), np.asarray(params[b_path], np.float64)
+      qa, ra = np.linalg.qr(a)
+      _, rb = np.linalg.qr(b.T)
+      u, s, _ = np.linalg.svd(ra @ rb.T)
+      out[a_path[:-1]] = qa @ u[:, 0] if s[0] > 0 else np.zeros(a.shape[0])
+    return out
 
   def merge(self, method: str, stacked: Mapping[Path, np.ndarray], weights: np.ndarray
             ) -> tuple[dict[Path, np.ndarray], dict[str, Any]]:

@@ -1,0 +1,196 @@
+"""Routing the library's experts on a task, by method: beyond choosing whole experts per task
+(`library/selection.py`), the loaded experts are mixed per token or per example inside one
+compiled pass (`models/routing.py`, `evaluation/routed_scoring.py`).
+
+    result = route(experts, rows, "arrow", top_k=2)    # experts: library.loaded.load_experts(...)
+    result.accuracy, result.scores                     # % on labelled rows; [N, C] choice scores
+
+`METHODS` (one entry a method):
+
+- 'uniform': w_e = 1 / E everywhere, routing's counterpart of merging all experts uniformly;
+- 'arrow' (Ostapenko et al. 2024): per token and per routed module, each expert's prototype
+  (LoRA: the update's top input-side singular vector; adapters: the down-projection's top left
+  singular vector; see each kind's module) scores |<x, p_e>|; IA3 experts are refused;
+- 'retrieval': RoE at the granularity of one example: each input's `neighbours` nearest
+  retrieval keys in the library (the same keys, embedders and text format as 'roe') vote for
+  their experts; the example's weights are the vote shares of its top_k experts, the same for
+  all its tokens and modules;
+- 'forced': every example routed to one named expert (top-1, forced): that expert's scores.
+
+Per-token methods keep `top_k` experts a token with softmax(score / `temperature`) weights;
+layer-norm scales the experts train are mixed with the example weights (uniform for them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from elm_jax import defaults
+from elm_jax.errors import UserInputError
+from elm_jax.evaluation import routed_scoring
+from elm_jax.expert_stack import ExpertsOnBackbone
+from elm_jax.library import retrieval, selection
+from elm_jax.models import routing
+from elm_jax.models.routing import RoutingInputs
+from tasks import instances
+
+NEIGHBOURS = 8  # retrieval keys each input's vote takes ('retrieval')
+
+
+class RoutingMethodError(UserInputError):
+  """A routing request the method or the experts cannot answer."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutingRequest:
+  """What a method builds its routing from: the experts on their backbone (with the library they
+  came from, or None), the instances routed, and the options."""
+  experts: ExpertsOnBackbone
+  rows: list[dict[str, Any]]
+  top_k: int
+  expert: Optional[str]
+  embedder: Any
+  text_format: str
+  neighbours: int
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutingMethod:
+  """One way to route: `per_token` (weights per token and module) or per example; `build`:
+  request -> (RoutingInputs, the options it read)."""
+  name: str
+  description: str
+  per_token: bool
+  build: Callable[[RoutingRequest], tuple[RoutingInputs, dict[str, Any]]]
+
+
+def _uniform(request: RoutingRequest):
+  return RoutingInputs(routing.uniform_weights(len(request.rows), len(request.experts.names))), {}
+
+
+def _forced(request: RoutingRequest):
+  if request.expert is None:
+    raise RoutingMethodError("method 'forced': name the expert every example is routed to (expert=NAME)")
+  names = request.experts.names
+  if request.expert not in names:
+    raise RoutingMethodError(f"method 'forced': no loaded expert named {request.expert!r} "
+                             f"(loaded: {', '.join(names[:10])})")
+  return (RoutingInputs(routing.forced_weights(len(request.rows), len(names), names.index(request.expert))),
+          {"expert": request.expert})
+
+
+def _arrow(request: RoutingRequest):
+  stack = request.experts.stack
+  try:
+    routers = routing.arrow_routers(stack.expert_config, stack.params)
+  except routing.RoutingError as e:
+    raise RoutingMethodError(f"method 'arrow': {e}") from None
+  return RoutingInputs(routing.uniform_weights(len(request.rows), len(stack)), routers), {}
+
+
+def _retrieval(request: RoutingRequest):
+  library = getattr(request.experts, "library", None)
+  if library is None:
+    raise RoutingMethodError("method 'retrieval' reads the retrieval keys of a library: pass experts loaded "
+                             "from one (library.loaded.load_experts)")
+  if isinstance(request.neighbours, bool) or not isinstance(request.neighbours, int) or request.neighbours < 1:
+    raise RoutingMethodError(f"neighbours: expected a positive integer, got {request.neighbours!r}")
+  names = list(request.experts.names)
+  name, embedder = selection.resolve_embedder(request.embedder, library)
+  weights = retrieval_weights(library, names, request.rows, embedder=embedder, text_format=request.text_format,
+                              neighbours=request.neighbours, top_k=request.top_k)
+  return RoutingInputs(weights), {"embedder": name, "text_format": request.text_format,
+                                  "neighbours": request.neighbours}
+
+
+def retrieval_weights(library, names: Sequence[str], rows: Sequence[dict[str, Any]], *, embedder,
+                      text_format: str = instances.DEFAULT_TEXT_FORMAT, neighbours: int = NEIGHBOURS,
+                      top_k: int = 1) -> np.ndarray:
+  """[N, E] per-example weights: each row's `neighbours` nearest keys of the named experts (cosine
+  of `embedder`'s embeddings, or BM25 when `embedder` is None) vote for their experts; the row's
+  `top_k` experts by votes (ties: the expert of the nearer key first) share its weight in
+  proportion to their votes."""
+  query_texts = [instances.format_text(r, text_format) for r in rows]
+  if embedder is None:
+    key_texts, owners = retrieval.library_keys(library, names, text_format)
+    index = retrieval.BM25(key_texts)
+    similarity = np.stack([index.scores(q) for q in query_texts])
+  else:
+    keys, owners = retrieval.key_embeddings(library, names, embedder, text_format)
+    similarity = embedder.embed(query_texts, retrieval.QUERY_MAX_LENGTH) @ keys.T
+  nearest = np.argsort(-similarity, axis=1, kind="stable")[:, :neighbours]  # [N, neighbours]
+  weights = np.zeros((len(rows), len(names)), np.float32)
+  for n, keys_of_row in enumerate(nearest):
+    voters = owners[keys_of_row]
+    votes = np.bincount(voters, minlength=len(names))
+    first = {int(e): r for r, e in reversed(list(enumerate(voters)))}
+    order = sorted(first, key=lambda e: (-votes[e], first[e]))[:top_k]
+    total = sum(votes[e] for e in order)
+    for e in order:
+      weights[n, e] = votes[e] / total
+  return weights
+
+
+METHODS: dict[str, RoutingMethod] = {m.name: m for m in (
+    RoutingMethod("uniform", "every expert's output with weight 1/E", False, _uniform),
+    RoutingMethod("arrow", "per token and module: top-k experts by |<x, prototype>| (Arrow)", True, _arrow),
+    RoutingMethod("retrieval", "per example: its nearest retrieval keys vote for experts", False, _retrieval),
+    RoutingMethod("forced", "every example routed to one named expert", False, _forced),
+)}
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutedResult:
+  """A method's routed scores on N instances: `scores` [N, C] (-inf on padded choices),
+  `predictions` [N] (argmax), `accuracy` (%; None without labels), and what it was computed
+  from (experts, top_k, temperature and the method's options)."""
+  method: str
+  experts: tuple[str, ...]
+  scores: np.ndarray
+  predictions: np.ndarray
+  accuracy: Optional[float]
+  computed_from: dict[str, Any]
+
+
+def routing_method(name: str) -> RoutingMethod:
+  """The registered method `name`; an unknown name is an error listing the known ones."""
+  if name not in METHODS:
+    raise RoutingMethodError(f"routing method {name!r} is not known; the known methods are {', '.join(METHODS)}")
+  return METHODS[name]
+
+
+def route(experts: ExpertsOnBackbone, rows: Sequence[dict[str, Any]], method: str, *, top_k: int = 1,
+          temperature: float = 1.0, expert: Optional[str] = None, embedder: Any = "minilm",
+          text_format: str = instances.DEFAULT_TEXT_FORMAT, neighbours: int = NEIGHBOURS,
+          batch_size: int = defaults.BATCH_SIZE, partitioner=None,
+          max_input_length: int = defaults.MAX_INPUT_LENGTH, max_target_length: int = defaults.MAX_TARGET_LENGTH,
+          source: str = "instances") -> RoutedResult:
+  """The loaded experts routed by `method` (a name in METHODS) on `rows` (instance dicts with
+  answer choices; a label each for the accuracy) in one pass per batch shape. Options, each read
+  by its method: `top_k` (experts kept per token, or per example for 'retrieval'),
+  `temperature` (per-token softmax), `expert` ('forced'), `embedder`, `text_format`,
+  `neighbours` ('retrieval'). Labels are never read by a method, only by the accuracy."""
+  chosen = routing_method(method)
+  try:
+    routing.RoutedExperts.over(experts.stack.expert_config, top_k, temperature)  # the kinds, top_k, temperature
+  except routing.RoutingError as e:
+    raise RoutingMethodError(f"method {method!r}: {e}") from None
+  rows = list(rows)
+  if not rows:
+    raise RoutingMethodError(f"{source}: no instances to route")
+  unlabelled = [{**r, "label": None, "targets": None} for r in rows]
+  request = RoutingRequest(experts, unlabelled, top_k, expert, embedder, text_format, neighbours)
+  inputs, options = chosen.build(request)
+  scores, _ = routed_scoring.score_routed_instances(
+      experts, rows, inputs, top_k=top_k, temperature=temperature, batch_size=batch_size,
+      partitioner=partitioner, max_input_length=max_input_length, max_target_length=max_target_length,
+      source=source)
+  predictions = np.argmax(scores, axis=-1)
+  labels = [r.get("label") for r in rows]
+  accuracy = None if any(label is None for label in labels) else float(100.0 * np.mean(predictions == np.asarray(labels)))
+  return RoutedResult(method, tuple(experts.names), scores, predictions, accuracy,
+                      {"experts": len(experts.names), "instances": len(rows), "top_k": top_k,
+                       "temperature": temperature, "source": source, **options})
