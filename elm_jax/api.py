@@ -22,7 +22,8 @@ what was expected). The workflow, on the built-in task suite (no download):
 Commands and functions, step by step: `train` -> `train_experts`; `library add` ->
 `add_experts`, `open_library`; `score --library` -> `score`; `retrieve` -> `select_experts`
 (and `select_merge_evaluate`, the route-merge-evaluate recipe); `route` -> `route` (experts mixed
-per token or per example); `merge` -> `merge`; `eval` ->
+per token or per example); `train-gates` -> `train_gates` (PHATGOOSE's gates, for
+`route(method="phatgoose")`); `merge` -> `merge`; `eval` ->
 `evaluate`. docs/API.md lists every function with an example; `help(api.NAME)` shows its
 arguments.
 """
@@ -47,6 +48,7 @@ from elm_jax.errors import UserInputError
 from elm_jax.evaluation import expert_eval, placement
 from elm_jax.evaluation.expert_eval import TaskResult
 from elm_jax.library import loaded as library_loaded
+from elm_jax.library import gates as library_gates
 from elm_jax.library import merged, routing_methods, selection
 from elm_jax.library.store import ExpertLibrary
 from elm_jax.models.adapters import ExpertConfig
@@ -59,7 +61,7 @@ from tasks.builtin_registry import builtin_vocabulary
 
 __all__ = ["runtime", "model_config", "build_backbone", "load_backbone", "train_experts", "open_library",
            "add_experts", "load_experts", "task_examples", "score", "Scores", "select_experts",
-           "select_merge_evaluate", "route", "merge", "evaluate", "Evaluation"]
+           "select_merge_evaluate", "route", "train_gates", "merge", "evaluate", "Evaluation"]
 
 _cache_ready = False
 
@@ -409,6 +411,8 @@ def route(library, task: str, *, method: str = "arrow", experts: str | Sequence[
   `expert` axis). `method`: 'arrow' (per token and module, the `top_k` experts whose
   prototypes best match the token, softmax(score / `temperature`)), 'retrieval' (per example:
   its `neighbours` nearest retrieval keys vote; `embedder` 'minilm', 't5' or 'bm25'),
+  'phatgoose' (per token and module, the `top_k` experts whose trained gates best match the
+  standardised token, softmax(score / `temperature`); the experts' gates: `train_gates`),
   'uniform' (weight 1/E) or 'forced' (every example to `expert`). Returns a RoutedResult
   (`.accuracy` %, `.scores` [N, C], `.predictions` [N], `.computed_from`).
 
@@ -422,6 +426,30 @@ def route(library, task: str, *, method: str = "arrow", experts: str | Sequence[
       max_examples=max_examples, checkpoint=checkpoint, batch_size=batch_size,
       max_input_length=max_input_length, max_target_length=max_target_length, mesh_config=_mesh(mesh),
       check_integrity=check_integrity, model_config=config, setup=setup)
+
+
+def train_gates(library, model_dir: str, experts: str | Sequence[str] = "all", *, steps: int = 100,
+                learning_rate: float = 1e-3, batch_size: int = 8, input_length: int = defaults.TRAIN_INPUT_LENGTH,
+                target_length: int = defaults.TRAIN_TARGET_LENGTH, seed: int = defaults.SEED, save_every: int = 100,
+                tasks: Optional[Mapping[str, str]] = None, setup: Optional[str] = None,
+                checkpoint: Optional[str] = None, config: Optional[T5Config] = None,
+                check_integrity: bool = True) -> library_gates.GatesResult:
+  """`elm-jax train-gates`: PHATGOOSE's gates for the library's `experts` that have none: one
+  gate vector per routed module of each expert, trained for `steps` steps on the expert's own
+  task (or `tasks[name]`) with the expert frozen, every expert in one vmapped program, from 0,
+  AdamW at `learning_rate`; checkpoints in `model_dir` (the same call after a kill resumes
+  there). The gates are stored beside each expert in the library; `route(..., method=
+  "phatgoose")` reads them. Returns a GatesResult (`.trained`, `.skipped`, `.metrics`).
+
+      api.train_gates("/tmp/qs/lib", "/tmp/qs/gates", steps=100)
+      api.route("/tmp/qs/lib", "builtin_nli_can_we_infer_score_eval", method="phatgoose", top_k=2)
+  """
+  _start()
+  instances.register_setup(setup)
+  return library_gates.train_gates(_library_dir(library), model_dir, experts, steps=steps,
+                                   learning_rate=learning_rate, batch_size=batch_size, input_length=input_length,
+                                   target_length=target_length, seed=seed, save_every=save_every, tasks=tasks,
+                                   checkpoint=checkpoint, check_integrity=check_integrity, config=config)
 
 
 def merge(library, experts: Sequence[str] | selection.Selection, name: str, *, top_k: Optional[int] = None,

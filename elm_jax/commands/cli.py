@@ -37,6 +37,8 @@ SUBCOMMANDS = {
                  "rank a library's experts for an unseen task (RoE, likelihood, oracle)"),
     "route": ("elm_jax.commands.route_command",
               "route a library's experts per token or per example on a task (uniform, Arrow, retrieval)"),
+    "train-gates": ("elm_jax.commands.gates_command",
+                    "train PHATGOOSE gates for a library's experts (then `route --method=phatgoose`)"),
     "merge": ("elm_jax.commands.merge_command", "merge library experts into a new expert"),
     "embed": ("elm_jax.commands.embed_command", "embed one text per line with MiniLM or a T5 encoder"),
     "tasks": ("elm_jax.commands.tasks_command", "list the ELM task inventory and its mixtures (no data needed)"),

@@ -4,7 +4,8 @@ example in one pass, and the accuracy of the mixture.
     elm-jax route --library=LIB --task=builtin_nli_can_we_infer_score_eval --method=arrow --top_k=2
 
 Methods (`library/routing_methods.py`): `uniform` (every expert's output, weight 1/E), `arrow`
-(per token and module, top-k experts by their prototypes), `retrieval` (per example: its
+(per token and module, top-k experts by their prototypes), `phatgoose` (per token and module,
+top-k experts by their trained gates; `elm-jax train-gates` first), `retrieval` (per example: its
 nearest retrieval keys vote; --embedder, --neighbours), `forced` (every example to --expert).
 Prints the accuracy (or, without labels, the number of examples routed); --output writes the
 result, with every example's prediction, as JSON.
@@ -34,8 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--method", choices=tuple(routing_methods.METHODS), default="arrow",
                       help="; ".join(f"{m.name}: {m.description}" for m in routing_methods.METHODS.values()))
   parser.add_argument("--top_k", type=flags.positive_int, default=1,
-                      help="experts kept per token (arrow) or per example (retrieval)")
-  parser.add_argument("--temperature", type=float, default=1.0, help="arrow: softmax temperature over the top k")
+                      help="experts kept per token (arrow, phatgoose) or per example (retrieval)")
+  parser.add_argument("--temperature", type=float, default=1.0, help="arrow, phatgoose: softmax temperature over the top k")
   parser.add_argument("--expert", default=None, help="forced: the expert every example is routed to")
   parser.add_argument("--experts", default="all", help="experts routed: all or NAME,NAME,...")
   parser.add_argument("--embedder", choices=retrieval.EMBEDDERS, default="minilm", help="retrieval: key embedder")

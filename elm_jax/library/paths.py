@@ -4,6 +4,7 @@ link), and how a writer that fails puts back what it made.
     <library>/manifest.json            names, metadata, content hashes, the backbone fingerprint
     <library>/history.jsonl            one line per add / remove, never rewritten
     <library>/experts/<name>/          tensors.safetensors + expert.json, as the trainer wrote them
+    <library>/experts/<name>/gates.safetensors       its PHATGOOSE gates, when trained (`gates.py`)
     <library>/experts/.<name>.<host>.<pid>.<hex>.tmp/   an expert being copied in by an add
     <library>/retrieval/keys/<name>.jsonl            training instances used as retrieval keys
     <library>/retrieval/embeddings/<embedder>/<format>/<name>.npy   their embeddings (a cache)
@@ -56,6 +57,7 @@ LOCK = ".lock"
 TRASH_DIR = ".trash"
 REMOVAL_RECORD = "removal.json"
 EXPERT_FILES = (expert_files.TENSORS_FILE, expert_files.METADATA_FILE)
+GATES_FILE = "gates.safetensors"  # beside them, recorded in the entry's `gates_file` (library/gates.py)
 # A staged expert directory: experts/.<directory name>.<host>.<pid>.<hex>.tmp
 STAGED = re.compile(r"^\.(?P<name>.+)\.(?P<host>[\w-]*)\.(?P<pid>\d+)\.[0-9a-f]{32}\.tmp$")
 # An expert being removed: .trash/<directory name>.<hex id>/

@@ -1,7 +1,7 @@
 """What an Expert Library records about its experts, checked as it is read: `manifest.json`
 (a format version, the backbone, and one entry per expert: its directory, its files' sha256
-and sizes, its keys file's) and the entry a removal's record carries
-(`.trash/<name>.<id>/removal.json`).
+and sizes, its keys file's and, once trained, its PHATGOOSE gates file's, `gates_file`) and
+the entry a removal's record carries (`.trash/<name>.<id>/removal.json`).
 
 The retrieval keys kept beside an expert (`retrieval/keys/<name>.jsonl`: training instances,
 each `{inputs, answer_choices?}`) are checked the same way (`check_keys`), when they are added and
@@ -94,10 +94,12 @@ def check_entry(name: Any, entry: Any, where: str) -> None:
             and isinstance(digest.get("bytes"), int)):
       raise LibraryError(f"{field}.files[{file!r}]: expected {{\"sha256\": hex string, "
                          f"\"bytes\": integer}}, got {digest!r}")
-  keys_file = entry.get("keys_file")
-  if keys_file is not None and not (isinstance(keys_file, dict) and isinstance(keys_file.get("sha256"), str)
-                                    and isinstance(keys_file.get("bytes"), int)):
-    raise LibraryError(f"{field}.keys_file: expected {{\"sha256\", \"bytes\"}}, got {keys_file!r}")
+  for key in ("keys_file", "gates_file"):
+    recorded_file = entry.get(key)
+    if recorded_file is not None and not (isinstance(recorded_file, dict)
+                                          and isinstance(recorded_file.get("sha256"), str)
+                                          and isinstance(recorded_file.get("bytes"), int)):
+      raise LibraryError(f"{field}.{key}: expected {{\"sha256\", \"bytes\"}}, got {recorded_file!r}")
 
 
 def check_unique_paths(experts: dict[str, Any], where: str) -> None:

@@ -15,6 +15,9 @@ compiled pass (`models/routing.py`, `evaluation/routed_scoring.py`).
   retrieval keys in the library (the same keys, embedders and text format as 'roe') vote for
   their experts; the example's weights are the vote shares of its top_k experts, the same for
   all its tokens and modules;
+- 'phatgoose' (Muqeeth et al. 2024): per token and per routed module, each expert's trained
+  gate g_e (`library/gates.py`: `elm-jax train-gates`) scores <standardise(x), standardise(g_e)>
+  (both standardised over features, as the paper does); experts without gates are refused;
 - 'forced': every example routed to one named expert (top-1, forced): that expert's scores.
 
 Per-token methods keep `top_k` experts a token with softmax(score / `temperature`) weights;
@@ -32,7 +35,7 @@ from elm_jax import defaults
 from elm_jax.errors import UserInputError
 from elm_jax.evaluation import routed_scoring
 from elm_jax.expert_stack import ExpertsOnBackbone
-from elm_jax.library import retrieval, selection
+from elm_jax.library import gates, retrieval, selection
 from elm_jax.models import routing
 from elm_jax.models.routing import RoutingInputs
 from tasks import instances
@@ -91,6 +94,25 @@ def _arrow(request: RoutingRequest):
   return RoutingInputs(routing.uniform_weights(len(request.rows), len(stack)), routers), {}
 
 
+def _phatgoose(request: RoutingRequest):
+  library = getattr(request.experts, "library", None)
+  if library is None:
+    raise RoutingMethodError("method 'phatgoose' reads the experts' gates from their library: pass experts "
+                             "loaded from one (library.loaded.load_experts)")
+  names = list(request.experts.names)
+  found = {name: gates.load_gates(library, name) for name in names}
+  missing = [name for name, g in found.items() if g is None]
+  if missing:
+    raise RoutingMethodError(f"method 'phatgoose': expert(s) without gates: {', '.join(missing)}; train them "
+                             f"with `elm-jax train-gates --library={library.root} --model_dir=DIR` "
+                             "(elm_jax.api.train_gates)")
+  try:
+    routers = routing.gate_routers([found[name] for name in names])
+  except routing.RoutingError as e:
+    raise RoutingMethodError(f"method 'phatgoose': {e}") from None
+  return RoutingInputs(routing.uniform_weights(len(request.rows), len(names)), routers), {}
+
+
 def _retrieval(request: RoutingRequest):
   library = getattr(request.experts, "library", None)
   if library is None:
@@ -137,6 +159,8 @@ def retrieval_weights(library, names: Sequence[str], rows: Sequence[dict[str, An
 METHODS: dict[str, RoutingMethod] = {m.name: m for m in (
     RoutingMethod("uniform", "every expert's output with weight 1/E", False, _uniform),
     RoutingMethod("arrow", "per token and module: top-k experts by |<x, prototype>| (Arrow)", True, _arrow),
+    RoutingMethod("phatgoose", "per token and module: top-k experts by their trained gates (PHATGOOSE)", True,
+                  _phatgoose),
     RoutingMethod("retrieval", "per example: its nearest retrieval keys vote for experts", False, _retrieval),
     RoutingMethod("forced", "every example routed to one named expert", False, _forced),
 )}

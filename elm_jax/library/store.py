@@ -228,7 +228,7 @@ class ExpertLibrary:
     if not paths.is_directory_name(dirname):
       raise LibraryError(f"{what}: {directory!r} does not name an expert directory ('{EXPERTS_DIR}/NAME', "
                          "NAME as `library add` writes it: letters, digits and -_.@, no leading '.')")
-    for file in entry["files"]:
+    for file in list(entry["files"]) + ([paths.GATES_FILE] if entry.get("gates_file") else []):
       self._path(f"{directory}/{file}", purpose)
     return path
 
@@ -568,6 +568,8 @@ class ExpertLibrary:
       recorded = [(directory / file, digest) for file, digest in entry["files"].items()]
       if keys_path is not None:
         recorded.append((keys_path, entry["keys_file"]))
+      if entry.get("gates_file"):
+        recorded.append((directory / paths.GATES_FILE, entry["gates_file"]))
       found = len(problems)
       for path, digest in recorded:
         if not path.exists():

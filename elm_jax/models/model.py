@@ -201,19 +201,23 @@ class EncoderDecoderModel:
     return self.split_params(pretrained)[0], tree_paths.unflatten(flat)
 
   # ------------------------------------------------------------------ training
-  def loss(self, params, batch: Batch, dropout_rng: Optional[Array] = None) -> tuple[Array, dict[str, Array]]:
+  def loss(self, params, batch: Batch, dropout_rng: Optional[Array] = None,
+           collections: Optional[dict] = None) -> tuple[Array, dict[str, Array]]:
     """Loss of a batch ({encoder_input_tokens, decoder_input_tokens, decoder_target_tokens,
     [decoder_loss_weights]}, each [batch, length]) in training mode: dropout and router jitter
     draw from `dropout_rng` (needed only when they are on); Mixture-of-Experts layers use their
     training capacity and add their weighted router losses. Metrics: loss, token accuracy,
-    tokens; for MoE also `cross_entropy`, the router losses and drop and load figures."""
+    tokens; for MoE also `cross_entropy`, the router losses and drop and load figures.
+    `collections`: variables beside `params` (a routed model's `experts` and `routing`: gate
+    training, `training/gates.py`)."""
     rngs = {} if dropout_rng is None else {"dropout": dropout_rng}
     inputs = (batch["encoder_input_tokens"], batch["decoder_input_tokens"])
+    variables = {"params": params, **(collections or {})}
     moe = self.config.moe
     if moe is None:
-      logits = self.module.apply({"params": params}, *inputs, deterministic=False, rngs=rngs)
+      logits = self.module.apply(variables, *inputs, deterministic=False, rngs=rngs)
     else:
-      logits, state = self.module.apply({"params": params}, *inputs, deterministic=False, rngs=rngs,
+      logits, state = self.module.apply(variables, *inputs, deterministic=False, rngs=rngs,
                                         mutable=["intermediates"])
     targets = batch["decoder_target_tokens"]
     weights = batch.get("decoder_loss_weights")

@@ -15,9 +15,12 @@ stacked experts come as the `experts` collection (leaves [E, ...] at their usual
   sum_e w_e scale_e.
 
 Weights w [rows, length or 1, E] sum to 1 over experts, so each is the mixture of the experts'
-own outputs. Where the `routing` collection holds a router for the site (`prototypes` [E, in],
-Arrow: score |<x, p_e>|) the weights are per token: the top_k scores, softmax(score /
-temperature) over them, 0 elsewhere. Elsewhere (every site, for
+own outputs. Where the `routing` collection holds a router for the site the weights are per
+token: the top_k scores, softmax(score / temperature) over them, 0 elsewhere; the scores are
+|<x, p_e>| for Arrow's `prototypes` [E, in], and <standardise(x), standardise(g_e)> for
+PHATGOOSE's `gates` [E, in] (Muqeeth et al. 2024; standardise: minus the mean over features,
+over their standard deviation; a constant vector, a zero gate included, standardises to 0).
+Elsewhere (every site, for
 per-example methods; layer norms and modules without a router, for per-token ones) they are
 the example's weights, `example_weights` [N, E], the same for its tokens (each of the N
 examples' decoder rows, N x C choices, take its weights).
@@ -29,12 +32,19 @@ changes are large; for LoRA and adapter experts the change of one expert costs a
 so computing all E costs E such changes per token). One forced expert (weights one-hot) gives
 that expert's scores: the same arithmetic as the expert alone for adapters and layer norms
 (w = 1 and 0 are exact), x W + s (x a) b against x (W + s a b) for LoRA.
+
+Gate training (`RoutedExperts.gate_training`, PHATGOOSE's second stage, `training/gates.py`):
+each expert runs alone (a stack of one) and its change at every routed module is scaled by its
+own gate, w(x) = sigmoid(<x, g>), unnormalised: the module's output is base + sigmoid(<x, g>)
+delta(x). Every site where the expert changes the output needs a gate then (`gate_sites`
+lists them).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -61,11 +71,14 @@ class RoutedExperts(ExpertSet):
   `top_k` best experts of each token and weight them by softmax(score / `temperature`)."""
   top_k: int = 1
   temperature: float = 1.0
+  # PHATGOOSE's gate training: sites with `gates` weigh an expert's change by sigmoid(<x, g>).
+  gate_training: bool = False
 
   @classmethod
-  def over(cls, experts, top_k: int = 1, temperature: float = 1.0) -> "RoutedExperts":
+  def over(cls, experts, top_k: int = 1, temperature: float = 1.0, gate_training: bool = False) -> "RoutedExperts":
     """`experts` (configs or an `ExpertSet`) routed; refuses kinds that cannot be routed and
-    a top_k or temperature that is not positive."""
+    a top_k or temperature that is not positive. `gate_training`: the model gate training
+    runs (module docstring)."""
     plain = ExpertSet.of(experts)
     for config in plain.configs:
       refusal = config.expert_kind.routing_refusal
@@ -75,7 +88,7 @@ class RoutedExperts(ExpertSet):
       raise RoutingError(f"top_k: expected a positive integer, got {top_k!r}")
     if not temperature > 0:
       raise RoutingError(f"temperature: expected a positive number, got {temperature!r}")
-    return cls(plain.configs, top_k, float(temperature))
+    return cls(plain.configs, top_k, float(temperature), bool(gate_training))
 
   @property
   def plain(self) -> ExpertSet:
@@ -94,7 +107,9 @@ class RoutedExperts(ExpertSet):
       return y
     deltas = [jax.vmap(lambda p, c=c: c.expert_kind.kernel_delta(c, module, p, kernel, x, y))(params)
               for c in self.configs]
-    return _mix(y, [d for d in deltas if d is not None], self._weights(module, module.path, x))
+    deltas = [d for d in deltas if d is not None]
+    _record_site(module.path, x, deltas)
+    return _mix(y, deltas, self._weights(module, module.path, x)) if deltas else y
 
   def sublayer_output(self, module, site: str, h: Array) -> Array:
     params = _tree_at(module, EXPERTS)
@@ -102,7 +117,9 @@ class RoutedExperts(ExpertSet):
       return h
     deltas = [jax.vmap(lambda p, c=c: c.expert_kind.sublayer_delta(c, module, site, p, h))(params)
               for c in self.configs]
-    return _mix(h, [d for d in deltas if d is not None], self._weights(module, module.path + (site,), h))
+    deltas = [d for d in deltas if d is not None]
+    _record_site(module.path + (site,), h, deltas)
+    return _mix(h, deltas, self._weights(module, module.path + (site,), h)) if deltas else h
 
   def layer_norm_scale(self, module, x: Array, scale: Array) -> Array:
     stacked = (_tree_at(module, EXPERTS) or {}).get("scale")
@@ -116,10 +133,79 @@ class RoutedExperts(ExpertSet):
     router = _tree_at(module, ROUTING, key) or {}
     valid = _tree_at(module, ROUTING, ())["valid"]                      # [E] bool
     x32 = x.astype(jnp.float32)
+    if "gates" in router:
+      gates = router["gates"].astype(jnp.float32)                       # [E, in]
+      if self.gate_training:
+        return jax.nn.sigmoid(jnp.einsum("rli,ei->rle", x32, gates))
+      scores = jnp.einsum("rli,ei->rle", standardise(x32), standardise(gates))
+      return top_k_weights(scores, valid, self.top_k, self.temperature)
+    if self.gate_training:
+      raise ValueError(f"gate training: no gate at the routed module {'/'.join(key)}")
     if "prototypes" not in router:
       return _example_weights(module, x.shape[0])
     scores = jnp.abs(jnp.einsum("rli,ei->rle", x32, router["prototypes"].astype(jnp.float32)))
     return top_k_weights(scores, valid, self.top_k, self.temperature)
+
+
+def standardise(v: Array) -> Array:
+  """v [..., d] minus its mean over the last axis, over its standard deviation there (0 where
+  that is 0: a constant vector standardises to 0), float32."""
+  v = v.astype(jnp.float32)
+  centred = v - v.mean(-1, keepdims=True)
+  std = jnp.sqrt((centred * centred).mean(-1, keepdims=True))
+  return jnp.where(std > 0, centred / jnp.where(std > 0, std, 1.0), 0.0)
+
+
+# The routed modules a trace passes through, {site key: input width}, while `gate_sites` records.
+_recorded: Optional[dict] = None
+
+
+def _record_site(key: tuple[str, ...], x: Array, deltas: Sequence[Array]) -> None:
+  if _recorded is not None and deltas:
+    _recorded[tuple(key)] = int(x.shape[-1])
+
+
+@contextlib.contextmanager
+def _recording() -> Iterator[dict]:
+  global _recorded
+  previous, _recorded = _recorded, {}
+  try:
+    yield _recorded
+  finally:
+    _recorded = previous
+
+
+def gate_sites(model, backbone: Any, stacked: Any) -> dict[tuple[str, ...], int]:
+  """{site key (a kernel's module path, or a block's path + (site,)): input width} of every
+  routed module where an expert of `stacked` (leaves [E, ...], of `model`'s configurations,
+  over `backbone`) changes the output: where PHATGOOSE puts a gate. Found by tracing the routed
+  model once on a batch of one (no array is computed)."""
+  routed = type(model).build(model.config, RoutedExperts.over(model.expert))
+  params = routed_backbone(routed, backbone, stacked)
+  experts = jax.tree_util.tree_map(lambda v: jax.ShapeDtypeStruct((1,) + tuple(v.shape[1:]), v.dtype), stacked)
+  routing = {"example_weights": jax.ShapeDtypeStruct((1, 1), jnp.float32),
+             "valid": jax.ShapeDtypeStruct((1,), jnp.bool_)}
+  tokens = jax.ShapeDtypeStruct((1, 2), jnp.int32)
+  with _recording() as found:
+    jax.eval_shape(lambda p, e, r, t: routed.choice_log_likelihoods(p, t, t[:, None], collections={
+        "experts": e, "routing": r}), params, experts, routing, tokens)
+  return dict(sorted(found.items()))
+
+
+def gate_routers(gates: Sequence[dict]) -> dict:
+  """The `routing` collection's PHATGOOSE routers from each of E experts' gates ({site key
+  joined by '/': [in]}): {module path: {'gates': [E, in] float32}}, a zero gate (scoring 0)
+  where an expert has none."""
+  found: dict[str, int] = {}
+  for g in gates:
+    for key, value in g.items():
+      found.setdefault(key, int(np.shape(value)[0]))
+  routers = {tuple(key.split("/")) + ("gates",): np.stack(
+      [np.asarray(g[key], np.float32) if key in g else np.zeros(dim, np.float32) for g in gates])
+      for key, dim in found.items()}
+  if not routers:
+    raise RoutingError("PHATGOOSE: the experts' gates are empty")
+  return tree_paths.unflatten(routers)
 
 
 def top_k_weights(scores: Array, valid: Array, top_k: int, temperature: float) -> Array:

@@ -93,7 +93,7 @@ def test_forced_uniform_and_arrow_through_route(loaded, one_pass):
 
 def test_refusals(loaded):
   with pytest.raises(routing_methods.RoutingMethodError, match="routing method 'best' is not known; the known "
-                     "methods are uniform, arrow, retrieval, forced"):
+                     "methods are uniform, arrow, phatgoose, retrieval, forced"):
     routing_methods.route(loaded, ROWS, "best")
   with pytest.raises(routing_methods.RoutingMethodError, match="method 'forced': name the expert"):
     routing_methods.route(loaded, ROWS, "forced")
