@@ -10,6 +10,10 @@ instead of redoing them (training stages also resume from their Orbax checkpoint
   library    the experts in an Expert Library with 100 retrieval keys each
   held_out   every expert and the baseline on the held-out prompts (one pass per prompt)
   retrieval  RoE, likelihood and oracle selection per held-out prompt; top-1 and merged top-k
+  routing    the library run routed instead of picked: per-example retrieval, Arrow (the adapter
+             experts, and LoRA experts trained on the same prompts), PHATGOOSE gates trained for
+             the adapter experts, a uniform mixture, against
+             RoE, the oracle and the baseline, with the share of the RoE-to-oracle gap each closes
   seen       seen prompts: each prompt expert and dataset expert against the baseline
   continual  experts for the kept-back tasks added; seen results unchanged; baseline fine-tuned
              further on the new tasks (forgetting)
@@ -36,7 +40,7 @@ from elm_jax import files, tree_paths
 from elm_jax.checkpoints import expert_files, hf
 from elm_jax.errors import UserInputError
 from elm_jax.evaluation import expert_eval
-from elm_jax.library import merging, retrieval, selection
+from elm_jax.library import gates, merging, retrieval, routing_methods, selection
 from elm_jax.library.loaded import load_experts
 from elm_jax.library.store import ExpertLibrary
 from elm_jax.models.adapters import ExpertConfig
@@ -49,8 +53,8 @@ from tasks import builtin_suite, instances
 from tasks.builtin_registry import builtin_vocabulary, register_builtin_suite
 from tasks.span_corruption import register_builtin_span_corruption
 
-STAGES = ("pretrain", "experts", "baseline", "library", "held_out", "retrieval", "seen", "continual",
-          "composed", "moe")
+STAGES = ("pretrain", "experts", "baseline", "library", "held_out", "retrieval", "routing", "seen",
+          "continual", "composed", "moe")
 # The selection methods (library/selection.py) the retrieval stage compares, as it runs them.
 SELECTION_METHODS = {"roe": "Retrieval of Experts (32 unlabeled inputs, top-1 votes)",
                      "likelihood": "likelihood (lowest entropy over the choices)",
@@ -314,6 +318,53 @@ class Demo:
       out[f"{method}_top1_mean"] = float(np.mean([p[method]["top1_accuracy"] for p in out["prompts"].values()]))
       out[f"{method}_merged_mean"] = float(np.mean([p[method]["merged_accuracy"] for p in out["prompts"].values()]))
     return out
+
+  def stage_routing(self) -> dict[str, Any]:
+    """routing the library per token or per example, against RoE, the oracle and the baseline"""
+    b, held, ret = self.budget, self.results["held_out"], self.results["retrieval"]
+    names = ret["candidates"]
+    # LoRA experts of the same prompts, for Arrow's own kind (adapters get a prototype of ours).
+    self._train("lora_experts", names, b.expert_steps, kind="lora", backbone=self.path("backbone"))
+    lora_library = ExpertLibrary(self.path("lora_library"), create=True)
+    for name in names:
+      if name not in lora_library.names():
+        lora_library.add(self.path("lora_experts", "experts", name))
+    # PHATGOOSE: a gate per adapter expert and routed module, trained with the expert frozen
+    # for as many steps as the expert took.
+    gates.train_gates(self.path("library"), self.path("gates"), names, steps=b.expert_steps,
+                      batch_size=b.expert_batch, input_length=b.input_length, target_length=b.target_length,
+                      seed=0)
+    adapters = load_experts(self.path("library"), names)
+    loras = load_experts(self.path("lora_library"), names)
+    embedder, _ = _retrieval_embedder(self, adapters.library)
+    # Gate scores are dot products of standardised vectors, of the order of the width: their
+    # softmax is taken at temperature sqrt(width); the others' at 1.
+    gate_temperature = float(np.sqrt(b.emb_dim))
+    runs = {"retrieval": (adapters, dict(method="retrieval", embedder=embedder)),
+            "arrow_adapters": (adapters, dict(method="arrow")),
+            "arrow_lora": (loras, dict(method="arrow")),
+            "phatgoose": (adapters, dict(method="phatgoose", temperature=gate_temperature)),
+            "uniform": (adapters, dict(method="uniform"))}
+    options = dict(top_k=b.top_k, batch_size=16, max_input_length=b.input_length * 2,
+                   max_target_length=b.choice_length)
+    accuracy: dict[str, dict[str, float]] = {m: {} for m in runs}
+    bar = self._bar(len(held["tasks"]) * len(runs), "routing")
+    for task in held["tasks"]:
+      rows = expert_eval.read_task_rows(task, "validation", b.eval_examples)
+      for method, (experts, chosen) in runs.items():
+        accuracy[method][task] = routing_methods.route(experts, rows, source=task, **{"temperature": 1.0, **chosen},
+                                                       **options).accuracy
+        bar.update(1)
+    bar.close()
+    oracle = float(np.mean([max(held["experts"][t]["scores"][n] for n in names) for t in held["tasks"]]))
+    means = {"roe_top1": ret["roe_top1_mean"], "roe_merged": ret["roe_merged_mean"],
+             **{m: float(np.mean(list(accuracy[m].values()))) for m in runs},
+             "oracle": oracle, "baseline": held["baseline_mean"]}
+    gap = oracle - means["roe_top1"]
+    return {"methods": list(means), "top_k": b.top_k, "temperature": 1.0, "gate_temperature": gate_temperature,
+            "gate_steps": b.expert_steps, "tasks": held["tasks"],
+            "accuracy": accuracy, "mean": means,
+            "gap_closed": {m: (None if gap == 0 else (v - means["roe_top1"]) / gap) for m, v in means.items()}}
 
   def stage_seen(self) -> dict[str, Any]:
     """seen prompts: prompt and dataset experts against the baseline"""

@@ -12,6 +12,17 @@ from elm_jax import files
 from elm_jax.demo.pipeline import SELECTION_METHODS
 from elm_jax.library.selection import METHODS
 
+# The rows of the routing table, in order (demo stage `routing`).
+ROUTING_ROWS = {"roe_top1": "RoE top-1 (one expert per prompt, from 32 inputs)",
+                "roe_merged": "RoE, merged top-k",
+                "retrieval": "per-example retrieval (each input's nearest keys vote)",
+                "arrow_adapters": "Arrow, adapter experts (prototype: down-projection)",
+                "arrow_lora": "Arrow, LoRA experts trained on the same prompts",
+                "phatgoose": "PHATGOOSE gates (adapter experts)",
+                "uniform": "uniform mixture of every expert's outputs",
+                "oracle": "oracle (best expert per prompt)",
+                "baseline": "multitask baseline"}
+
 MINIATURE_NOTE = (
     "This is a miniature: a {params:,}-parameter T5 pretrained for {pretrain_steps} steps on a "
     "generated task suite, on one CPU, in minutes. The numbers are whatever this run measured; "
@@ -75,8 +86,10 @@ def markdown(report: dict[str, Any], plots: list[str]) -> str:
             "| method | top-1 | merged top-k |", "|---|---|---|"]
   for method, label in SELECTION_METHODS.items():
     lines.append(f"| {label} | {_pct(ret[f'{method}_top1_mean'])} | {_pct(ret[f'{method}_merged_mean'])} |")
-  lines += [f"| multitask baseline | {_pct(held['baseline_mean'])} | |", "",
-            "## Seen tasks: experts against the multitask model (negative transfer)", "",
+  lines += [f"| multitask baseline | {_pct(held['baseline_mean'])} | |", ""]
+  if "routing" in s:
+    lines += routing_markdown(s["routing"])
+  lines += ["## Seen tasks: experts against the multitask model (negative transfer)", "",
             "| seen prompt | prompt expert | dataset expert | baseline |", "|---|---|---|---|"]
   for task, row in seen["rows"].items():
     lines.append(f"| {task} | {_pct(row['prompt_expert'])} | {_pct(row['dataset_expert'])} | {_pct(row['baseline'])} |")
@@ -122,6 +135,23 @@ def markdown(report: dict[str, Any], plots: list[str]) -> str:
   return "\n".join(lines)
 
 
+def routing_markdown(routing: dict[str, Any]) -> list[str]:
+  """The routing table: each method's mean held-out accuracy and the share of the gap between RoE
+  top-1 and the oracle that it closes (negative: below RoE top-1)."""
+  lines = ["## Routing the library instead of picking from it", "",
+           f"Mean held-out accuracy when the library's prompt experts are mixed per token (Arrow and "
+           f"PHATGOOSE, top-{routing['top_k']}, softmax temperature {routing['temperature']:g} and, for "
+           f"the gates, {routing.get('gate_temperature', 1.0):.1f}) or per example, inside one "
+           "compiled pass over the stacked experts; the last column is the share of the gap from RoE "
+           "top-1 to the oracle that each closes.", "",
+           "| method | accuracy | gap closed |", "|---|---|---|"]
+  for method in routing["methods"]:
+    closed = routing["gap_closed"][method]
+    lines.append(f"| {ROUTING_ROWS.get(method, method)} | {_pct(routing['mean'][method])} | "
+                 f"{'' if closed is None else f'{100 * closed:.0f}%'} |")
+  return lines + [""]
+
+
 def write_plots(report: dict[str, Any], out: str) -> list[str]:
   import matplotlib
   matplotlib.use("Agg")
@@ -157,6 +187,21 @@ def write_plots(report: dict[str, Any], out: str) -> list[str]:
   fig.savefig(os.path.join(out, "retrieval.png"), dpi=110)
   plt.close(fig)
   written.append("retrieval.png")
+
+  if "routing" in s:
+    routing = s["routing"]
+    methods = routing["methods"]
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(methods) + 1))
+    ax.barh(range(len(methods)), [routing["mean"][m] for m in methods],
+            color=["tab:gray" if m in ("oracle", "baseline") else "tab:green" for m in methods])
+    ax.set_yticks(range(len(methods)), [m.replace("_", " ") for m in methods], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("mean held-out accuracy (%)")
+    ax.set_title("Routing the library against picking one expert")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "routing.png"), dpi=110)
+    plt.close(fig)
+    written.append("routing.png")
 
   cont = s["continual"]
   fig, ax = plt.subplots(figsize=(5, 3.5))

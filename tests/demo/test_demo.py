@@ -25,7 +25,7 @@ def test_report_is_complete(demo_dir):
   assert report["miniature"] is True
   assert list(report["stages"]) == list(pipeline.STAGES)
   assert set(report["timings_s"]) == set(pipeline.STAGES)
-  for plot in ("held_out.png", "retrieval.png", "continual.png"):
+  for plot in ("held_out.png", "retrieval.png", "routing.png", "continual.png"):
     assert (demo_dir / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   s = report["stages"]
   experts = s["experts"]["prompt_experts"] + s["experts"]["dataset_experts"]
@@ -33,6 +33,14 @@ def test_report_is_complete(demo_dir):
   assert sorted(s["library"]["experts"]) == sorted(experts)
   assert len(s["held_out"]["tasks"]) == 12 and set(s["held_out"]["expert_mean"]) == set(experts)
   assert set(s["retrieval"]["prompts"]) == set(s["held_out"]["tasks"])
+  routing = s["routing"]
+  assert set(routing["accuracy"]) == {"retrieval", "arrow_adapters", "arrow_lora", "phatgoose", "uniform"}
+  assert all(set(per_task) == set(s["held_out"]["tasks"]) for per_task in routing["accuracy"].values())
+  assert routing["mean"]["roe_top1"] == s["retrieval"]["roe_top1_mean"]
+  assert routing["mean"]["baseline"] == s["held_out"]["baseline_mean"]
+  if routing["gap_closed"]["oracle"] is not None:  # the gap is measured from RoE top-1 to the oracle
+    assert (routing["gap_closed"]["roe_top1"], routing["gap_closed"]["oracle"]) == (0.0, 1.0)
+  assert "## Routing the library instead of picking from it" in (demo_dir / "report.md").read_text()
   assert s["continual"]["old_experts_unchanged"] is True
   assert s["baseline"]["examples"] == s["baseline"]["prompt_expert_examples"]  # comparable budget
   moe = s["moe"]
