@@ -49,7 +49,7 @@ from elm_jax.evaluation import expert_eval, placement
 from elm_jax.evaluation.expert_eval import TaskResult
 from elm_jax.library import loaded as library_loaded
 from elm_jax.library import gates as library_gates
-from elm_jax.library import merged, routing_methods, selection
+from elm_jax.library import merge_and_add, routing_methods, selection
 from elm_jax.library.store import ExpertLibrary
 from elm_jax.models.adapters import ExpertConfig
 from elm_jax.models.t5 import init_params
@@ -476,7 +476,7 @@ def merge(library, experts: Sequence[str] | selection.Selection, name: str, *, t
   if method == "weighted" and weights is None:
     raise UserInputError("merge: method='weighted' needs weights=[W, W, ...]")
   _start()
-  return merged.merge_into_library(store, store.resolve(names), name, method, weights=weights, scale=scale,
+  return merge_and_add.merge_into_library(store, store.resolve(names), name, method, weights=weights, scale=scale,
                                    density=density, checkpoint=checkpoint, config=config)
 
 

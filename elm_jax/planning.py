@@ -184,7 +184,7 @@ def plan_training(model_config: T5Config, expert_config: ExpertConfig, optimizer
   optimizer = ts.make_optimizer(optimizer_config)
   frozen, expert = model.abstract_params()
   state = jax.eval_shape(lambda p: ts.init_train_state(p, optimizer), _stacked(expert, num_experts))
-  plans = jax.eval_shape(lambda: ts.ExpertPlans.build([1] * num_experts, [1.0] * num_experts,
+  plans = jax.eval_shape(lambda: ts.ExpertSchedules.build([1] * num_experts, [1.0] * num_experts,
                                                       seeds=range(num_experts)))
   noisy = model_config.dropout_rate > 0 or (model_config.moe is not None and model_config.moe.router_jitter > 0)
   rng = jax.random.PRNGKey(seed) if noisy else None

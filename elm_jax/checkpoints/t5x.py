@@ -9,7 +9,7 @@ Legacy layout (t5x `Checkpointer`, e.g. the public T5 1.1 LM-adapted
   - `checkpoint`: a msgpack file (flax.serialization) of `{'version': 3, 'optimizer': state}`
     (version 0 files are `state` itself), where `state = {'target': params, 'state': {'step',
     'param_states'}}`. Arrays written inline use flax's ndarray ext type; arrays written to
-    TensorStore are replaced by the JSON form of their `ts.Spec`, e.g.
+    TensorStore are replaced by the JSON form of their `tensorstore.Spec`, e.g.
     `{'driver': 'zarr', 'dtype': 'float32', 'kvstore': {'driver': 'file', 'path':
     'target.encoder.layers_0.attention.query.kernel'}, 'metadata': {'compressor': {'id':
     'gzip'}, 'shape': [...], 'chunks': [...]}}` with a path relative to the checkpoint directory
@@ -207,7 +207,7 @@ def load_t5x_legacy_params(ckpt_dir: str, config: T5Config, param_dtype=np.float
 
   Only `target` is read; optimizer state (`state/param_states`, `step`) is ignored.
   """
-  import tensorstore as ts  # pylint: disable=import-outside-toplevel
+  import tensorstore  # pylint: disable=import-outside-toplevel
   contents = read_t5x_msgpack(ckpt_dir)
   state = contents.get("optimizer", contents)
   if not isinstance(state, Mapping) or "target" not in state:
@@ -223,7 +223,7 @@ def load_t5x_legacy_params(ckpt_dir: str, config: T5Config, param_dtype=np.float
       driver, directory = _array_dir(ckpt_dir, leaf, dotted)
       spec = {"driver": driver, "kvstore": {"driver": "file", "path": directory}}
       try:
-        stores[path] = ts.open(spec, open=True, read=True).result()
+        stores[path] = tensorstore.open(spec, open=True, read=True).result()
       except ValueError as e:
         raise CheckpointError(
             f"{directory}: unreadable {driver} array for {dotted} ({e})") from None

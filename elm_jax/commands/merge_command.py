@@ -13,7 +13,7 @@ import json
 from elm_jax import files, partitioning
 from elm_jax.commands import flags, gin_utils
 from elm_jax.errors import UserInputError
-from elm_jax.library.merged import METHODS, merge_into_library
+from elm_jax.library.merge_and_add import METHODS, merge_into_library
 from elm_jax.library.store import ExpertLibrary, safe_name
 
 

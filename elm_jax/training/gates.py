@@ -76,7 +76,7 @@ class GateModel:
 
 
 @functools.partial(jax.jit, static_argnames=("model", "optimizer_config"))
-def gate_step(state: ts.ExpertTrainState, frozen, batch, plans: ts.ExpertPlans, *, model: GateModel,
+def gate_step(state: ts.ExpertTrainState, frozen, batch, plans: ts.ExpertSchedules, *, model: GateModel,
               optimizer_config: ts.OptimizerConfig):
   """One step of every expert's gates (`train_step.train_step` on the `GateModel`): state whose
   params are the gates [E, ...], the frozen backbone and experts, batch leaves [E, batch,
@@ -128,7 +128,7 @@ def train_gates(config: TrainConfig, model: EncoderDecoderModel, backbone, stack
     restored = checkpoints.restore_latest(state)
     state = jax.device_put(restored if restored is not None else state)  # as the step returns it: one program
     start = int(state.step)
-    plans = ts.ExpertPlans.from_config(optimizer_config, config.steps_per_expert(), seeds=config.expert_seeds())
+    plans = ts.ExpertSchedules.from_config(optimizer_config, config.steps_per_expert(), seeds=config.expert_seeds())
     batches = inputs.expert_batches(config, model.config.vocab_size, start_step=start) if start < config.steps else None
     logs = checkpointing.Logs(config.model_dir, names) if start < config.steps else None
     metrics: dict[str, np.ndarray] = {}

@@ -6,7 +6,7 @@ backbone plus E experts, and the gradient of their sum is each expert's own grad
 are [E, batch, length]: each expert trains on its own task's examples.
 Gradient clipping, the learning-rate schedule and the metrics are per expert.
 
-Experts of one program may follow different plans (`ExpertPlans`): each has its own number of
+Experts of one program may follow different schedules (`ExpertSchedules`): each has its own number of
 steps, peak learning rate and dropout seed. An expert that has taken its steps stops changing:
 its parameters and optimizer state stay bit for bit as after its last step while the others go
 on, so a group of experts ends exactly where each expert trained alone would.
@@ -69,7 +69,7 @@ def learning_rate_schedule(config: OptimizerConfig, total_steps: int) -> optax.S
 def make_optimizer(config: OptimizerConfig, total_steps: Optional[int] = None) -> optax.GradientTransformation:
   """The per-expert optimizer (vmapped over experts by the train step). With `total_steps` it
   applies `config`'s schedule itself; without, it steps with a learning rate of 1 and the train
-  step scales each expert's update by its own schedule (`ExpertPlans`)."""
+  step scales each expert's update by its own schedule (`ExpertSchedules`)."""
   schedule = 1.0 if total_steps is None else learning_rate_schedule(config, total_steps)
   if config.name == "adamw":
     opt = optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
@@ -117,7 +117,7 @@ def state_specs(expert_specs, opt_state) -> ExpertTrainState:
 
 
 @dataclasses.dataclass
-class ExpertPlans:
+class ExpertSchedules:
   """Each expert's own schedule, [E] arrays: steps to take, peak learning rate, warm-up steps,
   whether the rate stays constant (else it decays linearly to 0 at `total_steps`), and the
   seed of its dropout masks (drawn from its own seed and step, so they do not depend on which
@@ -130,7 +130,7 @@ class ExpertPlans:
 
   @classmethod
   def build(cls, total_steps, learning_rates, warmup_steps: int = 0, constant: bool = False,
-            seeds=None) -> "ExpertPlans":
+            seeds=None) -> "ExpertSchedules":
     e = len(total_steps)
     seeds = range(e) if seeds is None else seeds
     return cls(jnp.asarray(total_steps, jnp.int32), jnp.asarray(learning_rates, jnp.float32),
@@ -138,7 +138,7 @@ class ExpertPlans:
                jnp.asarray(list(seeds), jnp.uint32))
 
   @classmethod
-  def from_config(cls, config: OptimizerConfig, total_steps, learning_rates=None, seeds=None) -> "ExpertPlans":
+  def from_config(cls, config: OptimizerConfig, total_steps, learning_rates=None, seeds=None) -> "ExpertSchedules":
     """Plans that follow `config`'s schedule kind and warm-up, with per-expert steps and rates
     (default: config.learning_rate for every expert)."""
     if config.schedule not in ("linear", "constant"):
@@ -148,7 +148,7 @@ class ExpertPlans:
     return cls.build(total_steps, rates, config.warmup_steps, config.schedule == "constant", seeds)
 
 
-jax.tree_util.register_dataclass(ExpertPlans, data_fields=["total_steps", "learning_rate", "warmup_steps",
+jax.tree_util.register_dataclass(ExpertSchedules, data_fields=["total_steps", "learning_rate", "warmup_steps",
                                                            "constant", "seed"], meta_fields=[])
 
 
@@ -165,7 +165,7 @@ def planned_learning_rate(step: Array, total_steps: Array, peak: Array, warmup: 
 
 def train_step(state: ExpertTrainState, backbone, batch: dict[str, Array], *, model: EncoderDecoderModel,
                optimizer: optax.GradientTransformation, dropout_rng: Optional[Array] = None,
-               plans: Optional[ExpertPlans] = None) -> tuple[ExpertTrainState, dict[str, Array]]:
+               plans: Optional[ExpertSchedules] = None) -> tuple[ExpertTrainState, dict[str, Array]]:
   """Updates every expert on its own batch ([E, batch, length] leaves). Metrics are [E]: loss,
   token accuracy, tokens in this batch, gradient norm (before clipping), tokens seen so far,
   the learning rate used and whether the expert stepped (`active`).

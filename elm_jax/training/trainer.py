@@ -67,7 +67,7 @@ def initial_experts(model_config: T5Config, expert_config: ExpertConfig, backbon
 
 
 def step_function(model: EncoderDecoderModel, optimizer, dropout_rng: Optional[jax.Array],
-                  state: ts.ExpertTrainState, plans: ts.ExpertPlans,
+                  state: ts.ExpertTrainState, plans: ts.ExpertSchedules,
                   partitioner: Optional[partitioning.Partitioner] = None):
   """(the compiled train step `(state, backbone, batch, plans) -> (state, metrics)`, the logical
   specs of those four inputs, or None without a partitioner). `state` and `plans` may be
@@ -123,7 +123,7 @@ def train_experts(config: TrainConfig, model_config: T5Config, backbone_params: 
   model = EncoderDecoderModel.build(model_config, expert_config)
   backbone, stacked = model.init_experts(backbone_params, len(names), config.seed, shared_init=config.shared_init)
   optimizer = ts.make_optimizer(optimizer_config)  # rate 1: each expert's plan scales its update
-  plans = ts.ExpertPlans.from_config(optimizer_config, config.steps_per_expert(),
+  plans = ts.ExpertSchedules.from_config(optimizer_config, config.steps_per_expert(),
                                      config.expert_learning_rates, config.expert_seeds())
   state = ts.init_train_state(stacked, optimizer)
   restored = checkpoints.restore_latest(state)

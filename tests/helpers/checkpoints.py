@@ -4,7 +4,7 @@ import json
 import os
 
 import numpy as np
-import tensorstore as ts
+import tensorstore
 from flax import serialization
 
 from elm_jax.models.t5 import param_shapes
@@ -37,7 +37,7 @@ def write_legacy_t5x(ckpt_dir, params, *, step=1100, kvstore="file", dtype=np.fl
   """Writes a T5X `Checkpointer` directory: msgpack `checkpoint` + one gzip zarr per array.
 
   Like t5x, arrays written to TensorStore are replaced in the msgpack by the JSON form of their
-  relative `ts.Spec`; with `inline_1d` the 1-D arrays (layer-norm scales) are stored inline as
+  relative `tensorstore.Spec`; with `inline_1d` the 1-D arrays (layer-norm scales) are stored inline as
   t5x does for unpartitioned arrays. `state` holds a step and Adafactor-like slots.
   """
   os.makedirs(ckpt_dir)
@@ -52,10 +52,10 @@ def write_legacy_t5x(ckpt_dir, params, *, step=1100, kvstore="file", dtype=np.fl
                          "chunks": [max(1, d // 2) for d in array.shape]}}
     absolute = json.loads(json.dumps(spec))
     absolute["kvstore"]["path"] = os.path.join(ckpt_dir, name)
-    ts.open(absolute, create=True, open=True).result().write(array).result()
+    tensorstore.open(absolute, create=True, open=True).result().write(array).result()
     if kvstore == "gcs":
       spec["kvstore"] = {"driver": "gcs", "bucket": "t5x-dummy-bucket", "path": name}
-    return ts.Spec(spec).to_json()
+    return tensorstore.Spec(spec).to_json()
 
   slots = _map_with_names(params, lambda n, a: {"v_row": np.ones(a.shape[:1], np.float32)}
                           if a.ndim == 1 else {"v_row": np.ones(a.shape[0], np.float32),

@@ -11,7 +11,7 @@ import pytest
 from elm_jax.checkpoints import expert_files, hf
 from elm_jax.errors import UserInputError
 from elm_jax.evaluation import rank_scoring
-from elm_jax.library import merged
+from elm_jax.library import merge_and_add
 from elm_jax.library.loaded import load_experts
 from elm_jax.library.store import ExpertLibrary
 from elm_jax.models.experts import ExpertConfig, ExpertSet
@@ -79,9 +79,9 @@ def test_merge_refuses_experts_of_several_kinds(library):
   lib = ExpertLibrary(root)
   with pytest.raises(UserInputError, match=r"experts \['an_adapter', 'a_lora_with_norms'\]: they are of several "
                                            r"kinds \(adapter\+lora\); merge experts of one kind"):
-    merged.merge_into_library(lib, ["an_adapter", "a_lora_with_norms"], "mix", checkpoint=checkpoint)
+    merge_and_add.merge_into_library(lib, ["an_adapter", "a_lora_with_norms"], "mix", checkpoint=checkpoint)
   # Stacked without the backbone (as merge loads them), the LoRA expert lacks the layer norms.
   with pytest.raises(UserInputError, match="experts 'a_lora' and 'an_adapter' have different configurations, "
                                            "and only the second trains"):
-    merged.merge_into_library(lib, ["a_lora", "an_adapter"], "mix", checkpoint=checkpoint)
+    merge_and_add.merge_into_library(lib, ["a_lora", "an_adapter"], "mix", checkpoint=checkpoint)
   assert "mix" not in lib.names()

@@ -14,7 +14,7 @@ from elm_jax import tree_paths
 from elm_jax.checkpoints import hf
 from elm_jax.commands import gin_utils
 from elm_jax.evaluation import rank_scoring
-from elm_jax.library import merged, merging
+from elm_jax.library import merge_and_add, merging
 from elm_jax.library.loaded import load_experts
 from elm_jax.library.store import ExpertLibrary
 from elm_jax.models.experts import ExpertConfig, merge_params
@@ -158,7 +158,7 @@ def test_ia3_experts_merge_by_task_arithmetic_from_one(library):
   members = [lib.load(name)[0] for name in ("ia3_reverse", "ia3_first")]
   base = merging.identity_base(members[0], IA3)
   assert all((v == 1).all() for v in jax.tree_util.tree_leaves(base))
-  merged.merge_into_library(lib, ["ia3_reverse", "ia3_first"], "ia3_sum", "task_arithmetic", scale=0.7,
+  merge_and_add.merge_into_library(lib, ["ia3_reverse", "ia3_first"], "ia3_sum", "task_arithmetic", scale=0.7,
                             checkpoint=checkpoint)
   tensors, meta = lib.load("ia3_sum")
   assert meta.expert_config["kind"] == "ia3"
