@@ -19,6 +19,7 @@ markdown goes to stdout; `--write` puts it into BENCHMARKS.md (one section per C
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import pathlib
@@ -27,6 +28,7 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from bench.bench_sweep import avx512  # noqa: E402
 from bench.head_to_head import machine, write_section  # noqa: E402
 from elm_jax.evaluation import expert_eval  # noqa: E402
 from elm_jax.library import retrieval, routing_methods  # noqa: E402
@@ -81,7 +83,7 @@ def main() -> int:
     results[label] = best_of_3(fn)
     print(f"{label}: {results[label][0]:.3f} s (spread {results[label][1]:.3f})", file=sys.stderr)
   reference = results["one expert, scored alone (reference)"][0]
-  lines = [f"{HEADING} ({machine()})", "",
+  lines = [f"{HEADING} ({machine()}, {'with' if avx512() else 'without'} AVX-512, {datetime.date.today()})", "",
            f"`JAX_PLATFORMS=cpu .venv/bin/python bench/bench_routing.py --demo_out=DIR` on a full `elm-jax demo` "
            f"output, on an otherwise idle machine: the demo's {len(names)} prompt experts on {len(rows)} instances "
            f"of {task} (their answer choices), batch 16, compiled beforehand. Best of 3 (spread), seconds.", "",

@@ -22,6 +22,7 @@ markdown goes to stdout; `--write` puts it into BENCHMARKS.md (one section per C
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import pathlib
 import sys
@@ -32,6 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from bench.bench_sweep import avx512  # noqa: E402
 from bench.head_to_head import machine, write_section  # noqa: E402
 from elm_jax import tf_input  # noqa: E402
 from elm_jax.training import inputs  # noqa: E402
@@ -110,7 +112,7 @@ def main() -> int:
     print(f"{name}: {results[name][0]:.3f} s (spread {results[name][1]:.3f})", file=sys.stderr)
   per = lambda k: args.steps / results[k][0]  # noqa: E731
   section = "\n".join([
-      f"{HEADING} ({machine()})", "",
+      f"{HEADING} ({machine()}, {'with' if avx512() else 'without'} AVX-512, {datetime.date.today()})", "",
       f"`JAX_PLATFORMS=cpu .venv/bin/python bench/bench_row_order.py --rows={args.rows} --steps={args.steps}`,"
       f" tensorflow {tf.__version__}, on an otherwise idle machine. One expert, batch 32, inputs 256 /"
       f" targets 128 tokens, a P3-layout subset of {args.rows:,} records in 4 shards. Best of 3 (spread).", "",

@@ -82,6 +82,7 @@ class _Records:
     self.index = p3.RecordIndex(directory, split)
     self.parse = p3.record_parser(directory, split)
     self.signature = tf.TensorSpec([], tf.string)
+    self.block_signature = tf.TensorSpec([None], tf.string)
     self.where = f"{directory} ({split})"
 
   def __len__(self) -> int:
@@ -89,6 +90,10 @@ class _Records:
 
   def read(self, i: int):
     return self.index.read(i)
+
+  def read_block(self, indices: np.ndarray) -> np.ndarray:
+    """The records at `indices`, as one array of serialized records [len(indices)]."""
+    return np.array([self.index.read(int(i)) for i in indices], dtype=object)
 
   def decode(self, ds):
     return ds.map(self.parse)
@@ -103,6 +108,7 @@ class _Held:
     ds = task.source.get_dataset(split=split, shuffle=False)
     self.rows = list(ds.as_numpy_iterator())
     self.signature = tf.nest.map_structure(lambda s: tf.TensorSpec(s.shape, s.dtype), ds.element_spec)
+    self.block_signature = None  # rows of any structure: handed over one at a time
     self.where = f"task {task.name!r} ({split})"
 
   def __len__(self) -> int:
@@ -271,23 +277,30 @@ def expert_dataset(name: str, *, split: str, seed: int, batch_size: int, rows: s
       step = start_step
       while True:
         member, row = order.locate(step, rows)
-        for r in row[member == m]:
-          yield part.reader.read(int(part.rows[r]))
+        picked = part.rows[row[member == m]]
+        if part.reader.block_signature is not None:  # one hand-over per step: from_generator's
+          if len(picked):                            # cost is per element
+            yield part.reader.read_block(picked)
+        else:
+          yield from (part.reader.read(int(i)) for i in picked)
         step += 1
-    ds = tf.data.Dataset.from_generator(row_stream, output_signature=part.reader.signature)
+    if part.reader.block_signature is not None:
+      ds = tf.data.Dataset.from_generator(row_stream, output_signature=part.reader.block_signature).unbatch()
+    else:
+      ds = tf.data.Dataset.from_generator(row_stream, output_signature=part.reader.signature)
     ds = part.task.preprocess_precache(part.reader.decode(ds), seed=seed)
     ds = part.task.preprocess_postcache(ds, sequence_length=lengths, seed=seed)
     datasets.append(convert(ds, part.name))
   empty = tf.data.Dataset.from_tensors(tf.nest.map_structure(
       lambda s: tf.zeros(s.shape, s.dtype), datasets[0].element_spec)).repeat()
 
-  def choices() -> Iterator[int]:
+  def choices() -> Iterator[np.ndarray]:
     step = start_step
     while True:
       member, _ = order.locate(step, rows)
-      yield from np.where(member < 0, len(datasets), member).tolist()
+      yield np.where(member < 0, len(datasets), member)
       step += 1
-  choice = tf.data.Dataset.from_generator(choices, output_signature=tf.TensorSpec([], tf.int64))
+  choice = tf.data.Dataset.from_generator(choices, output_signature=tf.TensorSpec([None], tf.int64)).unbatch()
   width = len(range(batch_size)[rows])
   return tf.data.Dataset.choose_from_datasets(datasets + [empty], choice).batch(width, drop_remainder=True)
 
