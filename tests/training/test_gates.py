@@ -78,9 +78,11 @@ def test_gate_sites_are_where_each_kind_acts(tiny_config):
 def test_gates_learn_in_one_program(setup, tmp_path):
   model, backbone, stacked = setup
   config = _config(tmp_path, steps=12, save_every=12)
+  compiled = gates.gate_step._cache_size()  # other modules' gate runs compiled their own shapes
   trained, metrics = gates.train_gates(config, model, backbone, stacked,
                                        optimizer_config=gates.gate_optimizer(0.3))
-  assert gates.gate_step._cache_size() == 1  # one compiled program for E experts' gate steps
+  # One program for all 12 steps of E experts' gates (none new if an earlier test made this shape).
+  assert gates.gate_step._cache_size() - compiled <= 1
   log = [json.loads(line) for line in open(tmp_path / "train_log.jsonl")]
   for name in ("rev", "first"):
     first, last = log[0]["experts"][name]["loss"], log[-1]["experts"][name]["loss"]
