@@ -94,11 +94,17 @@ def _arrow(request: RoutingRequest):
   return RoutingInputs(routing.uniform_weights(len(request.rows), len(stack)), routers), {}
 
 
-def _phatgoose(request: RoutingRequest):
+def _library(request: RoutingRequest, method: str, reads: str):
+  """The library the experts were loaded from, which `method` reads `reads` from."""
   library = getattr(request.experts, "library", None)
   if library is None:
-    raise RoutingMethodError("method 'phatgoose' reads the experts' gates from their library: pass experts "
-                             "loaded from one (library.loaded.load_experts)")
+    raise RoutingMethodError(f"method {method!r} reads {reads}: pass experts loaded from one "
+                             "(library.loaded.load_experts)")
+  return library
+
+
+def _phatgoose(request: RoutingRequest):
+  library = _library(request, "phatgoose", "the experts' gates from their library")
   names = list(request.experts.names)
   found = {name: gates.load_gates(library, name) for name in names}
   missing = [name for name, g in found.items() if g is None]
@@ -114,10 +120,7 @@ def _phatgoose(request: RoutingRequest):
 
 
 def _retrieval(request: RoutingRequest):
-  library = getattr(request.experts, "library", None)
-  if library is None:
-    raise RoutingMethodError("method 'retrieval' reads the retrieval keys of a library: pass experts loaded "
-                             "from one (library.loaded.load_experts)")
+  library = _library(request, "retrieval", "the retrieval keys of a library")
   if isinstance(request.neighbours, bool) or not isinstance(request.neighbours, int) or request.neighbours < 1:
     raise RoutingMethodError(f"neighbours: expected a positive integer, got {request.neighbours!r}")
   names = list(request.experts.names)
