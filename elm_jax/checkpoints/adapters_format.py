@@ -2,7 +2,7 @@
 (`model.save_adapter(dir, name, use_safetensors=True)`): `adapter_config.json` and
 `adapter.safetensors`.
 
-elm_jax's adapter (the paper's, `models/adapters.py`) is Houlsby's placement: after the output
+elm_jax's adapter (the paper's, `models/experts/adapter.py`) is Houlsby's placement: after the output
 of each self-attention and each feed-forward sub-layer of both stacks, before the residual
 addition, `h + up(gelu_tanh(down(h) + b_down)) + b_up`, bottleneck d_model // reduction_factor.
 The `adapters` package computes exactly that for T5 with a `BnConfig` (its `DoubleSeqBnConfig`)
