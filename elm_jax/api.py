@@ -30,7 +30,6 @@ arguments.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import tempfile
@@ -42,14 +41,14 @@ import numpy as np
 
 from elm_jax import compile_cache, defaults, partitioning
 from elm_jax.checkpoints import hf, loading
-from elm_jax.commands import (eval_command, gin_utils, library_command, retrieve_command, route_command,
+from elm_jax.commands import (eval_command, gin_utils, retrieve_command, route_command,
                               score_command, train_command)
 from elm_jax.errors import UserInputError
 from elm_jax.evaluation import expert_eval, placement
 from elm_jax.evaluation.expert_eval import TaskResult
 from elm_jax.library import loaded as library_loaded
 from elm_jax.library import gates as library_gates
-from elm_jax.library import merge_and_add, routing_methods, selection
+from elm_jax.library import adding, merge_and_add, routing_methods, selection
 from elm_jax.library.store import ExpertLibrary
 from elm_jax.models.adapters import ExpertConfig
 from elm_jax.models.t5 import init_params
@@ -230,9 +229,8 @@ def add_experts(library, paths: Sequence[str], *, keys: str = "auto", name: Opti
   if isinstance(paths, (str, os.PathLike)):
     raise UserInputError(f"paths: expected a list of directories, got {paths!r}")
   _start()
-  library_command.main(argparse.Namespace(action="add", library=_library_dir(library),
-                                          experts=[os.fspath(p) for p in paths], name=name,
-                                          checkpoint=checkpoint, keys=keys, setup=setup))
+  adding.add_experts(_library_dir(library), [os.fspath(p) for p in paths], keys=keys, name=name,
+                     checkpoint=checkpoint, setup=setup, log=print)
   return ExpertLibrary(_library_dir(library)).names()
 
 

@@ -50,7 +50,7 @@ def test_recipe_parses_and_builds_a_tiny_model(path):
     recipe = {"elm_prompt_experts_xl.gin": "prompt", "elm_dataset_experts_xl.gin": "dataset",
               "elm_dataset_experts_full_xl.gin": "dataset_full",
               "elm_continual_experts_xl.gin": "continual"}[name]
-    assert group.kind == recipe and group.plans == tuple(plans.recipe_groups(recipe, group.group_size)[0])
+    assert group.recipe == recipe and group.plans == tuple(plans.recipe_groups(recipe, group.group_size)[0])
     assert kind == ("full" if recipe == "dataset_full" else "adapter")
     if recipe == "prompt":
       assert mesh.resolve(8) == (1, 8, 1)  # 8 GPUs: one expert per GPU

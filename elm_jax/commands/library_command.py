@@ -16,12 +16,10 @@ import json
 import os
 import sys
 
-from etils import epath
-
-from elm_jax import files, jsonl
+from elm_jax import files
 from elm_jax.checkpoints import expert_files, hf, interchange
 from elm_jax.commands import flags
-from elm_jax.library.store import ExpertLibrary, LibraryError, check_keys
+from elm_jax.library.store import ExpertLibrary, LibraryError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -68,35 +66,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   flags.add_integrity_flag(sub.choices["show"])
 
 
-def expert_dirs(paths) -> list[str]:
-  """Expert directories from arguments that may also be training run directories (any epath)
-  or PEFT and AdapterHub folders (local)."""
-  found = []
-  for path in map(epath.Path, paths):
-    if (path / expert_files.METADATA_FILE).is_file() or interchange.folder_format(path) is not None:
-      found.append(os.fspath(path))
-    elif (path / "experts").is_dir():
-      inside = sorted(os.fspath(d) for d in (path / "experts").iterdir()
-                      if (d / expert_files.METADATA_FILE).is_file())
-      if not inside:
-        raise LibraryError(f"{path}/experts: holds no expert directories")
-      found.extend(inside)
-    else:
-      raise LibraryError(f"{path}: neither an expert directory ({expert_files.METADATA_FILE}), a training "
-                         f"run directory (experts/), nor a PEFT or AdapterHub folder ({interchange.CONFIG_FILE})")
-  return found
-
-
-def _keys_for(option: str, task: str) -> list | None:
-  if option == "none":
-    return None
-  if option != "auto":
-    return check_keys(jsonl.read_objects(option, "--keys"), option)
-  from tasks import instances  # lazily: SeqIO and TensorFlow, which only `add --keys=auto` needs
-  instances.ensure_registered([task])  # a no-op once the task is registered
-  return instances.training_keys(task)
-
-
 def main(args: argparse.Namespace) -> int:
   if args.action == "add":
     return _add(args)
@@ -138,42 +107,9 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _add(args: argparse.Namespace) -> int:
-  from tasks import instances  # lazily, as in _keys_for
-  instances.register_setup(args.setup)
-  dirs = expert_dirs(args.experts)
-  if args.name and len(dirs) != 1:
-    raise LibraryError(f"--name: names one expert, but {len(dirs)} were given")
-  formats = [interchange.folder_format(d) for d in dirs]
-  # Every tensor of an expert directory is checked before the library is made; an imported
-  # folder is checked as it is converted, and a library its failed add made is removed.
-  metas = [None if fmt else expert_files.check_expert(d) for d, fmt in zip(dirs, formats)]
-  names = [args.name or (meta.name if meta else os.path.basename(os.path.normpath(d)))
-           for d, meta in zip(dirs, metas)]
-  expert_files.directory_names(names, "--name" if args.name else "expert names")
-  if args.keys not in ("auto", "none"):
-    _keys_for(args.keys, "")  # a bad keys file is refused before anything is written
-  library = ExpertLibrary(args.library, create=True)
-  try:
-    for done in library.repair("add experts"):  # a killed remove is finished first
-      print(done)
-    for directory, meta, name, fmt in zip(dirs, metas, names, formats):
-      if fmt is None and library.holds_identical(name, directory):
-        print(f"already in the library: {name} (same files; skipped)")
-        continue
-      keys = None if fmt and args.keys == "auto" else _keys_for(args.keys, meta.task if meta else "")
-      before = library.manifest()["experts"].get(name)
-      library.add(directory, name=name, keys=keys, checkpoint=args.checkpoint)
-      if fmt is None:
-        print(f"added {name} ({meta.task}; {len(keys) if keys else 0} retrieval keys)")
-      elif before is not None and before == library.entry(name):
-        print(f"already in the library: {name} (imported from {directory}; same files; skipped)")
-      else:
-        print(f"added {name} (imported {library.entry(name)['kind']} expert from the {fmt} folder "
-              f"{directory}; {len(keys) if keys else 0} retrieval keys"
-              + ("; --keys=auto gives none: pass --keys=FILE.jsonl" if args.keys == "auto" else "") + ")")
-  except Exception:
-    library.discard_if_unused()  # a library this command made, that its failed adds left empty
-    raise
+  from elm_jax.library import adding  # lazily: SeqIO and TensorFlow, which only `add` needs
+  adding.add_experts(args.library, args.experts, keys=args.keys, name=args.name, checkpoint=args.checkpoint,
+                     setup=args.setup, log=print)
   return 0
 
 

@@ -1,26 +1,30 @@
 """`elm-jax score`: rank classification of JSONL examples with any T5 checkpoint.
 
-Input lines: {"id": ..., "inputs": "text", "choices": ["a", "b", ...]}.
-Output lines: {"id": ..., "scores": [...], "prediction": index}; with --library, every selected
-expert scores every example in one vmapped pass and the lines are {"id": ..., "scores":
-{expert: [...]}, "prediction": {expert: index}}. Nothing is written to --output until every
-example has been scored.
+Input lines: {"id": ..., "inputs": "text", "choices": ["a", "b", ...]}, each read into the
+instance shape of `tasks/instances.py` ({"id", "inputs", "answer_choices"}) and scored as
+[E, N, C] log-likelihoods (`instance_scores`: E = 1 for a --checkpoint, the selected experts, in
+one vmapped pass, for a --library). Output lines: {"id": ..., "scores": [...], "prediction":
+index}; with --library, {"id": ..., "scores": {expert: [...]}, "prediction": {expert: index}}.
+Nothing is written to --output until every example has been scored.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 import time
 from typing import Any, Optional
+
+import numpy as np
 
 from elm_jax import defaults, files, jsonl, partitioning
 from elm_jax.checkpoints import loading
 from elm_jax.commands import flags, gin_utils, run_files
 from elm_jax.errors import UserInputError
 from elm_jax.evaluation import rank_scoring
-from elm_jax.evaluation.expert_eval import score_instances
+from elm_jax.evaluation.expert_eval import rank_examples, score_instances
 from elm_jax.library.loaded import load_experts
 from elm_jax.vocabularies import SentencePieceVocabulary
 
@@ -61,18 +65,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   flags.add_integrity_flag(parser)
 
 
-def read_examples(path: str) -> list[dict[str, Any]]:
-  """Reads and validates the JSONL input; errors name the file, the line and the field."""
-  examples = [check_example(record, f"{path}:{number}")
-              for number, record in jsonl.read_objects(path, "--input")]
-  if not examples:
+def read_instances(path: str) -> list[dict[str, Any]]:
+  """The JSONL input's examples as instances {"id", "inputs", "answer_choices"}, each checked;
+  errors name the file, the line and the field."""
+  instances = [check_example(record, f"{path}:{number}")
+               for number, record in jsonl.read_objects(path, "--input")]
+  if not instances:
     raise InputError(f"{path}: no examples (the file is empty)")
-  return examples
+  return instances
 
 
 def check_example(record: Any, where: str) -> dict[str, Any]:
-  """`record` when it is an example {"id": string or number, "inputs": string, "choices":
-  [string, ...]}; else an InputError naming `where` and the field."""
+  """The instance {"id", "inputs", "answer_choices"} of `record` when it is an example {"id":
+  string or number, "inputs": string, "choices": [string, ...]}; else an InputError naming
+  `where` and the field."""
   if not isinstance(record, dict):
     raise InputError(f"{where}: expected an object {{id, inputs, choices}}, got {type(record).__name__}")
   if "id" not in record:
@@ -89,61 +95,90 @@ def check_example(record: Any, where: str) -> dict[str, Any]:
   for j, choice in enumerate(choices):
     if not isinstance(choice, str):
       raise InputError(f"{where}: field 'choices[{j}]' must be a string, got {type(choice).__name__}")
-  return record
+  return {"id": record["id"], "inputs": record["inputs"], "answer_choices": choices}
 
 
-def score_records(records, scorer: rank_scoring.RankScorer, vocabulary, *,
-                  length_normalize: bool = False) -> list[dict[str, Any]]:
-  """Tokenizes and scores validated records; returns the output records in input order."""
-  examples = [rank_scoring.Example(vocabulary.encode(r["inputs"]), vocabulary.encode_batch(r["choices"]))
-              for r in records]
-  scores, counts = scorer.score(examples)
+@dataclasses.dataclass(frozen=True)
+class InstanceScores:
+  """Log-likelihoods of N instances' choices: `scores` [E, N, C] float32 (-inf on padded
+  choices), `counts` [N, C] int32 (tokens, EOS included; 0 on padding); `experts`: the E
+  experts' names, or None for one checkpoint (E = 1); `compiled_shapes`: the programs a
+  checkpoint's scorer compiled (None with experts)."""
+  experts: Optional[tuple[str, ...]]
+  scores: np.ndarray
+  counts: np.ndarray
+  compiled_shapes: Optional[int] = None
+
+
+def instance_scores(args: argparse.Namespace, instances: list[dict[str, Any]]) -> InstanceScores:
+  """The scores of `instances` by the --library's selected experts, else by the --checkpoint."""
+  if args.library:
+    loaded = load_experts(args.library, args.experts, checkpoint=args.checkpoint, dtype=args.dtype,
+                          vocabulary=args.vocabulary, check_integrity=not args.skip_integrity_check,
+                          config=gin_utils.model_config_or_none(), softmax_vocab_size=args.softmax_vocab_size)
+    scores, counts = library_scores(loaded, instances, batch_size=args.batch_size,
+                                    expert_chunk=args.expert_chunk, mesh_config=run_files.mesh_config(args.mesh),
+                                    max_input_length=args.max_input_length,
+                                    max_target_length=args.max_target_length,
+                                    softmax_vocab_size=args.softmax_vocab_size, source=args.input)
+    return InstanceScores(tuple(loaded.names), scores, counts)
+  if not args.checkpoint:
+    raise InputError("pass --checkpoint=DIR (a T5 checkpoint) or --library=DIR (an Expert Library)")
+  checkpoint = loading.load_model_checkpoint(args.checkpoint, config=gin_utils.model_config_or_none(),
+                                             dtype=args.dtype, softmax_vocab_size=args.softmax_vocab_size)
+  vocab_path = args.vocabulary or checkpoint.vocab_path
+  if vocab_path is None:
+    raise InputError(f"{args.checkpoint}: no spiece.model in the checkpoint directory; "
+                     "pass --vocabulary=PATH")
+  vocabulary = SentencePieceVocabulary(vocab_path)
+  flags.check_softmax_cut(args.softmax_vocab_size, vocabulary, _choices(args.input, instances),
+                          eos_id=checkpoint.config.eos_id, pad_id=checkpoint.config.pad_id)
+  scorer = rank_scoring.RankScorer(checkpoint.model, checkpoint.params, batch_size=args.batch_size,
+                                   max_input_length=args.max_input_length,
+                                   max_target_length=args.max_target_length)
+  scores, counts = rank_scoring.padded_scores(scorer, rank_examples(vocabulary, instances, args.input))
+  scorer.truncated.report(args.max_input_length, args.max_target_length)
+  return InstanceScores(None, scores, counts, len(scorer.shapes_compiled))
+
+
+def output_records(instances: list[dict[str, Any]], scored: InstanceScores, *,
+                   length_normalize: bool = False) -> list[dict[str, Any]]:
+  """One output record per instance, in order: {"id", "scores": [...], "prediction": index}
+  for a checkpoint, {"id", "scores": {expert: [...]}, "prediction": {expert: index}} for
+  experts; `length_normalize` divides each choice's score by its token count."""
   out = []
-  for record, s, n in zip(records, scores, counts):
-    values = s / n if length_normalize else s
-    out.append({"id": record["id"], "scores": [float(v) for v in values],
-                "prediction": int(values.argmax())})
+  for n, instance in enumerate(instances):
+    num = len(instance["answer_choices"])
+    values = scored.scores[:, n, :num]                                     # [E, num]
+    values = values / scored.counts[n, :num] if length_normalize else values
+    if scored.experts is None:
+      out.append({"id": instance["id"], "scores": [float(v) for v in values[0]],
+                  "prediction": int(values[0].argmax())})
+    else:
+      out.append({"id": instance["id"],
+                  "scores": {name: [float(v) for v in values[e]] for e, name in enumerate(scored.experts)},
+                  "prediction": {name: int(values[e].argmax()) for e, name in enumerate(scored.experts)}})
   return out
 
 
-def _choices(path: str, records):
-  """(where, text) of every answer choice of `records`, for `flags.check_softmax_cut`."""
-  return ((f"{path}, id {r['id']!r}", choice) for r in records for choice in r["choices"])
+def _choices(path: str, instances):
+  """(where, text) of every answer choice of `instances`, for `flags.check_softmax_cut`."""
+  return ((f"{path}, id {r['id']!r}", choice) for r in instances for choice in r["answer_choices"])
 
 
-def score_with_library(args: argparse.Namespace, records) -> list[dict[str, Any]]:
-  loaded = load_experts(args.library, args.experts, checkpoint=args.checkpoint, dtype=args.dtype,
-                        vocabulary=args.vocabulary, check_integrity=not args.skip_integrity_check,
-                        config=gin_utils.model_config_or_none(), softmax_vocab_size=args.softmax_vocab_size)
-  scores, counts = library_scores(loaded, records, batch_size=args.batch_size, expert_chunk=args.expert_chunk,
-                                  mesh_config=run_files.mesh_config(args.mesh),
-                                  max_input_length=args.max_input_length,
-                                  max_target_length=args.max_target_length,
-                                  softmax_vocab_size=args.softmax_vocab_size, source=args.input)
-  out = []
-  for n, record in enumerate(records):
-    num = len(record["choices"])
-    per_expert = scores[:, n, :num] / counts[n, :num] if args.length_normalize else scores[:, n, :num]
-    out.append({"id": record["id"],
-                "scores": {name: [float(v) for v in per_expert[e]] for e, name in enumerate(loaded.names)},
-                "prediction": {name: int(per_expert[e].argmax()) for e, name in enumerate(loaded.names)}})
-  return out
-
-
-def library_scores(loaded, records, *, batch_size: int, expert_chunk: Optional[int],
+def library_scores(loaded, instances, *, batch_size: int, expert_chunk: Optional[int],
                    mesh_config: Optional[partitioning.MeshConfig], max_input_length: int, max_target_length: int,
                    softmax_vocab_size: Optional[int], source: str):
-  """Every loaded expert's log-likelihood of every validated record's choices, in one pass:
+  """Every loaded expert's log-likelihood of every checked instance's choices, in one pass:
   (scores [E, N, C] with -inf on padded choices, token counts [N, C], EOS included), on the mesh
   and expert chunk `run_files.choose_placement` picks; what `score --library` and
   `elm_jax.api.score` compute."""
-  flags.check_softmax_cut(softmax_vocab_size, loaded.vocabulary(), _choices(source, records),
+  flags.check_softmax_cut(softmax_vocab_size, loaded.vocabulary(), _choices(source, instances),
                           eos_id=loaded.config.eos_id, pad_id=loaded.config.pad_id)
-  rows = [{"inputs": r["inputs"], "answer_choices": r["choices"]} for r in records]
   chosen = run_files.choose_placement(loaded, "score", batch_size=batch_size, expert_chunk=expert_chunk,
                                       mesh_config=mesh_config, max_input_length=max_input_length,
                                       max_target_length=max_target_length)
-  return score_instances(loaded, rows, batch_size=batch_size, partitioner=chosen.partitioner,
+  return score_instances(loaded, instances, batch_size=batch_size, partitioner=chosen.partitioner,
                          expert_chunk=chosen.expert_chunk, max_input_length=max_input_length,
                          max_target_length=max_target_length, source=source)
 
@@ -154,35 +189,15 @@ def main(args: argparse.Namespace) -> int:
   run_files.fill_from_gin(args, run_files.parser_defaults(parser), required=REQUIRED)
   files.check_output_file(args.output, "--output", inputs=[args.input, args.vocabulary],
                           within=files.directories_read(args.library, args.checkpoint))
-  records = read_examples(args.input)
-  if args.library:
-    start = time.perf_counter()
-    out = score_with_library(args, records)
-    if partitioning.is_primary():
-      jsonl.write_objects(args.output, out)
-    partitioning.barrier("elm_jax.score.output")
-    print(f"scored {len(out)} examples with {len(out[0]['scores'])} experts in "
-          f"{time.perf_counter() - start:.1f}s -> {args.output}", file=sys.stderr)
-    return 0
-  if not args.checkpoint:
-    raise InputError("pass --checkpoint=DIR (a T5 checkpoint) or --library=DIR (an Expert Library)")
-  checkpoint = loading.load_model_checkpoint(args.checkpoint, config=gin_utils.model_config_or_none(),
-                                             dtype=args.dtype, softmax_vocab_size=args.softmax_vocab_size)
-  vocab_path = args.vocabulary or checkpoint.vocab_path
-  if vocab_path is None:
-    raise InputError(f"{args.checkpoint}: no spiece.model in the checkpoint directory; "
-                     "pass --vocabulary=PATH")
-  vocabulary = SentencePieceVocabulary(vocab_path)
-  flags.check_softmax_cut(args.softmax_vocab_size, vocabulary, _choices(args.input, records),
-                          eos_id=checkpoint.config.eos_id, pad_id=checkpoint.config.pad_id)
-  scorer = rank_scoring.RankScorer(checkpoint.model, checkpoint.params, batch_size=args.batch_size,
-                                   max_input_length=args.max_input_length,
-                                   max_target_length=args.max_target_length)
+  instances = read_instances(args.input)
   start = time.perf_counter()
-  out = score_records(records, scorer, vocabulary, length_normalize=args.length_normalize)
+  scored = instance_scores(args, instances)
   elapsed = time.perf_counter() - start
-  scorer.truncated.report(args.max_input_length, args.max_target_length)
-  jsonl.write_objects(args.output, out)
-  print(f"scored {len(out)} examples in {elapsed:.1f}s ({len(scorer.shapes_compiled)} compiled "
-        f"shapes) -> {args.output}", file=sys.stderr)
+  out = output_records(instances, scored, length_normalize=args.length_normalize)
+  if partitioning.is_primary():
+    jsonl.write_objects(args.output, out)
+  partitioning.barrier("elm_jax.score.output")
+  experts = f" with {len(scored.experts)} experts" if scored.experts is not None else ""
+  shapes = f" ({scored.compiled_shapes} compiled shapes)" if scored.compiled_shapes is not None else ""
+  print(f"scored {len(out)} examples{experts} in {elapsed:.1f}s{shapes} -> {args.output}", file=sys.stderr)
   return 0

@@ -1,14 +1,13 @@
 """Evaluating every selected expert on every (dataset, prompt) of a task or mixture at once.
 
 Tasks with answer choices are rank-classified by `score_all_experts` (one vmapped pass per
-batch); tasks without are decoded by every expert at once (`decode_all_experts`) and scored with
-ROUGE-1/2/L, BLEU and exact match. Results are summarised per dataset as the mean and median over
-its prompts (the ELM paper reports means, T0 medians).
+batch); tasks without are decoded by every expert at once (`expert_decoding.decode_texts`) and
+scored with ROUGE-1/2/L, BLEU and exact match. Results are summarised per dataset as the mean
+and median over its prompts (the ELM paper reports means, T0 medians).
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import functools
@@ -20,9 +19,9 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import seqio
 
-from elm_jax import batching, defaults, expert_stack, files, partitioning
+from elm_jax import defaults, files
 from elm_jax.errors import UserInputError
-from elm_jax.evaluation import generation_metrics, rank_scoring
+from elm_jax.evaluation import expert_decoding, generation_metrics, rank_scoring
 from elm_jax.expert_stack import ExpertsOnBackbone
 from tasks import builtin_suite, instances, inventory
 
@@ -32,7 +31,7 @@ class TaskResult:
   task: str
   dataset: str
   prompt: str
-  kind: str                                   # "rank" or "generation"
+  evaluation: str                             # "rank" (classification) or "generation"
   examples: int
   metrics: dict[str, dict[str, float]]        # expert -> metric -> value (%)
   predictions: list[dict[str, Any]]           # one record per example
@@ -42,14 +41,11 @@ class TaskResult:
     """The metric reported for the task: accuracy for rank classification; for generation the
     paper's metric of a continual task where we can compute it (BLEU, ROUGE-1; BERTScore needs
     microsoft/deberta-large-mnli, which is not shipped, so ROUGE-L stands in), else ROUGE-L."""
-    if self.kind == "rank":
+    if self.evaluation == "rank":
       return "accuracy"
     return _CONTINUAL_METRICS.get(self.task, "rougeL")
 
 
-# Generation pads inputs to powers of two, at least 64 tokens: each shape compiles a decoding
-# loop (far costlier than a scoring program), so its buckets stay coarse.
-GENERATION_MIN_INPUT_BUCKET = 64
 _CONTINUAL_METRICS = inventory.continual_metrics()  # the 10 experts' tasks and the 16 eval prompts
 
 
@@ -178,9 +174,10 @@ def _generation_result(loaded: ExpertsOnBackbone, task: str, rows, *, batch_size
                        expert_chunk: Optional[int], max_input_length: int, max_decode_length: int,
                        beam_size: int, partitioner=None) -> TaskResult:
   dataset, prompt = dataset_and_prompt(task)
-  texts = decode_texts(loaded, [r["inputs"] for r in rows], batch_size=batch_size,
-                       expert_chunk=expert_chunk, max_input_length=max_input_length,
-                       max_decode_length=max_decode_length, beam_size=beam_size, partitioner=partitioner)
+  texts = expert_decoding.decode_texts(
+      loaded, [r["inputs"] for r in rows], batch_size=batch_size, expert_chunk=expert_chunk,
+      max_input_length=max_input_length, max_decode_length=max_decode_length, beam_size=beam_size,
+      partitioner=partitioner)
   references = [r["targets"] for r in rows]
   metrics = {name: generation_metrics.generation_metrics(texts[e], references)
              for e, name in enumerate(loaded.names)}
@@ -188,61 +185,6 @@ def _generation_result(loaded: ExpertsOnBackbone, task: str, rows, *, batch_size
                   "predictions": {name: texts[e][n] for e, name in enumerate(loaded.names)}}
                  for n in range(len(rows))]
   return TaskResult(task, dataset, prompt, "generation", len(rows), metrics, predictions)
-
-
-def decode_texts(loaded: ExpertsOnBackbone, inputs: Sequence[str], *, batch_size: int = defaults.BATCH_SIZE,
-                 expert_chunk: Optional[int] = None, max_input_length: int = defaults.MAX_INPUT_LENGTH,
-                 max_decode_length: int = defaults.MAX_TARGET_LENGTH, beam_size: int = 1,
-                 partitioner=None) -> list[list[str]]:
-  """Every expert's decoded text for every input: [E][N] strings; each expert reads inputs cut
-  at its own training source length (at most `max_input_length`, EOS kept). With a
-  `partitioner`, each chunk of experts is split over the mesh's `expert` axis (the chunk rounded
-  up to a multiple of it), batch rows over `data` and the backbone by the model rules."""
-  out: list[list[str]] = [[] for _ in loaded.names]
-  groups = loaded.input_length_groups(max_input_length)
-  for length, positions in groups:
-    group = loaded if len(groups) == 1 else loaded.with_stack(
-        loaded.stack.select([loaded.names[i] for i in positions]))
-    texts = _decode_group(group, inputs, batch_size=batch_size, expert_chunk=expert_chunk,
-                          max_input_length=length, max_decode_length=max_decode_length,
-                          beam_size=beam_size, partitioner=partitioner)
-    for i, text in zip(positions, texts):
-      out[i] = text
-  return out
-
-
-def _decode_group(loaded: ExpertsOnBackbone, inputs: Sequence[str], *, batch_size: int = defaults.BATCH_SIZE,
-                 expert_chunk: Optional[int] = None, max_input_length: int = defaults.MAX_INPUT_LENGTH,
-                 max_decode_length: int = defaults.MAX_TARGET_LENGTH, beam_size: int = 1,
-                 partitioner=None) -> list[list[str]]:
-  """`decode_texts` for experts that share one input length."""
-  vocabulary = loaded.vocabulary()
-  eos, pad = loaded.config.eos_id, loaded.config.pad_id
-  ids = [vocabulary.encode(t)[:max_input_length - 1] + [eos] for t in inputs]
-  num_experts = len(loaded.names)
-  chunk = min(expert_chunk or rank_scoring.default_expert_chunk(num_experts), num_experts)
-  backbone, expert_specs = loaded.backbone, None
-  if partitioner is not None:
-    ways = partitioner.mesh.shape["expert"]
-    chunk = -(-chunk // ways) * ways
-    backbone_specs, expert_specs = loaded.model.expert_specs()
-    backbone = partitioner.place(backbone, backbone_specs)
-  out: list[list[str]] = [[""] * len(inputs) for _ in range(num_experts)]
-  batches = list(batching.padded_batches(ids, batch_size, GENERATION_MIN_INPUT_BUCKET, max_input_length))
-  for start_e, stop_e, experts in expert_stack.chunks(loaded.stack.params, chunk):
-    experts = expert_stack.place(experts, partitioner, expert_specs)  # once per chunk, not per batch
-    with partitioner.context() if partitioner is not None else contextlib.nullcontext():
-      decoded = [rank_scoring.decode_all_experts(loaded.model, backbone, experts, tokens,
-                                                 max_decode_length=max_decode_length, beam_size=beam_size)[0]
-                 for _, tokens in batches]
-    for (rows, _), tokens_out in zip(batches, decoded):
-      tokens_out = partitioning.to_host(tokens_out)
-      for e in range(stop_e - start_e):
-        for r, i in enumerate(rows):
-          seq = tokens_out[e, r].tolist()
-          seq = seq[:seq.index(eos)] if eos in seq else seq
-          out[start_e + e][i] = vocabulary.decode([t for t in seq if t != pad])
-  return out
 
 
 def score_instances(loaded: ExpertsOnBackbone, rows: Sequence[dict[str, Any]], *,
@@ -253,14 +195,7 @@ def score_instances(loaded: ExpertsOnBackbone, rows: Sequence[dict[str, Any]], *
   -inf on padded choices, token counts [N, C]). Instances without choices are an error.
   Each expert reads inputs cut at its own training source length (at most `max_input_length`,
   EOS kept, as the paper's evaluation cuts them): experts of one length share a pass."""
-  vocabulary = loaded.vocabulary()
-  examples = []
-  for i, row in enumerate(rows):
-    if not row.get("answer_choices"):
-      raise UserInputError(f"{source}: instance {i} has no answer choices; rank scoring needs them "
-                           "(generative tasks are evaluated by decoding)")
-    examples.append(rank_scoring.Example(vocabulary.encode(row["inputs"]),
-                                         vocabulary.encode_batch(row["answer_choices"])))
+  examples = rank_examples(loaded.vocabulary(), rows, source)
   groups = loaded.input_length_groups(max_input_length)
   scores = counts = None
   for length, positions in groups:
@@ -277,6 +212,19 @@ def score_instances(loaded: ExpertsOnBackbone, rows: Sequence[dict[str, Any]], *
       scores = np.full((len(loaded.names),) + group_scores.shape[1:], -np.inf, np.float32)
     scores[positions] = group_scores
   return scores, counts
+
+
+def rank_examples(vocabulary, rows: Sequence[dict[str, Any]], source: str = "instances") -> list[rank_scoring.Example]:
+  """Instances ({"inputs", "answer_choices", ...}) tokenized by `vocabulary` for rank scoring,
+  in order; an instance without choices is an error naming `source`."""
+  examples = []
+  for i, row in enumerate(rows):
+    if not row.get("answer_choices"):
+      raise UserInputError(f"{source}: instance {i} has no answer choices; rank scoring needs them "
+                           "(generative tasks are evaluated by decoding)")
+    examples.append(rank_scoring.Example(vocabulary.encode(row["inputs"]),
+                                         vocabulary.encode_batch(row["answer_choices"])))
+  return examples
 
 
 # ---------------------------------------------------------------------------- reports
@@ -330,9 +278,7 @@ def check_output_dir(output_dir: str) -> None:
 def report_bytes(results: Sequence[TaskResult], experts: Sequence[str], run: dict[str, Any]) -> dict[str, bytes]:
   """results.json, results.csv and results.md as bytes (a function of their inputs alone)."""
   summary = summarize(results, experts)
-  report = json.dumps({"run": run, "summary": summary,
-                       "tasks": [{k: v for k, v in dataclasses.asdict(r).items() if k != "predictions"}
-                                 for r in results]}, indent=1)
+  report = json.dumps({"run": run, "summary": summary, "tasks": [_task_record(r) for r in results]}, indent=1)
   buffer = io.StringIO()
   writer = csv.writer(buffer)
   writer.writerow(["task", "dataset", "prompt", "expert", "metric", "value", "examples"])
@@ -342,6 +288,13 @@ def report_bytes(results: Sequence[TaskResult], experts: Sequence[str], run: dic
         writer.writerow([r.task, r.dataset, r.prompt, expert, metric, f"{value:.4f}", r.examples])
   return {"results.json": report.encode(), "results.csv": buffer.getvalue().encode(),
           "results.md": markdown_table(results, experts).encode()}
+
+
+def _task_record(result: TaskResult) -> dict[str, Any]:
+  """A task's entry in results.json: its fields but the predictions, the evaluation under the
+  key "kind" (the file's since its first version)."""
+  return {"task": result.task, "dataset": result.dataset, "prompt": result.prompt, "kind": result.evaluation,
+          "examples": result.examples, "metrics": result.metrics}
 
 
 def write_reports(output_dir: str, results: Sequence[TaskResult], experts: Sequence[str],

@@ -339,11 +339,11 @@ def score_all_experts(model: EncoderDecoderModel, backbone, experts, examples: S
   num_choices = max((len(ex.choices) for ex in examples), default=0)
   processes, me = jax.process_count(), jax.process_index()
   if partitioner is not None or processes == 1:
-    return (*_padded(scorer, examples, scorer.num_experts, num_choices), scorer)
+    return (*padded_scores(scorer, examples, num_choices), scorer)
   # Several processes, each on its own devices: process p scores examples p, p + P, ...; the
   # results are gathered so that every process holds every (example, choice) once.
   share = -(-len(examples) // processes)
-  local_scores, local_counts = _padded(scorer, examples[me::processes], scorer.num_experts, num_choices, share)
+  local_scores, local_counts = padded_scores(scorer, examples[me::processes], num_choices, share)
   gathered_scores = np.asarray(multihost_utils.process_allgather(local_scores))   # [P, E, share, C]
   gathered_counts = np.asarray(multihost_utils.process_allgather(local_counts))   # [P, share, C]
   scores = np.full((scorer.num_experts, len(examples), num_choices), -np.inf, np.float32)
@@ -355,9 +355,13 @@ def score_all_experts(model: EncoderDecoderModel, backbone, experts, examples: S
   return scores, counts, scorer
 
 
-def _padded(scorer: "RankScorer", examples: Sequence[Example], num_experts: int, num_choices: int,
-            rows: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
-  """(scores [E, rows, C] with -inf padding, token counts [rows, C]) of `examples`."""
+def padded_scores(scorer: "RankScorer", examples: Sequence[Example], num_choices: Optional[int] = None,
+                  rows: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+  """(scores [E, rows, C] float32 with -inf padding, token counts [rows, C] int32, 0 on padding)
+  of `examples` scored by `scorer`: E its experts, or 1 for a scorer without experts; C
+  `num_choices` (default: the most choices of an example); rows default: len(examples)."""
+  num_experts = 1 if scorer.num_experts is None else scorer.num_experts
+  num_choices = max((len(ex.choices) for ex in examples), default=0) if num_choices is None else num_choices
   rows = len(examples) if rows is None else rows
   scores = np.full((num_experts, rows, num_choices), -np.inf, np.float32)
   counts = np.zeros((rows, num_choices), np.int32)
@@ -372,13 +376,3 @@ def _padded(scorer: "RankScorer", examples: Sequence[Example], num_experts: int,
 def predictions(scores: Iterable[np.ndarray]) -> list[int]:
   """Argmax per example (the first maximum on ties)."""
   return [int(np.argmax(s)) for s in scores]
-
-
-@functools.partial(jax.jit, static_argnames=("model", "max_decode_length", "beam_size"))
-def decode_all_experts(model: EncoderDecoderModel, backbone, experts, encoder_tokens: Array, *,
-                       max_decode_length: int, beam_size: int = 1) -> tuple[Array, Array]:
-  """`EncoderDecoderModel.expert_predictions`, compiled: greedy (beam_size 1) or beam decoding
-  by every expert at once, experts' leaves [E, ...], encoder_tokens [N, Li] -> (tokens [E, N,
-  max_decode_length], scores [E, N])."""
-  return model.expert_predictions(backbone, experts, encoder_tokens, max_decode_length=max_decode_length,
-                                  beam_size=beam_size)

@@ -209,7 +209,8 @@ def _differences(stored: Any, record: dict[str, Any]) -> str:
 
 def _task_facts(result: TaskResult) -> dict[str, Any]:
   references = [p.get("label", p.get("target")) for p in result.predictions]
-  return {"dataset": result.dataset, "prompt": result.prompt, "kind": result.kind,
+  # The evaluation ("rank" or "generation") under the key unit files have always stored it by.
+  return {"dataset": result.dataset, "prompt": result.prompt, "kind": result.evaluation,
           "examples": result.examples, "references": references}
 
 

@@ -5,7 +5,7 @@
 the paper's configs; ELM_NOTES §1.4-1.7, §2.3) into an `ExpertPlan`: which rows it trains on and
 how they are drawn, how its prompts are used, epochs, batch size, steps, learning rate and
 schedule, source and target lengths, dropout, seed, optimizer and where the data comes from.
-`recipe_plans(kind)` gives every expert of a recipe and `recipe_groups` cuts them into groups
+`recipe_plans(recipe)` gives every expert of a recipe and `recipe_groups` cuts them into groups
 that one vmapped program can train: experts whose shapes agree (batch size, source and target
 length, dropout), at most `group_size` at a time; inside a group every expert keeps its own
 steps and learning rate (`TrainConfig.expert_steps` / `expert_learning_rates`).
@@ -36,7 +36,9 @@ TARGET_LENGTH = 128            # max_target_length, left at its default in every
 CONTINUAL_TARGET_LENGTH = 256  # the cT0 configs
 DROPOUT = 0.1                  # T5's, as the paper's HF model trained with
 SEED = 42
-KINDS = ("prompt", "dataset", "dataset_full", "continual")
+# The paper's recipes (`ExpertPlan.recipe`): prompt experts, adapter dataset experts, full-parameter
+# dataset experts and continual experts.
+RECIPES = ("prompt", "dataset", "dataset_full", "continual")
 SAMPLING_FOLLOWS = inventory.SAMPLING_FOLLOWS
 # How each recipe uses its prompts (`ExpertPlan.prompt_draw`).
 ONE_PROMPT = "its one prompt"
@@ -57,10 +59,10 @@ class ExpertPlan:
   first `drawn_from` rows of the split (None: all of it). `prompt_draw` says how its `prompts`
   are used. `steps` = epochs x ceil(examples per epoch / batch_size), exact when the split's
   rows were known (`steps_exact`), else the budget's (an upper bound), or None for a whole split
-  of unknown size."""
+  of unknown size. `recipe`: the recipe it belongs to, one of RECIPES."""
   name: str
   task: str
-  kind: str
+  recipe: str
   dataset: str
   prompts: tuple[str, ...]
   samples: Optional[int]
@@ -94,7 +96,7 @@ class ExpertPlan:
   def epoch_examples(self, rows: Rows) -> int:
     """Examples one epoch visits, given the split's rows (one count per prompt for an adapter
     dataset expert; a full-parameter dataset expert's: the dataset's rows)."""
-    if self.kind == "dataset":
+    if self.recipe == "dataset":
       return sum(self.sample.rows(n) for n in rows)
     return self.sample.rows(rows)
 
@@ -102,7 +104,7 @@ class ExpertPlan:
     """Examples per epoch when every split is at least the budget (None: unbounded)."""
     if self.samples is None:
       return self.drawn_from
-    return self.samples * (len(self.prompts) if self.kind == "dataset" else 1)
+    return self.samples * (len(self.prompts) if self.recipe == "dataset" else 1)
 
   def with_rows(self, rows: Rows) -> "ExpertPlan":
     """The plan with its exact steps for a split of `rows` rows."""
@@ -138,7 +140,7 @@ def prompt_expert_plan(row: Mapping[str, Any], split_size: Optional[int] = None,
   128. `split_size`: its P3 subset's train rows."""
   sample = inventory.train_sample(row["dataset"], row["max_train_samples"], sampling_follows)
   plan = _adapter_plan(
-      name=row["name"], task=mixtures.prompt_expert_task(row["name"]), kind="prompt", dataset=row["dataset"],
+      name=row["name"], task=mixtures.prompt_expert_task(row["name"]), recipe="prompt", dataset=row["dataset"],
       prompts=(row["prompt"],), samples=sample.samples, sampling=sample.sampling, drawn_from=sample.drawn_from,
       epochs=row["epochs"], batch_size=row["batch_size"], learning_rate=row["learning_rate"],
       input_length=row["max_source_length"], target_length=TARGET_LENGTH,
@@ -163,7 +165,7 @@ def dataset_expert_plan(row: Mapping[str, Any], split_sizes: Optional[Mapping[st
   prompts = tuple(row["prompt_experts"])
   sizes = [(split_sizes or {}).get(p) for p in prompts]
   plan = _adapter_plan(
-      name=row["name"], task=mixtures.dataset_expert_mixture(row["name"]), kind="dataset",
+      name=row["name"], task=mixtures.dataset_expert_mixture(row["name"]), recipe="dataset",
       dataset=row["dataset"], prompts=prompts, samples=sample.samples, sampling=sample.sampling,
       drawn_from=sample.drawn_from, prompt_draw=EVERY_PROMPT if len(prompts) > 1 else ONE_PROMPT,
       epochs=config["epochs"], batch_size=config["batch_size"], learning_rate=config["learning_rate"],
@@ -191,7 +193,7 @@ def full_dataset_expert_plan(row: Mapping[str, Any], templates: Optional[Sequenc
   f = FULL_DE
   sample = mixtures.FULL_DE_SAMPLE
   plan = ExpertPlan(
-      name=f"{row['name']}_full", task=mixtures.random_prompt_mixture(row["name"]), kind="dataset_full",
+      name=f"{row['name']}_full", task=mixtures.random_prompt_mixture(row["name"]), recipe="dataset_full",
       dataset=row["dataset"], prompts=tuple(templates or row["prompt_experts"]), samples=sample.samples,
       sampling=sample.sampling, prompt_draw=ONE_PER_EXAMPLE + ("" if templates else NO_TEMPLATE_LIST),
       epochs=f["epochs"], batch_size=f["batch_size"],
@@ -209,7 +211,7 @@ def continual_expert_plan(expert: inventory.ContinualExpert, split_size: Optiona
   §2.3). `split_size`: its training file's rows."""
   sample = continual.expert_sample(expert, sampling_follows)
   plan = _adapter_plan(
-      name=expert.name, task=expert.name, kind="continual", dataset=expert.dataset, prompts=(expert.prompt,),
+      name=expert.name, task=expert.name, recipe="continual", dataset=expert.dataset, prompts=(expert.prompt,),
       samples=sample.samples, sampling=sample.sampling, epochs=expert.epochs, batch_size=expert.batch_size,
       learning_rate=1e-4, input_length=512, target_length=CONTINUAL_TARGET_LENGTH, data="local files")
   return _with_steps(plan, split_size)
@@ -226,7 +228,7 @@ def full_dataset_rows(templates: Sequence[str], split_sizes: Mapping[str, int]) 
   return max(sizes) if sizes and all(s is not None for s in sizes) else None
 
 
-def recipe_plans(kind: str, split_sizes: Optional[Mapping[str, int]] = None, sampling_follows: str = "code",
+def recipe_plans(recipe: str, split_sizes: Optional[Mapping[str, int]] = None, sampling_follows: str = "code",
                  data_dir: Optional[str] = None) -> list[ExpertPlan]:
   """Every expert of a recipe, in inventory order: 'prompt' (296), 'dataset' (36 adapter
   dataset experts), 'dataset_full' (36 full-parameter ones) or 'continual' (10). `split_sizes`
@@ -237,31 +239,31 @@ def recipe_plans(kind: str, split_sizes: Optional[Mapping[str, int]] = None, sam
   if sampling_follows not in SAMPLING_FOLLOWS:
     raise TrainingError(f"SAMPLING_FOLLOWS (sampling_follows): expected one of {list(SAMPLING_FOLLOWS)}, "
                         f"got {sampling_follows!r}")
-  if kind == "prompt":
+  if recipe == "prompt":
     return [prompt_expert_plan(p, sizes.get(p["name"]), sampling_follows) for p in inv["prompt_experts"]]
-  if kind == "dataset":
+  if recipe == "dataset":
     rows = _prompt_rows()
     return [dataset_expert_plan(d, sizes, rows, sampling_follows) for d in inv["dataset_experts"]]
-  if kind == "dataset_full":
+  if recipe == "dataset_full":
     out = []
     for d in inv["dataset_experts"]:
       templates = mixtures.dataset_templates(d, data_dir, fallback=False)
       rows = full_dataset_rows(templates or d["prompt_experts"], sizes)
       out.append(full_dataset_expert_plan(d, templates, rows))
     return out
-  if kind == "continual":
+  if recipe == "continual":
     return [continual_expert_plan(e, sizes.get(e.name), sampling_follows) for e in inventory.CONTINUAL_EXPERTS]
-  raise TrainingError(f"recipe kind: expected one of {KINDS}, got {kind!r}")
+  raise TrainingError(f"recipe: expected one of {RECIPES}, got {recipe!r}")
 
 
-def recipe_groups(kind: str, group_size: int, split_sizes: Optional[Mapping[str, int]] = None,
+def recipe_groups(recipe: str, group_size: int, split_sizes: Optional[Mapping[str, int]] = None,
                   sampling_follows: str = "code", data_dir: Optional[str] = None) -> list[list[ExpertPlan]]:
   """The recipe's experts in vmapped groups: experts of one shape key, in inventory order,
   `group_size` at a time (a shape's last group may be smaller)."""
   if group_size < 1:
     raise TrainingError(f"group_size: expected a positive integer, got {group_size}")
   by_shape: dict[tuple, list[ExpertPlan]] = {}
-  for plan in recipe_plans(kind, split_sizes, sampling_follows, data_dir):
+  for plan in recipe_plans(recipe, split_sizes, sampling_follows, data_dir):
     by_shape.setdefault(plan.shape_key(), []).append(plan)
   return [plans[i:i + group_size] for plans in by_shape.values() for i in range(0, len(plans), group_size)]
 
@@ -280,9 +282,9 @@ def p3_split_sizes(data_dir: Optional[str] = None) -> dict[str, int]:
 @dataclasses.dataclass(frozen=True)
 class PlanGroup:
   """One vmapped group of a recipe, as `run.train` takes it: group `index` of
-  `recipe_groups(kind, group_size, sampling_follows=...)`."""
+  `recipe_groups(recipe, group_size, sampling_follows=...)` ("" recipe: plans given as they are)."""
   plans: tuple[ExpertPlan, ...]
-  kind: str = ""
+  recipe: str = ""
   index: int = 0
   group_size: int = 0
   sampling_follows: str = "code"
@@ -307,32 +309,40 @@ class PlanGroup:
       out.append(plan if rows is None else plan.with_rows(rows))
     return dataclasses.replace(self, plans=tuple(out))
 
-  def recipe(self, data_dir: Optional[str] = None) -> list[list[ExpertPlan]]:
+  def all_groups(self, data_dir: Optional[str] = None) -> list[list[ExpertPlan]]:
     """Every group of this group's recipe, with the steps the data on this machine gives."""
-    if not self.kind:
+    if not self.recipe:
       return [list(self.plans)]
-    return recipe_groups(self.kind, self.group_size, available_split_sizes(data_dir), self.sampling_follows,
+    return recipe_groups(self.recipe, self.group_size, available_split_sizes(data_dir), self.sampling_follows,
                          data_dir)
 
 
-def recipe_group(kind: str, group: int, group_size: int, data_dir: Optional[str] = None,
-                 sampling_follows: str = "code") -> PlanGroup:
-  """Group `group` of `recipe_groups(kind, group_size)`, for gin:
+def recipe_group(recipe: Optional[str] = None, group: Optional[int] = None, group_size: Optional[int] = None,
+                 data_dir: Optional[str] = None, sampling_follows: str = "code", *,
+                 kind: Optional[str] = None) -> PlanGroup:
+  """Group `group` of `recipe_groups(recipe, group_size)`, for gin:
   `run.train.plan_group = @plans.recipe_group()`. Each value is checked, as the experiment
-  files' macros bind them (RECIPE, GROUP, GROUP_SIZE, SAMPLING_FOLLOWS), before any plan is made."""
-  if kind not in KINDS:
-    raise TrainingError(f"RECIPE (plans.recipe_group.kind): expected one of {list(KINDS)}, got {kind!r}")
+  files' macros bind them (RECIPE, GROUP, GROUP_SIZE, SAMPLING_FOLLOWS), before any plan is made.
+  `kind` is the name gin files written before `recipe` bound it by (`plans.recipe_group.kind`),
+  still accepted."""
+  if kind is not None:
+    if recipe is not None and recipe != kind:
+      raise TrainingError(f"plans.recipe_group: recipe={recipe!r} and kind={kind!r} (its older name) "
+                          "disagree; bind recipe only")
+    recipe = kind
+  if recipe not in RECIPES:
+    raise TrainingError(f"RECIPE (plans.recipe_group.recipe): expected one of {list(RECIPES)}, got {recipe!r}")
   if not _is_count(group_size) or group_size < 1:
     raise TrainingError(f"GROUP_SIZE (plans.recipe_group.group_size): expected a positive integer, "
                         f"got {group_size!r}")
   if sampling_follows not in SAMPLING_FOLLOWS:
     raise TrainingError(f"SAMPLING_FOLLOWS (plans.recipe_group.sampling_follows): expected one of "
                         f"{list(SAMPLING_FOLLOWS)}, got {sampling_follows!r}")
-  groups = recipe_groups(kind, group_size, available_split_sizes(data_dir), sampling_follows, data_dir)
+  groups = recipe_groups(recipe, group_size, available_split_sizes(data_dir), sampling_follows, data_dir)
   if not _is_count(group) or not 0 <= group < len(groups):
     raise TrainingError(f"GROUP (plans.recipe_group.group): expected a group number 0..{len(groups) - 1} "
-                        f"(the {kind} recipe in groups of {group_size}), got {group!r}")
-  return PlanGroup(tuple(groups[group]), kind, group, group_size, sampling_follows)
+                        f"(the {recipe} recipe in groups of {group_size}), got {group!r}")
+  return PlanGroup(tuple(groups[group]), recipe, group, group_size, sampling_follows)
 
 
 def _is_count(value: Any) -> bool:
@@ -364,7 +374,7 @@ def describe(plans: Sequence[ExpertPlan], groups: Optional[Sequence[int]] = None
            "schedule | src/tgt | dropout | optimizer | data",
            "---|" * (12 + bool(groups))]
   for i, p in enumerate(plans):
-    samples = "all" if p.samples is None else (f"{p.samples:,}" + (" per prompt" if p.kind == "dataset" else ""))
+    samples = "all" if p.samples is None else (f"{p.samples:,}" + (" per prompt" if p.recipe == "dataset" else ""))
     if p.drawn_from is not None:
       samples += f" of the first {p.drawn_from:,}"
     steps = ("whole split: size unknown" if p.steps is None else

@@ -72,21 +72,92 @@ def train(model_dir: str, expert_tasks: Optional[Sequence[str]] = None, steps: O
 
   `plan` (what `elm-jax plan` passes) is called with the run's `RunLayout` (its train-step
   shapes, model, optimizer and mesh; with `all_shapes`, every distinct shape of the whole
-  recipe) instead of training, and its result returned; nothing is read or loaded."""
+  recipe) instead of training, and its result returned; nothing is read or loaded.
+
+  These are the names gin run files bind (`run.train.NAME`); the body groups them
+  (`ModelSettings`, `BackboneSource`, `Placement` and the run as asked, a `TrainConfig`) for
+  `_train`."""
   del setup  # gin evaluates `@register_fn()` references in it before this body runs
+  # The run as asked (checked, and completed by a recipe group, in `_train`).
+  asked = trainer.TrainConfig(
+      model_dir=model_dir, expert_tasks=expert_tasks, steps=steps, batch_size=batch_size,
+      input_length=input_length, target_length=target_length, expert_names=expert_names, seed=seed,
+      save_every=save_every, keep=keep, log_every=log_every, shared_init=shared_init)
+  return _train(asked, ModelSettings(model_config, expert_config, optimizer_config),
+                BackboneSource(backbone_checkpoint, upcycle), Placement(mesh_config, logical_axis_rules),
+                plan_group=plan_group, data_dir=data_dir, dry_run=dry_run, plan=plan, all_shapes=all_shapes,
+                progress=progress)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSettings:
+  """What a run trains: the model (architecture and training settings: dropout, activation
+  dtype, the softmax's vocabulary), its experts' kind and shape, and their optimizer."""
+  model_config: T5Config
+  expert_config: ExpertConfig = ExpertConfig()
+  optimizer_config: ts.OptimizerConfig = ts.OptimizerConfig()
+
+
+@dataclasses.dataclass(frozen=True)
+class BackboneSource:
+  """Where the frozen backbone comes from: a Hugging Face or T5X `checkpoint` (None: a randomly
+  initialised one, saved beside the run), upcycled to the model's Mixture-of-Experts when
+  `upcycle`."""
+  checkpoint: Optional[str] = None
+  upcycle: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+  """The devices a run uses: `mesh_config` (None: one device) and the logical-axis rules
+  (None: `partitioning.DEFAULT_RULES`)."""
+  mesh_config: Optional[partitioning.MeshConfig] = None
+  logical_axis_rules: Optional[Sequence] = None
+
+
+def _train(asked: trainer.TrainConfig, settings: ModelSettings, source: BackboneSource, placement: Placement, *,
+           plan_group: Optional[plans.PlanGroup], data_dir: Optional[str], dry_run: bool,
+           plan: Optional[Callable[["RunLayout"], Any]], all_shapes: bool, progress: bool):
+  """`train` on its arguments in groups: `asked` holds the run's own values as given (tasks,
+  names and steps None when a recipe group sets them)."""
   if plan_group is not None:
-    _check_recipe_owns(expert_tasks, expert_names, steps)
-  expert_steps = expert_learning_rates = None
+    _check_recipe_owns(asked.expert_tasks, asked.expert_names, asked.steps)
   if plan is not None:
-    return plan(run_layout(plan_group, expert_tasks, model_config=model_config, batch_size=batch_size,
-                           input_length=input_length, target_length=target_length,
-                           expert_config=expert_config, optimizer_config=optimizer_config,
-                           mesh_config=mesh_config, logical_axis_rules=logical_axis_rules,
-                           all_shapes=all_shapes))
+    return plan(run_layout(plan_group, asked.expert_tasks, model_config=settings.model_config,
+                           batch_size=asked.batch_size, input_length=asked.input_length,
+                           target_length=asked.target_length, expert_config=settings.expert_config,
+                           optimizer_config=settings.optimizer_config, mesh_config=placement.mesh_config,
+                           logical_axis_rules=placement.logical_axis_rules, all_shapes=all_shapes))
+  if plan_group is not None and dry_run:
+    print(recipe_table(plan_group, data_dir))
+    return {}
+  config, settings = _run_config(asked, settings, plan_group, data_dir)
+  if dry_run:  # the run's devices are not this machine's: its mesh is shown, not checked
+    print(run_table(config, settings, source, placement))
+    return {}
+  if placement.mesh_config is not None:
+    _check_mesh(placement.mesh_config, len(config.expert_tasks), config.batch_size)
+  inputs.check_tasks(config.expert_tasks, settings.model_config.vocab_size)
+  if source.upcycle and (not source.checkpoint or settings.model_config.moe is None):
+    raise trainer.TrainingError("train.upcycle: needs a dense BACKBONE_CHECKPOINT and a model "
+                                "config with `moe` set")
+  # One run at a time writes MODEL_DIR: a second is refused here, before a backbone is loaded.
+  # With several processes, process 0 holds the lock for the run. The lock is a kernel file
+  # lock: a MODEL_DIR in a bucket (gs://) has none, and is not locked.
+  locked = partitioning.is_primary() and files.is_local(config.model_dir)
+  if locked:
+    os.makedirs(config.model_dir, exist_ok=True)
+  with (checkpointing.hold_run_lock(config.model_dir) if locked else contextlib.nullcontext()):
+    return _train_locked(config, settings, source, placement, progress)
+
+
+def _run_config(asked: trainer.TrainConfig, settings: ModelSettings, plan_group: Optional[plans.PlanGroup],
+                data_dir: Optional[str]) -> tuple[trainer.TrainConfig, ModelSettings]:
+  """The checked TrainConfig of the run, and its model settings: `asked`, or with a
+  `plan_group` its plans' tasks, names, steps (counted from the data where the plan could not
+  know them), learning rates, batch, lengths, seed, dropout and optimizer."""
+  expert_steps = expert_learning_rates = None
   if plan_group is not None:
-    if dry_run:
-      print(recipe_table(plan_group, data_dir))
-      return {}
     plan_group = plan_group.resolved(lambda plan: _split_rows(plan, data_dir))
     unknown = [p.name for p in plan_group.plans if not p.steps_exact]
     if unknown:  # never train an upper bound: the steps follow from the data
@@ -94,51 +165,29 @@ def train(model_dir: str, expert_tasks: Optional[Sequence[str]] = None, steps: O
                                   "sizes; set ELM_P3_DATA_DIR (or data_dir) to the P3 copy, or "
                                   "ELM_CONTINUAL_DATA_DIR to the continual experts' files")
     first = plan_group.first
-    expert_tasks = [p.task for p in plan_group.plans]
-    expert_names = [p.name for p in plan_group.plans]
     expert_steps = tuple(p.steps for p in plan_group.plans)
     expert_learning_rates = tuple(p.learning_rate for p in plan_group.plans)
-    steps = max(expert_steps)
-    batch_size, input_length, target_length = first.batch_size, first.input_length, first.target_length
-    model_config, optimizer_config = _group_settings(first, model_config, optimizer_config)
-    seed = first.seed
-  if expert_tasks is None or steps is None:
+    asked = dataclasses.replace(
+        asked, expert_tasks=[p.task for p in plan_group.plans], expert_names=[p.name for p in plan_group.plans],
+        steps=max(expert_steps), batch_size=first.batch_size, input_length=first.input_length,
+        target_length=first.target_length, seed=first.seed)
+    model_config, optimizer_config = _group_settings(first, settings.model_config, settings.optimizer_config)
+    settings = dataclasses.replace(settings, model_config=model_config, optimizer_config=optimizer_config)
+  if asked.expert_tasks is None or asked.steps is None:
     raise trainer.TrainingError("train: pass expert_tasks and steps (EXPERT_TASKS, TRAIN_STEPS), or a "
                                 "plan_group")
   # Everything that can be checked without the backbone is checked before it is loaded.
-  for field, value in (("EXPERT_TASKS", expert_tasks), ("EXPERT_NAMES", expert_names)):
+  for field, value in (("EXPERT_TASKS", asked.expert_tasks), ("EXPERT_NAMES", asked.expert_names)):
     if isinstance(value, str) or (value is not None and not isinstance(value, (list, tuple))):
       raise trainer.TrainingError(f"{field}: expected a list of names, e.g. ['task_a', 'task_b'], "
                                   f"got {value!r}")
-  config = trainer.TrainConfig(
-      model_dir=model_dir, expert_tasks=tuple(expert_tasks), steps=steps, batch_size=batch_size,
-      input_length=input_length, target_length=target_length,
-      expert_names=tuple(expert_names) if expert_names else None, seed=seed,
-      save_every=save_every, keep=keep, log_every=log_every,
-      shared_init=shared_init,
+  config = dataclasses.replace(
+      asked, expert_tasks=tuple(asked.expert_tasks),
+      expert_names=tuple(asked.expert_names) if asked.expert_names else None,
       expert_steps=expert_steps, expert_learning_rates=expert_learning_rates)
   config.names()
   trainer.check_settings(config)
-  if dry_run:  # the run's devices are not this machine's: its mesh is shown, not checked
-    print(run_table(config, model_config, expert_config, optimizer_config, mesh_config, backbone_checkpoint,
-                    upcycle))
-    return {}
-  if mesh_config is not None:
-    _check_mesh(mesh_config, len(config.expert_tasks), batch_size)
-  inputs.check_tasks(config.expert_tasks, model_config.vocab_size)
-  if upcycle and (not backbone_checkpoint or model_config.moe is None):
-    raise trainer.TrainingError("train.upcycle: needs a dense BACKBONE_CHECKPOINT and a model "
-                                "config with `moe` set")
-  # One run at a time writes MODEL_DIR: a second is refused here, before a backbone is loaded.
-  # With several processes, process 0 holds the lock for the run. The lock is a kernel file
-  # lock: a MODEL_DIR in a bucket (gs://) has none, and is not locked.
-  locked = partitioning.is_primary() and files.is_local(model_dir)
-  if locked:
-    os.makedirs(model_dir, exist_ok=True)
-  with (checkpointing.hold_run_lock(model_dir) if locked else contextlib.nullcontext()):
-    return _train_locked(config, model_config, backbone_checkpoint, upcycle, seed, model_dir, expert_tasks,
-                         expert_config=expert_config, optimizer_config=optimizer_config, progress=progress,
-                         mesh_config=mesh_config, logical_axis_rules=logical_axis_rules)
+  return config, settings
 
 
 def _check_recipe_owns(expert_tasks, expert_names, steps) -> None:
@@ -153,46 +202,47 @@ def _check_recipe_owns(expert_tasks, expert_names, steps) -> None:
           "runs/train_experts.gin instead of an experiment file")
 
 
-def _train_locked(config: trainer.TrainConfig, model_config: T5Config, backbone_checkpoint: Optional[str],
-                  upcycle: bool, seed: int, model_dir: str, expert_tasks, *, expert_config: ExpertConfig,
-                  optimizer_config: ts.OptimizerConfig, progress: bool,
-                  mesh_config: Optional[partitioning.MeshConfig], logical_axis_rules: Optional[Sequence]):
+def _train_locked(config: trainer.TrainConfig, settings: ModelSettings, source: BackboneSource,
+                  placement: Placement, progress: bool):
   """`train` once its settings are checked and MODEL_DIR is this run's: loads (or initialises)
   the backbone and runs the trainer."""
   fingerprint = None
-  if backbone_checkpoint:
+  model_config, checkpoint = settings.model_config, source.checkpoint
+  if checkpoint:
     loaded = loading.load_model_checkpoint(
-        backbone_checkpoint, config=model_config.replace(moe=None) if upcycle else model_config)
+        checkpoint, config=model_config.replace(moe=None) if source.upcycle else model_config)
     backbone = loaded.params
-    if upcycle:
+    if source.upcycle:
       fingerprint = expert_files.backbone_fingerprint(backbone)
       model_config = _with_run_settings(loaded.config.replace(moe=model_config.moe), model_config)
-      backbone = upcycle_params(backbone, model_config, jax.random.PRNGKey(seed))
+      backbone = upcycle_params(backbone, model_config, jax.random.PRNGKey(config.seed))
     else:
       model_config = _with_run_settings(loaded.config, model_config)
-    backbone_checkpoint = os.path.abspath(backbone_checkpoint)
+    checkpoint = os.path.abspath(checkpoint)
   else:
     # Compiled: eager initialisation dispatches (and compiles) every op on its own (4 s for
     # the demo's 2-layer model, minutes for XL).
-    backbone = jax.jit(lambda key: nn.unbox(init_params(model_config, key)))(jax.random.PRNGKey(seed))
+    backbone = jax.jit(lambda key: nn.unbox(init_params(model_config, key)))(jax.random.PRNGKey(config.seed))
     backbone = jax.device_get(backbone)
-    backbone_checkpoint = save_random_backbone(model_dir, model_config, backbone, expert_tasks)
+    checkpoint = save_random_backbone(config.model_dir, model_config, backbone, config.expert_tasks)
     print(f"note: no BACKBONE_CHECKPOINT given; training over a randomly initialised backbone, "
-          f"saved to {backbone_checkpoint}", file=sys.stderr)
-  config = dataclasses.replace(config, backbone_checkpoint=backbone_checkpoint)
+          f"saved to {checkpoint}", file=sys.stderr)
+  config = dataclasses.replace(config, backbone_checkpoint=checkpoint)
   partitioner = None
-  if mesh_config is not None:
-    partitioner = partitioning.Partitioner(mesh_config, logical_axis_rules or partitioning.DEFAULT_RULES)
-  return trainer.train_experts(config, model_config, backbone, expert_config=expert_config,
-                               optimizer_config=optimizer_config, progress=progress,
+  if placement.mesh_config is not None:
+    partitioner = partitioning.Partitioner(placement.mesh_config,
+                                           placement.logical_axis_rules or partitioning.DEFAULT_RULES)
+  return trainer.train_experts(config, model_config, backbone, expert_config=settings.expert_config,
+                               optimizer_config=settings.optimizer_config, progress=progress,
                                partitioner=partitioner, backbone_fingerprint=fingerprint)
 
 
-def run_table(config: trainer.TrainConfig, model_config: T5Config, expert_config: ExpertConfig,
-              optimizer_config: ts.OptimizerConfig, mesh_config: Optional[partitioning.MeshConfig],
-              backbone_checkpoint: Optional[str], upcycle: bool) -> str:
+def run_table(config: trainer.TrainConfig, settings: ModelSettings, source: BackboneSource,
+              placement: Placement) -> str:
   """What a run of EXPERT_TASKS (no recipe) will train, one line per expert, then its model,
   backbone and mesh: what `elm-jax train --dry_run` prints for it."""
+  model_config, optimizer_config = settings.model_config, settings.optimizer_config
+  mesh_config = placement.mesh_config
   clip = "none" if optimizer_config.max_grad_norm is None else f"{optimizer_config.max_grad_norm:g}"
   lines = [f"train run: {len(config.expert_tasks)} expert(s), trained together (vmapped) for {config.steps:,} "
            "steps; --dry_run builds no model",
@@ -201,17 +251,18 @@ def run_table(config: trainer.TrainConfig, model_config: T5Config, expert_config
   for name, task in zip(config.names(), config.expert_tasks):
     lines.append(f"{name} | {task} | {config.steps:,} | {config.batch_size} | {config.input_length}/"
                  f"{config.target_length} | {optimizer_config.learning_rate:g} | {optimizer_config.schedule} | "
-                 f"{model_config.dropout_rate:g} | {optimizer_config.name} (clip {clip}) | {expert_config.kind}")
+                 f"{model_config.dropout_rate:g} | {optimizer_config.name} (clip {clip}) | "
+                 f"{settings.expert_config.kind}")
   c = model_config
   model = (f"model: T5, width {c.emb_dim}, {c.num_encoder_layers}+{c.num_decoder_layers} layers, {c.dtype} "
            f"activations, softmax over {c.softmax_vocab_size or c.vocab_size} of {c.vocab_size} logits")
   if c.moe is not None:
-    model += (f"; Mixture-of-Experts{' upcycled from the dense backbone' if upcycle else ''}: "
+    model += (f"; Mixture-of-Experts{' upcycled from the dense backbone' if source.upcycle else ''}: "
               f"{c.moe.num_experts} experts in each sparse feed-forward layer (one layer in {c.moe.layer_interval})")
   lines.append(model)
-  lines.append(f"backbone: {backbone_checkpoint}" if backbone_checkpoint else
+  lines.append(f"backbone: {source.checkpoint}" if source.checkpoint else
                "backbone: none given (BACKBONE_CHECKPOINT): " + (
-                   "an upcycled run needs the dense checkpoint" if upcycle else
+                   "an upcycled run needs the dense checkpoint" if source.upcycle else
                    f"a randomly initialised one, saved to {os.path.join(config.model_dir, 'backbone')}"))
   lines.append(f"mesh: {mesh_config} (-1: the devices the other axes leave)" if mesh_config is not None
                else "mesh: none (one device)")
@@ -278,14 +329,14 @@ def run_layout(plan_group: Optional[plans.PlanGroup], expert_tasks: Optional[Seq
                       optimizer_config)
     return RunLayout(f"{len(expert_tasks)} experts", (shape,), expert_config, mesh_config,
                      logical_axis_rules, len(expert_tasks))
-  recipe = plan_group.recipe()
+  all_groups = plan_group.all_groups()
   if all_shapes:
-    groups, indices = recipe, range(len(recipe))
-    title = (f"the {plan_group.kind} recipe: {sum(map(len, groups))} experts in {len(groups)} groups "
+    groups, indices = all_groups, range(len(all_groups))
+    title = (f"the {plan_group.recipe} recipe: {sum(map(len, groups))} experts in {len(groups)} groups "
              f"of at most {plan_group.group_size}")
   else:
     groups, indices = [list(plan_group.plans)], [plan_group.index]
-    title = f"group {plan_group.index} of the {plan_group.kind or 'given'} recipe ({len(plan_group.plans)} experts)"
+    title = f"group {plan_group.index} of the {plan_group.recipe or 'given'} recipe ({len(plan_group.plans)} experts)"
   shapes: dict[tuple, StepShape] = {}
   for index, group in zip(indices, groups):
     first = group[0]
@@ -297,7 +348,7 @@ def run_layout(plan_group: Optional[plans.PlanGroup], expert_tasks: Optional[Seq
     shapes[key] = StepShape((index,), len(group), first.batch_size, first.input_length, first.target_length,
                             model, optimizer)
   return RunLayout(title, tuple(shapes.values()), expert_config, mesh_config, logical_axis_rules,
-                   sum(map(len, recipe)), from_recipe=True)
+                   sum(map(len, all_groups)), from_recipe=True)
 
 
 def _with_run_settings(checkpoint_config: T5Config, run_config: T5Config) -> T5Config:
@@ -313,25 +364,25 @@ def _split_rows(plan: plans.ExpertPlan, data_dir: Optional[str]) -> Optional[pla
   full-parameter dataset expert's dataset (the largest of its templates' subsets, listed in its
   plan from the same P3 copy), a continual expert's training file (None when that file is not
   on this machine)."""
-  if plan.kind == "dataset":
+  if plan.recipe == "dataset":
     return [mixtures.train_size(p, data_dir) for p in plan.prompts]
-  if plan.kind == "prompt":
+  if plan.recipe == "prompt":
     return mixtures.train_size(plan.name, data_dir)
-  if plan.kind == "dataset_full":
+  if plan.recipe == "dataset_full":
     return max(mixtures.train_size(t, data_dir) for t in plan.prompts)
-  if plan.kind == "continual":
+  if plan.recipe == "continual":
     return continual.train_split_rows(plan.name)
   return None
 
 
 def recipe_table(group: plans.PlanGroup, data_dir: Optional[str] = None) -> str:
   """Every expert of the group's recipe with its group index, the group's marked."""
-  groups = group.recipe(data_dir)
+  groups = group.all_groups(data_dir)
   rows = [p for g in groups for p in g]
   indices = [i for i, g in enumerate(groups) for _ in g]
   follows = ("; rows as the paper's code takes them" if group.sampling_follows == "code" else
              "; rows as the paper's configs state them")
-  return (f"{group.kind} recipe: {len(rows)} experts in {len(groups)} vmapped groups of at most "
+  return (f"{group.recipe} recipe: {len(rows)} experts in {len(groups)} vmapped groups of at most "
           f"{group.group_size}; this run trains group {group.index} ({len(group.plans)} experts){follows}\n"
           + plans.describe(rows, indices))
 

@@ -103,38 +103,91 @@ def train_experts(config: TrainConfig, model_config: T5Config, backbone_params: 
   names = config.names()
   check_settings(config)
   os.makedirs(config.model_dir, exist_ok=True)
-  batch_sharding = None
-  experts_here, rows_here = slice(0, len(names)), slice(0, config.batch_size)
-  if partitioner is not None:
-    # Each process reads only the experts (and batch rows) its devices hold; the global batch is
-    # assembled from every process's block (one process: the whole batch).
-    batch_sharding = partitioner.sharding(PartitionSpec("expert", "batch", "length"))
-    experts_here, rows_here, _ = partitioning.local_block(
-        batch_sharding, (len(names), config.batch_size, config.input_length))
+  block = _LocalBlock.of(config, len(names), partitioner)
   checkpoints = checkpointing.Checkpoints(os.path.join(config.model_dir, "checkpoints"), config.keep)
   latest = max(checkpoints.manager.all_steps(), default=0)
-  stream = inputs.expert_batches(config, model_config.vocab_size, experts=experts_here,  # tasks checked
-                                 rows=rows_here, start_step=latest)
+  stream = block.batches(config, model_config.vocab_size, latest)  # tasks checked
   # The input pipelines (Python and TensorFlow) build on another thread while this one
   # initialises the experts and compiles the step (XLA, which releases the GIL).
-  first = None
-  if latest < config.steps:
-    first = _Ahead(lambda: next(stream))
+  first = _Ahead(lambda: next(stream)) if latest < config.steps else None
   model = EncoderDecoderModel.build(model_config, expert_config)
-  backbone, stacked = model.init_experts(backbone_params, len(names), config.seed, shared_init=config.shared_init)
+  backbone, state, plans, optimizer = _initial_state(config, model, optimizer_config, backbone_params, checkpoints)
+  start = int(state.step)
+  step_fn, state, backbone, plans = _compiled_step(config, model, optimizer, state, backbone, plans, start,
+                                                   partitioner)
+  if first is not None:
+    stream = itertools.chain([first.result()], stream)
+  if start != latest:  # the latest checkpoint was not the one restored: read from its step
+    stream = block.batches(config, model_config.vocab_size, start)
+  monitor = _Monitor(config, names, checkpoints, start, progress)
+  state, metrics = _train_loop(config, step_fn, state, backbone, plans, start,
+                               (block.global_batch(b) for b in stream), monitor, on_step)
+  if not metrics:
+    # Restored at the last step (a finished run started again): its experts were exported
+    # with their final metrics; keep them rather than overwrite them with none.
+    exported = checkpointing.exported_metrics(config, names)
+    if exported is not None:
+      return exported
+  fingerprint = backbone_fingerprint or expert_files.backbone_fingerprint(backbone_params)
+  checkpointing.export(config, names, model_config, expert_config, optimizer_config, fingerprint,
+                       partitioning.to_host(state), metrics)
+  return {n: {k: float(v[i]) for k, v in metrics.items()} for i, n in enumerate(names)} if metrics else {}
+
+
+class _LocalBlock:
+  """The experts and batch rows this process reads, and how its block joins the global batch:
+  with a partitioner, each process reads only the experts (and rows) its devices hold and the
+  global batch [E, batch, ...] is assembled from every process's block; without one (or with
+  one process), the whole batch."""
+
+  def __init__(self, config: TrainConfig, num_experts: int, sharding, experts: slice, rows: slice):
+    self.num_experts, self.batch_size = num_experts, config.batch_size
+    self.sharding, self.experts, self.rows = sharding, experts, rows
+
+  @classmethod
+  def of(cls, config: TrainConfig, num_experts: int,
+         partitioner: Optional[partitioning.Partitioner]) -> "_LocalBlock":
+    if partitioner is None:
+      return cls(config, num_experts, None, slice(0, num_experts), slice(0, config.batch_size))
+    sharding = partitioner.sharding(PartitionSpec("expert", "batch", "length"))
+    experts, rows, _ = partitioning.local_block(sharding, (num_experts, config.batch_size, config.input_length))
+    return cls(config, num_experts, sharding, experts, rows)
+
+  def batches(self, config: TrainConfig, vocab_size: int, start_step: int):
+    """This process's block of each step's batch, from `start_step` on (`inputs.expert_batches`)."""
+    return inputs.expert_batches(config, vocab_size, experts=self.experts, rows=self.rows, start_step=start_step)
+
+  def global_batch(self, local: dict[str, np.ndarray]):
+    """The step's global batch, features [E, batch, length], from this process's block."""
+    if self.sharding is None:
+      return local
+    return {k: partitioning.global_array(self.sharding, (self.num_experts, self.batch_size) + v.shape[2:], v)
+            for k, v in local.items()}
+
+
+def _initial_state(config: TrainConfig, model: EncoderDecoderModel, optimizer_config: ts.OptimizerConfig,
+                   backbone_params: dict, checkpoints: checkpointing.Checkpoints):
+  """(frozen backbone, train state of the stacked experts [E, ...] restored from the latest
+  checkpoint when there is one, each expert's schedule, the optimizer)."""
+  backbone, stacked = model.init_experts(backbone_params, len(config.expert_tasks), config.seed,
+                                         shared_init=config.shared_init)
   optimizer = ts.make_optimizer(optimizer_config)  # rate 1: each expert's plan scales its update
   plans = ts.ExpertSchedules.from_config(optimizer_config, config.steps_per_expert(),
-                                     config.expert_learning_rates, config.expert_seeds())
+                                         config.expert_learning_rates, config.expert_seeds())
   state = ts.init_train_state(stacked, optimizer)
   restored = checkpoints.restore_latest(state)
-  if restored is not None:
-    state = restored
-  start = int(state.step)
-  noisy = model_config.dropout_rate > 0 or (model_config.moe is not None and model_config.moe.router_jitter > 0)
+  return backbone, (state if restored is None else restored), plans, optimizer
+
+
+def _compiled_step(config: TrainConfig, model: EncoderDecoderModel, optimizer, state: ts.ExpertTrainState,
+                   backbone, plans: ts.ExpertSchedules, start: int,
+                   partitioner: Optional[partitioning.Partitioner]):
+  """(the train step `step_function` builds, and the state, backbone and schedules placed on the
+  mesh for it); the step is compiled ahead of time when steps remain after `start`."""
+  noisy = model.config.dropout_rate > 0 or (model.config.moe is not None and model.config.moe.router_jitter > 0)
   # Dropout masks come from each expert's seed and own step count: resumable, and the same
   # whether an expert trains alone or in a group.
   rng = jax.random.PRNGKey(config.seed) if noisy else None
-
   step_fn, specs = step_function(model, optimizer, rng, state, plans, partitioner)
   if specs is not None:
     state_specs, backbone_specs, _, plan_specs = specs
@@ -146,76 +199,77 @@ def train_experts(config: TrainConfig, model_config: T5Config, backbone_params: 
       step_fn.lower(state, backbone, inputs.batch_shapes(config), plans).compile()  # the first step finds it
     except Exception as e:  # the first step compiles again and reports it
       logging.info("ahead-of-time compilation failed (%s: %s)", type(e).__name__, e)
-  if first is not None:
-    stream = itertools.chain([first.result()], stream)
-  if start != latest:  # the latest checkpoint was not the one restored: read from its step
-    stream = inputs.expert_batches(config, model_config.vocab_size, experts=experts_here,
-                                   rows=rows_here, start_step=start)
-  batches = stream
-  logs = checkpointing.Logs(config.model_dir, names) if partitioning.is_primary() else None
-  bar = _progress_bar(start, config.steps, names) if progress and partitioning.is_primary() else None
+  return step_fn, state, backbone, plans
 
-  def global_batch(local: dict[str, np.ndarray]):
-    if batch_sharding is None:
-      return local
-    return {k: partitioning.global_array(batch_sharding, (len(names), config.batch_size) + v.shape[2:], v)
-            for k, v in local.items()}
-  # Metrics of step s are read back while step s+1 runs (one step of lag), so the host never
-  # waits on the device between steps; `pending` keeps the state from before the unchecked step.
-  metrics: dict[str, np.ndarray] = {}
-  meter = {"tokens": 0.0, "clock": time.perf_counter()}
-  pending = None
 
-  def check(done: int, step_metrics, before: ts.ExpertTrainState) -> dict[str, np.ndarray]:
+class _Monitor:
+  """Checks each step's metrics (a non-finite loss saves the last good state and stops the run)
+  and reports them every `log_every` steps: the metrics files and the progress bar (process 0)."""
+
+  def __init__(self, config: TrainConfig, names: Sequence[str], checkpoints: checkpointing.Checkpoints,
+               start: int, progress: bool):
+    self.config, self.names, self.checkpoints = config, names, checkpoints
+    primary = partitioning.is_primary()
+    self.logs = checkpointing.Logs(config.model_dir, names) if primary else None
+    self.bar = _progress_bar(start, config.steps, names) if progress and primary else None
+    self.tokens, self.clock = 0.0, time.perf_counter()
+
+  def check(self, done: int, step_metrics, before: ts.ExpertTrainState) -> dict[str, np.ndarray]:
+    """The metrics of step `done` on the host ({name: [E]}); `before`: the state the step began from."""
+    config, names = self.config, self.names
     values = partitioning.to_host(step_metrics)
     bad = np.where(~np.isfinite(values["loss"]))[0]
     if len(bad):
-      checkpoints.save(before)
+      self.checkpoints.save(before)
       raise TrainingError(f"expert {names[bad[0]]!r} ({config.expert_tasks[bad[0]]}) has a non-finite "
                           f"loss at step {done}; saved the last good state (step {int(before.step)}) "
                           f"in {config.model_dir}/checkpoints")
-    meter["tokens"] += float(values["tokens"].sum())
+    self.tokens += float(values["tokens"].sum())
     if done % config.log_every == 0 or done == config.steps:
-      rate = meter["tokens"] / max(time.perf_counter() - meter["clock"], 1e-9)
-      if logs is not None:
-        logs.write(done, values, rate)
-      if bar is not None:
-        bar.set_postfix_str(" ".join(f"{n[:16]}={values['loss'][i]:.3f}" for i, n in
-                                     enumerate(names[:4])) + f" tok/s={rate:.0f}")
-      meter["tokens"], meter["clock"] = 0.0, time.perf_counter()
+      rate = self.tokens / max(time.perf_counter() - self.clock, 1e-9)
+      if self.logs is not None:
+        self.logs.write(done, values, rate)
+      if self.bar is not None:
+        self.bar.set_postfix_str(" ".join(f"{n[:16]}={values['loss'][i]:.3f}" for i, n in
+                                          enumerate(names[:4])) + f" tok/s={rate:.0f}")
+      self.tokens, self.clock = 0.0, time.perf_counter()
     return values
 
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.close()
+    if self.logs is not None:
+      self.logs.close()
+
+
+def _train_loop(config: TrainConfig, step_fn, state: ts.ExpertTrainState, backbone, plans: ts.ExpertSchedules,
+                start: int, batches, monitor: _Monitor, on_step: Optional[Callable[[int], None]]):
+  """Runs the steps from `start` (the state's step) to `config.steps`, saving a checkpoint every `save_every`
+  steps and at the end: (final state, the last checked metrics {name: [E]}, empty when no step
+  ran)."""
+  # Metrics of step s are read back while step s+1 runs (one step of lag), so the host never
+  # waits on the device between steps; `pending` keeps the state from before the unchecked step.
+  metrics: dict[str, np.ndarray] = {}
+  pending = None
   for step in range(start, config.steps):
     before = state
-    state, step_metrics = step_fn(state, backbone, global_batch(next(batches)), plans)
+    state, step_metrics = step_fn(state, backbone, next(batches), plans)
     if pending is not None:
-      metrics = check(*pending)
+      metrics = monitor.check(*pending)
     done = step + 1
     pending = (done, step_metrics, before)
     if done % config.save_every == 0 or done == config.steps:
-      metrics = check(*pending)  # never checkpoint an unchecked state
+      metrics = monitor.check(*pending)  # never checkpoint an unchecked state
       pending = None
-      checkpoints.save(state)
-    if bar is not None:
-      bar.update(1)
+      monitor.checkpoints.save(state)
+    if monitor.bar is not None:
+      monitor.bar.update(1)
     if on_step is not None:
       on_step(done)
   if pending is not None:
-    metrics = check(*pending)
-  if bar is not None:
-    bar.close()
-  if logs is not None:
-    logs.close()
-  if not metrics:
-    # Restored at the last step (a finished run started again): its experts were exported
-    # with their final metrics; keep them rather than overwrite them with none.
-    exported = checkpointing.exported_metrics(config, names)
-    if exported is not None:
-      return exported
-  fingerprint = backbone_fingerprint or expert_files.backbone_fingerprint(backbone_params)
-  checkpointing.export(config, names, model_config, expert_config, optimizer_config, fingerprint,
-                       partitioning.to_host(state), metrics)
-  return {n: {k: float(v[i]) for k, v in metrics.items()} for i, n in enumerate(names)} if metrics else {}
+    metrics = monitor.check(*pending)
+  monitor.close()
+  return state, metrics
 
 
 def _progress_bar(start: int, total: int, names: Sequence[str]):

@@ -2,6 +2,7 @@
 give each task the same result as evaluating it alone; generation tasks are decoded; results
 keep the order of the tasks asked for."""
 
+import json
 
 import flax.linen as nn
 import jax
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from elm_jax.errors import UserInputError
-from elm_jax.evaluation import expert_eval
+from elm_jax.evaluation import expert_decoding, expert_eval
 from elm_jax.expert_stack import ExpertsOnBackbone, ExpertStack
 from elm_jax.models.adapters import ExpertConfig, split_params
 from elm_jax.models.model import EncoderDecoderModel
@@ -47,7 +48,7 @@ def _kwargs():
 def test_tasks_together_equal_tasks_alone(loaded):
   together = expert_eval.evaluate_tasks(loaded, RANK + [GENERATION], max_decode_length=8, **_kwargs())
   assert [r.task for r in together] == RANK + [GENERATION]
-  assert [r.kind for r in together] == ["rank"] * 3 + ["generation"]
+  assert [r.evaluation for r in together] == ["rank"] * 3 + ["generation"]
   for result in together[:3]:
     alone = expert_eval.evaluate_task(loaded, result.task, **_kwargs())
     assert result.examples == alone.examples == 12
@@ -87,6 +88,17 @@ def test_each_expert_reads_inputs_cut_at_its_own_source_length(loaded):
   np.testing.assert_allclose(scores[1], full[1], rtol=1e-6)
   assert not np.array_equal(short[0], full[0])
   inputs = [r["inputs"] for r in rows[:4]]
-  texts = expert_eval.decode_texts(mixed, inputs, batch_size=4, max_input_length=128, max_decode_length=4)
-  alone = expert_eval.decode_texts(loaded, inputs, batch_size=4, max_input_length=16, max_decode_length=4)
+  texts = expert_decoding.decode_texts(mixed, inputs, batch_size=4, max_input_length=128, max_decode_length=4)
+  alone = expert_decoding.decode_texts(loaded, inputs, batch_size=4, max_input_length=16, max_decode_length=4)
   assert texts[0] == alone[0] and texts[2] == alone[2]
+
+
+def test_results_json_keeps_the_evaluation_under_its_key_kind():
+  """results.json's task entries are as every earlier version wrote them: the evaluation
+  (`TaskResult.evaluation`) under "kind", the predictions left to predictions/."""
+  result = expert_eval.TaskResult("t", "d", "p", "generation", 1, {"e": {"rougeL": 50.0}},
+                                  [{"index": 0, "target": "x", "predictions": {"e": "x"}}])
+  assert result.primary == "rougeL"
+  report = json.loads(expert_eval.report_bytes([result], ["e"], {})["results.json"])
+  assert report["tasks"] == [{"task": "t", "dataset": "d", "prompt": "p", "kind": "generation", "examples": 1,
+                              "metrics": {"e": {"rougeL": 50.0}}}]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from elm_jax import batching, expert_stack, partitioning
-from elm_jax.evaluation import rank_scoring
+from elm_jax.evaluation import expert_decoding, rank_scoring
 from elm_jax.models import decoding
 from elm_jax.models.adapters import ExpertConfig, merge_params
 from elm_jax.models.model import EncoderDecoderModel
@@ -103,8 +103,8 @@ def test_one_pass_decoding_equals_each_expert_alone(setup, tiny_config):
   for r, ex in enumerate(examples[:4]):
     tokens[r, :len(ex.inputs) + 1] = ex.inputs + [tiny_config.eos_id]
   for beam_size in (1, 2):
-    together, scores = rank_scoring.decode_all_experts(model, backbone, stacked, tokens,
-                                                       max_decode_length=6, beam_size=beam_size)
+    together, scores = expert_decoding.decode_all_experts(model, backbone, stacked, tokens,
+                                                          max_decode_length=6, beam_size=beam_size)
     for e in range(NUM_EXPERTS):
       params = merge_params(backbone, expert_stack.index(stacked, e))
       if beam_size == 1:

@@ -14,7 +14,7 @@ import pytest
 
 from tests.helpers.golden import GOLDEN_DIR, GOLDEN_VARIANTS
 from elm_jax import batching
-from elm_jax.commands import cli
+from elm_jax.commands import cli, score_command
 from elm_jax.evaluation import rank_scoring
 from elm_jax.models.model import EncoderDecoderModel
 from elm_jax.models.t5 import init_params
@@ -124,3 +124,9 @@ def test_bucketing_bounds_the_number_of_compiled_shapes(tiny_config):
   # XLA blocking, hence float32 summation order); bitwise equal here. Tolerance as for the
   # reference scores (relative to |score|, ~43 here).
   np.testing.assert_allclose(alone[0], scores[7], rtol=1e-5, atol=1e-5)
+
+
+def test_an_input_line_becomes_the_instance_shape_of_tasks_instances():
+  record = {"id": "q1", "inputs": "Is it?", "choices": ["yes", "no"], "note": "kept out"}
+  assert score_command.check_example(record, "in.jsonl:1") == {
+      "id": "q1", "inputs": "Is it?", "answer_choices": ["yes", "no"]}

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from elm_jax import expert_stack, partitioning
-from elm_jax.evaluation import expert_eval, placement
+from elm_jax.evaluation import expert_decoding, expert_eval, placement
 from elm_jax.expert_stack import ExpertsOnBackbone, ExpertStack
 from elm_jax.models.adapters import ExpertConfig, split_params
 from elm_jax.models.model import EncoderDecoderModel
@@ -89,9 +89,9 @@ def test_rank_and_generation_on_a_mesh_equal_one_device(loaded, placed, mesh):
   _close(one, sharded)
   assert (one.argmax(-1) == sharded.argmax(-1)).mean() > 0.99
   inputs = [r["inputs"] for r in instances.task_instances(GENERATION, "validation", 4)]
-  texts_one = expert_eval.decode_texts(loaded, inputs, batch_size=4, max_input_length=64, max_decode_length=6)
+  texts_one = expert_decoding.decode_texts(loaded, inputs, batch_size=4, max_input_length=64, max_decode_length=6)
   placed.clear()
-  texts_mesh = expert_eval.decode_texts(loaded, inputs, batch_size=4, max_input_length=64, max_decode_length=6,
+  texts_mesh = expert_decoding.decode_texts(loaded, inputs, batch_size=4, max_input_length=64, max_decode_length=6,
                                         partitioner=partitioner, expert_chunk=4)
   _assert_split(placed, MESHES[mesh].expert)
   assert texts_mesh == texts_one

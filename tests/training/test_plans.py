@@ -189,10 +189,10 @@ def test_full_parameter_dataset_experts(monkeypatch):
 
 
 def test_groups_share_shapes_and_cover_every_expert_once():
-  for kind, size in (("prompt", 8), ("dataset", 8), ("continual", 8), ("dataset_full", 1)):
-    groups = plans.recipe_groups(kind, size)
+  for recipe, size in (("prompt", 8), ("dataset", 8), ("continual", 8), ("dataset_full", 1)):
+    groups = plans.recipe_groups(recipe, size)
     names = [p.name for g in groups for p in g]
-    assert sorted(names) == sorted(p.name for p in plans.recipe_plans(kind))
+    assert sorted(names) == sorted(p.name for p in plans.recipe_plans(recipe))
     for group in groups:
       assert 1 <= len(group) <= size and len({p.shape_key() for p in group}) == 1
   with pytest.raises(Exception, match=r"GROUP \(plans.recipe_group.group\): expected a group number 0\.\.\d+ .*got 999"):
@@ -209,21 +209,43 @@ def fresh_gin():
   gin.clear_config()
 
 
-@pytest.mark.parametrize("recipe, kind", [("elm_prompt_experts_xl.gin", "prompt"),
-                                          ("elm_dataset_experts_xl.gin", "dataset"),
-                                          ("elm_dataset_experts_full_xl.gin", "dataset_full"),
-                                          ("elm_continual_experts_xl.gin", "continual")])
-def test_dry_run_prints_every_experts_plan(recipe, kind, fresh_gin, capsys, tmp_path, monkeypatch):
+def test_recipe_group_is_bound_by_recipe_or_by_its_older_gin_name_kind(fresh_gin, monkeypatch):
+  """Gin files written before the rename bind `plans.recipe_group.kind`; it still selects the
+  recipe, and a `recipe` and a `kind` that disagree are refused."""
+  monkeypatch.delenv("ELM_P3_DATA_DIR", raising=False)
+  monkeypatch.delenv("ELM_CONTINUAL_DATA_DIR", raising=False)
+  expected = tuple(plans.recipe_groups("continual", 4)[1])
+  for name in ("recipe", "kind"):
+    gin.clear_config()
+    gin.parse_config("\n".join([
+        "from __gin__ import dynamic_registration", "import elm_jax.training.plans as plans",
+        "import elm_jax.training.run as run", "run.train.plan_group = @plans.recipe_group()",
+        f"plans.recipe_group.{name} = 'continual'", "plans.recipe_group.group = 1",
+        "plans.recipe_group.group_size = 4"]))
+    group = gin.query_parameter("run.train.plan_group").scoped_configurable_fn()
+    assert (group.recipe, group.index, group.plans) == ("continual", 1, expected), name
+    assert all(p.recipe == "continual" for p in group.plans)
+  with pytest.raises(Exception, match=r"recipe='prompt' and kind='continual' \(its older name\) disagree"):
+    plans.recipe_group("prompt", 0, 8, kind="continual")
+  with pytest.raises(Exception, match=r"RECIPE \(plans.recipe_group.recipe\): expected one of \['prompt', "):
+    plans.recipe_group("prompts", 0, 8)
+
+
+@pytest.mark.parametrize("gin_file, recipe", [("elm_prompt_experts_xl.gin", "prompt"),
+                                              ("elm_dataset_experts_xl.gin", "dataset"),
+                                              ("elm_dataset_experts_full_xl.gin", "dataset_full"),
+                                              ("elm_continual_experts_xl.gin", "continual")])
+def test_dry_run_prints_every_experts_plan(gin_file, recipe, fresh_gin, capsys, tmp_path, monkeypatch):
   """`elm-jax train --dry_run` on an XL recipe prints its whole plan without reading data or
   building the model (no data here: upper bounds, said to be so; the XL model is never
   initialised)."""
   monkeypatch.delenv("ELM_P3_DATA_DIR", raising=False)
   monkeypatch.delenv("ELM_CONTINUAL_DATA_DIR", raising=False)
-  assert cli.main(["train", f"--gin_file=experiments/{recipe}", f"--gin.MODEL_DIR='{tmp_path}/m'",
+  assert cli.main(["train", f"--gin_file=experiments/{gin_file}", f"--gin.MODEL_DIR='{tmp_path}/m'",
                    "--dry_run"]) == 0
   out = capsys.readouterr().out
-  expected = plans.recipe_plans(kind)
-  assert f"{kind} recipe: {len(expected)} experts" in out
+  expected = plans.recipe_plans(recipe)
+  assert f"{recipe} recipe: {len(expected)} experts" in out
   for plan in expected:
     assert f"| {plan.name} | " in out
   assert plans.UPPER_BOUND_NOTE in out and "<= " in out
@@ -309,7 +331,7 @@ def sized_data(tmp_path_factory):
 def test_steps_follow_from_the_data_for_every_recipe(sized_data, reference, whole_slice, follows):
   root, continual_root = sized_data
   sizes = plans.available_split_sizes(root, continual_root)
-  by = lambda kind: {p.name: p for p in plans.recipe_plans(kind, sizes, follows, root)}  # noqa: E731
+  by = lambda recipe: {p.name: p for p in plans.recipe_plans(recipe, sizes, follows, root)}  # noqa: E731
   refs = {r["prompts"][0]: r for r in reference["prompt_experts"] if r["dataset"] in ("quarel", "amazon_polarity")}
 
   prompt = by("prompt")
