@@ -431,13 +431,14 @@ def train_gates(library, model_dir: str, experts: str | Sequence[str] = "all", *
                 target_length: int = defaults.TRAIN_TARGET_LENGTH, seed: int = defaults.SEED, save_every: int = 100,
                 tasks: Optional[Mapping[str, str]] = None, setup: Optional[str] = None,
                 checkpoint: Optional[str] = None, config: Optional[T5Config] = None,
-                check_integrity: bool = True) -> library_gates.GatesResult:
+                check_integrity: bool = True, mesh=None) -> library_gates.GatesResult:
   """`elm-jax train-gates`: PHATGOOSE's gates for the library's `experts` that have none: one
   gate vector per routed module of each expert, trained for `steps` steps on the expert's own
   task (or `tasks[name]`) with the expert frozen, every expert in one vmapped program, from 0,
   AdamW at `learning_rate`; checkpoints in `model_dir` (the same call after a kill resumes
   there). The gates are stored beside each expert in the library; `route(..., method=
-  "phatgoose")` reads them. Returns a GatesResult (`.trained`, `.skipped`, `.metrics`).
+  "phatgoose")` reads them. `mesh`: as `evaluate`'s, the run split over it (None: one device).
+  Returns a GatesResult (`.trained`, `.skipped`, `.metrics`).
 
       api.train_gates("/tmp/qs/lib", "/tmp/qs/gates", steps=100)
       api.route("/tmp/qs/lib", "builtin_nli_can_we_infer_score_eval", method="phatgoose", top_k=2)
@@ -447,7 +448,8 @@ def train_gates(library, model_dir: str, experts: str | Sequence[str] = "all", *
   return library_gates.train_gates(_library_dir(library), model_dir, experts, steps=steps,
                                    learning_rate=learning_rate, batch_size=batch_size, input_length=input_length,
                                    target_length=target_length, seed=seed, save_every=save_every, tasks=tasks,
-                                   checkpoint=checkpoint, check_integrity=check_integrity, config=config)
+                                   checkpoint=checkpoint, check_integrity=check_integrity, config=config,
+                                   mesh_config=_mesh(mesh))
 
 
 def merge(library, experts: Sequence[str] | selection.Selection, name: str, *, top_k: Optional[int] = None,

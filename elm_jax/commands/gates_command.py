@@ -15,7 +15,7 @@ import argparse
 import sys
 
 from elm_jax import defaults
-from elm_jax.commands import flags, gin_utils
+from elm_jax.commands import flags, gin_utils, run_files
 from elm_jax.errors import UserInputError
 from elm_jax.library import gates
 from elm_jax.training import gates as gate_training
@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "expert.json records)")
   parser.add_argument("--checkpoint", default=None, help="backbone (default: the one the library records)")
   parser.add_argument("--setup", default=None, help="tasks to register: builtin, elm, module:function")
+  parser.add_argument("--mesh", default=None,
+                      help="data:D,expert:E,model:M: split the run over the devices, experts on `expert` "
+                           "(default: one device)")
   flags.add_integrity_flag(parser)
 
 
@@ -62,7 +65,7 @@ def main(args: argparse.Namespace) -> int:
                              input_length=args.input_length, target_length=args.target_length, seed=args.seed,
                              save_every=args.save_every, tasks=parse_tasks(args.tasks), checkpoint=args.checkpoint,
                              check_integrity=not args.skip_integrity_check,
-                             config=gin_utils.model_config_or_none())
+                             config=gin_utils.model_config_or_none(), mesh_config=run_files.mesh_config(args.mesh))
   for name in result.trained:
     loss = result.metrics.get(name, {}).get("loss")
     print(f"{name}\tgates trained\t" + (f"loss {loss:.4f}" if loss is not None else "(resumed a finished run)"))

@@ -28,7 +28,7 @@ import numpy as np
 from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
-from elm_jax import defaults, files
+from elm_jax import defaults, files, partitioning
 from elm_jax.library import loaded as library_loaded
 from elm_jax.library.paths import GATES_FILE, LibraryError
 from elm_jax.library.store import ExpertLibrary
@@ -111,14 +111,16 @@ def train_gates(library_dir: str, model_dir: str, experts: str | Sequence[str] =
                 target_length: int = defaults.TRAIN_TARGET_LENGTH, seed: int = defaults.SEED,
                 save_every: int = 100, tasks: Optional[Mapping[str, str]] = None,
                 checkpoint: Optional[str] = None, check_integrity: bool = True, config=None,
-                on_step: Optional[Callable[[int], None]] = None) -> GatesResult:
+                on_step: Optional[Callable[[int], None]] = None,
+                mesh_config: Optional[partitioning.MeshConfig] = None) -> GatesResult:
   """Trains the PHATGOOSE gates of the library's `experts` ('all', 'a,b' or a list) that have
   none, all in one vmapped program, each on its own training task (its expert.json's `task`,
   or `tasks[name]`; a registered SeqIO task) for `steps` steps of `batch_size` rows cut to
   `input_length`/`target_length`, AdamW at `learning_rate` decayed linearly, gates from 0; the
   run's checkpoints go to `model_dir` (started again with the same arguments, a killed run
   resumes there) and the gates into the library (module docstring). `checkpoint`/`config`:
-  the backbone, as `load_experts` takes them. Returns a GatesResult."""
+  the backbone, as `load_experts` takes them. `mesh_config`: the mesh the run splits over (the
+  experts on its `expert` axis, as `train` splits them; None: one device). Returns a GatesResult."""
   library = ExpertLibrary(library_dir, check_integrity=check_integrity)
   names = library.resolve(experts)
   todo = [n for n in names if not has_gates(library, n)]
@@ -140,7 +142,9 @@ def train_gates(library_dir: str, model_dir: str, experts: str | Sequence[str] =
                     save_every=min(save_every, steps), log_every=min(10, steps))
   optimizer = gate_training.gate_optimizer(learning_rate)
   trained, metrics = gate_training.train_gates(run, loaded.model, loaded.backbone, loaded.stack.params,
-                                               optimizer_config=optimizer, on_step=on_step)
+                                               optimizer_config=optimizer, on_step=on_step,
+                                               partitioner=None if mesh_config is None
+                                               else partitioning.Partitioner(mesh_config))
   settings = {"steps": steps, "learning_rate": learning_rate, "batch_size": batch_size, "input_length": input_length,
               "target_length": target_length, "seed": seed, "init": "zeros"}
   _record(library, {name: (g, {**settings, "task": task, "metrics": metrics.get(name, {})})

@@ -14,7 +14,10 @@ inputs (`inputs.expert_batches`: each expert's rows in the order its training re
 the run's seed and its name) with the trainer's Orbax checkpoints (`checkpointing.Checkpoints`
 in `<model_dir>/checkpoints`), so a run killed at any step and started again ends with the gates
 an uninterrupted run gives, bit for bit. `<model_dir>/gate_run.json` records what the run
-trains; a MODEL_DIR holding another gate run is refused.
+trains; a MODEL_DIR holding another gate run is refused. With a partitioner the gates, their
+optimizer state and the frozen experts split over the mesh's `expert` axis, each expert's batch
+over `data` and the backbone by the model rules, as expert training splits them (each process
+reads only its block of the batches).
 """
 
 from __future__ import annotations
@@ -31,7 +34,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from elm_jax import files, tree_paths
+from jax.sharding import PartitionSpec
+
+from elm_jax import files, partitioning, tree_paths
 from elm_jax.models import routing
 from elm_jax.models.model import EncoderDecoderModel
 from elm_jax.training import checkpointing, inputs
@@ -85,6 +90,26 @@ def gate_step(state: ts.ExpertTrainState, frozen, batch, plans: ts.ExpertSchedul
                        plans=plans)
 
 
+def _step_function(gate_model: GateModel, model: EncoderDecoderModel, optimizer_config: ts.OptimizerConfig,
+                   state: ts.ExpertTrainState, plans: ts.ExpertSchedules,
+                   partitioner: Optional[partitioning.Partitioner]):
+  """(the compiled gate step `(state, frozen, batch, plans) -> (state, metrics)`, the logical
+  specs of those four inputs, or None without a partitioner)."""
+  if partitioner is None:
+    return functools.partial(gate_step, model=gate_model, optimizer_config=optimizer_config), None
+  optimizer = ts.make_optimizer(optimizer_config)
+
+  def step(state, frozen, batch, plans):
+    return ts.train_step(state, frozen, batch, model=gate_model, optimizer=optimizer, plans=plans)
+  gate_specs = jax.tree_util.tree_map(lambda _: PartitionSpec("expert", None), state.params)
+  state_specs = ts.state_specs(gate_specs, state.opt_state)
+  frozen_specs = {"backbone": gate_model.routed.param_specs(), "experts": model.expert_specs()[1]}
+  batch_specs = {k: PartitionSpec("expert", "batch", "length") for k in inputs.FEATURES}
+  plan_specs = jax.tree_util.tree_map(lambda _: PartitionSpec("expert"), plans)
+  specs = (state_specs, frozen_specs, batch_specs, plan_specs)
+  return partitioner.partition(step, specs, (state_specs, PartitionSpec("expert"))), specs
+
+
 def initial_gates(model: EncoderDecoderModel, backbone, stacked) -> dict:
   """Zero gates for every routed module of the E experts of `stacked` (leaves [E, ...]):
   {module path: {'gates': [E, in] float32}}."""
@@ -103,18 +128,25 @@ def expert_gates(gates, e: int) -> dict[str, np.ndarray]:
 
 def train_gates(config: TrainConfig, model: EncoderDecoderModel, backbone, stacked, *,
                 optimizer_config: Optional[ts.OptimizerConfig] = None,
-                on_step: Optional[Callable[[int], None]] = None) -> tuple[list[dict[str, np.ndarray]], dict]:
+                on_step: Optional[Callable[[int], None]] = None,
+                partitioner: Optional[partitioning.Partitioner] = None) -> tuple[list[dict[str, np.ndarray]], dict]:
   """Trains the gates of the E experts of `stacked` (leaves [E, ...], of `model`'s
   configurations, over the frozen `backbone`) for `config.steps` steps, expert e on
   `config.expert_tasks[e]` (its name `config.names()[e]`), checkpointing in
   `<config.model_dir>/checkpoints` every `config.save_every` steps and resuming from there.
   Returns (each expert's gates {site key: [in] float32}, the metrics of the last step per
-  expert name, {} when the run had finished before). `on_step(step)` is called after each step."""
+  expert name, {} when the run had finished before). `on_step(step)` is called after each step.
+  With a `partitioner`, the run is split over its mesh (module docstring); E must be a multiple
+  of the mesh's `expert` axis."""
   names = config.names()
   check_settings(config)
   if len(names) != int(jax.tree_util.tree_leaves(stacked)[0].shape[0]):
     raise TrainingError(f"gate training: {len(names)} tasks for {jax.tree_util.tree_leaves(stacked)[0].shape[0]} "
                         "experts")
+  if partitioner is not None and len(names) % partitioner.mesh.shape["expert"]:
+    raise TrainingError(f"gate training: {len(names)} experts cannot be split over the mesh's expert axis of "
+                        f"{partitioner.mesh.shape['expert']}; choose a mesh whose expert axis divides the number "
+                        "of experts (--mesh=data:D,expert:E,model:M)")
   optimizer_config = optimizer_config or gate_optimizer()
   os.makedirs(config.model_dir, exist_ok=True)
   lock = checkpointing.hold_run_lock(config.model_dir) if files.is_local(config.model_dir) else contextlib.nullcontext()
@@ -126,19 +158,34 @@ def train_gates(config: TrainConfig, model: EncoderDecoderModel, backbone, stack
     state = ts.init_train_state(initial_gates(model, backbone, stacked), optimizer)
     checkpoints = checkpointing.Checkpoints(os.path.join(config.model_dir, "checkpoints"), config.keep)
     restored = checkpoints.restore_latest(state)
-    state = jax.device_put(restored if restored is not None else state)  # as the step returns it: one program
+    state = restored if restored is not None else state
     start = int(state.step)
     plans = ts.ExpertSchedules.from_config(optimizer_config, config.steps_per_expert(), seeds=config.expert_seeds())
-    batches = inputs.expert_batches(config, model.config.vocab_size, start_step=start) if start < config.steps else None
-    logs = checkpointing.Logs(config.model_dir, names) if start < config.steps else None
+    step_fn, specs = _step_function(gate_model, model, optimizer_config, state, plans, partitioner)
+    experts_here, rows_here, batch_sharding = slice(0, len(names)), slice(0, config.batch_size), None
+    if specs is None:
+      state = jax.device_put(state)  # as the step returns it: one program
+    else:
+      state_specs, frozen_specs, batch_specs, plan_specs = specs
+      state, frozen, plans = (partitioner.place(state, state_specs), partitioner.place(frozen, frozen_specs),
+                              partitioner.place(plans, plan_specs))
+      batch_sharding = partitioner.sharding(batch_specs["encoder_input_tokens"])
+      experts_here, rows_here, _ = partitioning.local_block(
+          batch_sharding, (len(names), config.batch_size, config.input_length))
+    batches = (inputs.expert_batches(config, model.config.vocab_size, experts=experts_here, rows=rows_here,
+                                     start_step=start) if start < config.steps else None)
+    logs = checkpointing.Logs(config.model_dir, names) if start < config.steps and partitioning.is_primary() else None
     metrics: dict[str, np.ndarray] = {}
     meter = {"tokens": 0.0, "clock": time.perf_counter()}
     try:
       for step in range(start, config.steps):
         before = state
-        state, step_metrics = gate_step(state, frozen, next(batches), plans, model=gate_model,
-                                        optimizer_config=optimizer_config)
-        metrics = jax.device_get(step_metrics)
+        batch = next(batches)
+        if batch_sharding is not None:  # the global batch, from every process's block
+          batch = {k: partitioning.global_array(batch_sharding, (len(names), config.batch_size) + v.shape[2:], v)
+                   for k, v in batch.items()}
+        state, step_metrics = step_fn(state, frozen, batch, plans)
+        metrics = partitioning.to_host(step_metrics)
         bad = np.where(~np.isfinite(metrics["loss"]))[0]
         if len(bad):
           checkpoints.save(before)
@@ -146,7 +193,7 @@ def train_gates(config: TrainConfig, model: EncoderDecoderModel, backbone, stack
                               f"the last good state (step {step}) in {config.model_dir}/checkpoints")
         done = step + 1
         meter["tokens"] += float(np.sum(metrics["tokens"]))
-        if done % config.log_every == 0 or done == config.steps:
+        if logs is not None and (done % config.log_every == 0 or done == config.steps):
           logs.write(done, metrics, meter["tokens"] / max(time.perf_counter() - meter["clock"], 1e-9))
           meter.update(tokens=0.0, clock=time.perf_counter())
         if done % config.save_every == 0 or done == config.steps:
@@ -156,7 +203,7 @@ def train_gates(config: TrainConfig, model: EncoderDecoderModel, backbone, stack
     finally:
       if logs is not None:
         logs.close()
-  host = jax.device_get(state.params)
+  host = partitioning.to_host(state.params)
   final = {n: {k: float(v[e]) for k, v in metrics.items()} for e, n in enumerate(names)} if metrics else {}
   return [expert_gates(host, e) for e in range(len(names))], final
 

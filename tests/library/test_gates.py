@@ -56,7 +56,8 @@ def test_gates_are_trained_stored_verified_and_routed(lib, tmp_path, capsys):
   with pytest.raises(routing_methods.RoutingMethodError,
                      match=f"method 'phatgoose': expert\\(s\\) without gates: {TASKS[1]}; train them"):
     api.route(lib, TASK, method="phatgoose", **SCORING)
-  assert _cli("train-gates", f"--library={lib}", f"--model_dir={tmp_path / 'g2'}", *GATE_FLAGS) == 0
+  assert _cli("train-gates", f"--library={lib}", f"--model_dir={tmp_path / 'g2'}", *GATE_FLAGS,
+              "--mesh=data:2,expert:1,model:4") == 0  # the run split over the 8 devices
   out = capsys.readouterr().out
   assert f"{TASKS[1]}\tgates trained" in out and f"{TASKS[0]}\tgates already recorded: skipped" in out
   after = snapshot(lib / "experts")

@@ -133,3 +133,34 @@ def test_model_dir_of_another_gate_run_is_refused(setup, tmp_path):
   gates.train_gates(_config(tmp_path, steps=1), model, backbone, stacked)
   with pytest.raises(TrainingError, match="gate_run.json.*steps"):
     gates.train_gates(_config(tmp_path, steps=2), model, backbone, stacked)
+
+
+def test_gates_on_a_mesh_equal_one_device_and_resume_there(setup, tmp_path):
+  """Gates, optimizer state and experts split over the `expert` axis (2), batches over `data` (2),
+  the backbone over `model` (2): the gates equal one device's (partitioned matmuls sum in another
+  order: float32 rounding, not bitwise); a run killed at step 3 and resumed on the mesh equals the
+  uninterrupted mesh run bitwise. 3 experts on an expert axis of 2 are refused."""
+  from elm_jax import partitioning
+  model, backbone, stacked = setup
+  alone, _ = gates.train_gates(_config(tmp_path / "one", steps=4), model, backbone, stacked)
+  mesh = partitioning.Partitioner(partitioning.MeshConfig(data=2, expert=2, model=2))
+  split, _ = gates.train_gates(_config(tmp_path / "mesh", steps=4), model, backbone, stacked, partitioner=mesh)
+
+  def kill_at_3(step):
+    if step == 3:
+      raise KeyboardInterrupt
+  with pytest.raises(KeyboardInterrupt):
+    gates.train_gates(_config(tmp_path / "killed", steps=4), model, backbone, stacked, partitioner=mesh,
+                      on_step=kill_at_3)
+  resumed, _ = gates.train_gates(_config(tmp_path / "killed", steps=4), model, backbone, stacked, partitioner=mesh)
+  for a, b, c in zip(alone, split, resumed):
+    assert sorted(a) == sorted(b) == sorted(c)
+    for key in a:
+      np.testing.assert_allclose(b[key], a[key], rtol=1e-4, atol=1e-6, err_msg=key)
+      np.testing.assert_array_equal(c[key], b[key], err_msg=key)
+  assert any(np.abs(g).max() > 0 for g in split[0].values())
+  three = jax.tree_util.tree_map(lambda x: np.concatenate([x, x[:1]]), stacked)
+  config = trainer.TrainConfig(model_dir=str(tmp_path / "three"), expert_tasks=TASKS + TASKS[:1], steps=1,
+                               expert_names=("a", "b", "c"), batch_size=4, input_length=16, target_length=8)
+  with pytest.raises(TrainingError, match="3 experts cannot be split over the mesh's expert axis of 2"):
+    gates.train_gates(config, model, backbone, three, partitioner=mesh)
