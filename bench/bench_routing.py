@@ -12,7 +12,15 @@ that compiles (every timed call reuses its compiled program):
 - routed, all 16 experts mixed in one pass (`routing_methods.route`): uniform, Arrow (adapters;
   LoRA), per-example retrieval (its key search included), and one expert forced; PHATGOOSE
   where the demo's experts have gates.
-Best of 3 and spread (max - min); ratios against one expert alone, from the same run. The
+Then, in the same process:
+- gathering per-example experts: the 16 experts repeated to a stack of 64, every instance routed
+  to 2 of them (random per-example weights, as retrieval top-2 gives), batch 8, so 2 x 8 < 64
+  and the scorer gathers each example's 2 experts (`RoutingInputs.gather_size`), against the
+  same routing computing all 64 changes (`gather=False`) and one expert alone at batch 8;
+- routed decoding: the instances' inputs decoded (greedy, the choices' length) by one expert
+  alone (`expert_decoding.decode_texts`) and by Arrow over the 16 adapters, top-3
+  (`routed_scoring.decode_routed_instances`).
+Best of 3 and spread (max - min); ratios against each table's reference, from the same run. The
 markdown goes to stdout; `--write` puts it into BENCHMARKS.md (one section per CPU model).
 """
 
@@ -30,7 +38,11 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from bench.bench_sweep import avx512  # noqa: E402
 from bench.head_to_head import machine, write_section  # noqa: E402
-from elm_jax.evaluation import expert_eval  # noqa: E402
+import numpy as np  # noqa: E402
+
+from elm_jax import expert_stack  # noqa: E402
+from elm_jax.evaluation import expert_decoding, expert_eval, routed_scoring  # noqa: E402
+from elm_jax.models import routing  # noqa: E402
 from elm_jax.library import retrieval, routing_methods  # noqa: E402
 from elm_jax.library.loaded import load_experts  # noqa: E402
 from tasks.builtin_registry import register_builtin_suite  # noqa: E402
@@ -46,6 +58,19 @@ def best_of_3(fn) -> tuple[float, float]:
     fn()
     times.append(time.perf_counter() - start)
   return min(times), max(times) - min(times)
+
+
+def _table(ways: dict, reference: str) -> list[str]:
+  """Times each way (best of 3, after a compiling call) -> the markdown table's lines, ratios
+  against `reference`'s best."""
+  results = {}
+  for label, fn in ways.items():
+    results[label] = best_of_3(fn)
+    print(f"{label}: {results[label][0]:.3f} s (spread {results[label][1]:.3f})", file=sys.stderr)
+  lines = ["| way | seconds | vs reference |", "|---|---|---|"]
+  for label, (best, spread) in results.items():
+    lines.append(f"| {label} | {best:.3f} ({spread:.3f}) | {best / results[reference][0]:.2f}x |")
+  return lines
 
 
 def main() -> int:
@@ -78,18 +103,47 @@ def main() -> int:
   }
   if "phatgoose" in routing_methods.METHODS and "phatgoose" in stages["routing"]["accuracy"]:
     ways["routed: PHATGOOSE, top-3"] = lambda: routing_methods.route(adapters, rows, "phatgoose", top_k=3, **options)
-  results = {}
-  for label, fn in ways.items():
-    results[label] = best_of_3(fn)
-    print(f"{label}: {results[label][0]:.3f} s (spread {results[label][1]:.3f})", file=sys.stderr)
-  reference = results["one expert, scored alone (reference)"][0]
   lines = [f"{HEADING} ({machine()}, {'with' if avx512() else 'without'} AVX-512, {datetime.date.today()})", "",
            f"`JAX_PLATFORMS=cpu .venv/bin/python bench/bench_routing.py --demo_out=DIR` on a full `elm-jax demo` "
            f"output, on an otherwise idle machine: the demo's {len(names)} prompt experts on {len(rows)} instances "
-           f"of {task} (their answer choices), batch 16, compiled beforehand. Best of 3 (spread), seconds.", "",
-           "| way | seconds | vs one expert alone |", "|---|---|---|"]
-  for label, (best, spread) in results.items():
-    lines.append(f"| {label} | {best:.3f} ({spread:.3f}) | {best / reference:.2f}x |")
+           f"of {task} (their answer choices), batch 16, compiled beforehand. Best of 3 (spread), seconds.", ""]
+  lines += _table(ways, "one expert, scored alone (reference)")
+
+  # Gathering: 64 experts, each instance routed to 2 of them, batch 8.
+  many = 64
+  stacked = expert_stack.take(adapters.stack.params, [i % len(names) for i in range(many)])
+  examples = routed_scoring.tokenized(adapters, rows)
+  rng = np.random.default_rng(0)
+  weights = np.zeros((len(rows), many), np.float32)
+  for n in range(len(rows)):
+    weights[n, rng.choice(many, 2, replace=False)] = [0.6, 0.4]
+  two = routing.RoutingInputs(weights)
+  small = dict(options, batch_size=8)
+  lines += ["", f"Gathering per-example experts: a stack of {many} (the {len(names)} repeated), every instance "
+            "routed to 2 of them, batch 8 (2 x 8 < 64: each example's 2 experts are gathered).", ""]
+  lines += _table({
+      "one expert, scored alone, batch 8 (reference)": lambda: expert_eval.score_instances(one, rows, **small),
+      f"routed to 2 of {many}, gathered": lambda: routed_scoring.score_routed(
+          adapters.model, adapters.backbone, stacked, examples, two, batch_size=8,
+          max_input_length=small["max_input_length"], max_target_length=small["max_target_length"]),
+      f"routed to 2 of {many}, all {many} computed": lambda: routed_scoring.score_routed(
+          adapters.model, adapters.backbone, stacked, examples, two, batch_size=8, gather=False,
+          max_input_length=small["max_input_length"], max_target_length=small["max_target_length"]),
+  }, "one expert, scored alone, batch 8 (reference)")
+
+  # Decoding: the same inputs, greedy, the choices' length.
+  arrow = routing.RoutingInputs(routing.uniform_weights(len(rows), len(names)),
+                                routing.arrow_routers(adapters.stack.expert_config, adapters.stack.params))
+  decode = dict(batch_size=16, max_input_length=options["max_input_length"],
+                max_decode_length=options["max_target_length"])
+  lines += ["", f"Routed decoding: the {len(rows)} inputs decoded greedily to {decode['max_decode_length']} tokens, "
+            "batch 16.", ""]
+  lines += _table({
+      "one expert decoding alone (reference)": lambda: expert_decoding.decode_texts(
+          one, [r["inputs"] for r in rows], **decode),
+      f"Arrow over {len(names)} adapters, top-3, decoding": lambda: routed_scoring.decode_routed_instances(
+          adapters, rows, arrow, top_k=3, **decode),
+  }, "one expert decoding alone (reference)")
   section = "\n".join(lines + [""])
   print(section)
   if args.write:

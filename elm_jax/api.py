@@ -403,7 +403,7 @@ def route(library, task: str, *, method: str = "arrow", experts: str | Sequence[
           batch_size: int = defaults.BATCH_SIZE, max_input_length: int = defaults.MAX_INPUT_LENGTH,
           max_target_length: int = defaults.MAX_TARGET_LENGTH, mesh=None, setup: Optional[str] = None,
           checkpoint: Optional[str] = None, config: Optional[T5Config] = None,
-          check_integrity: bool = True) -> routing_methods.RoutedResult:
+          check_integrity: bool = True, beam_size: int = 1) -> routing_methods.RoutedResult:
   """`elm-jax route`: the library's `experts` routed on up to `max_examples` of `task`'s
   examples, their outputs mixed per token or per example in one pass (experts on the mesh's
   `expert` axis). `method`: 'arrow' (per token and module, the `top_k` experts whose
@@ -411,8 +411,10 @@ def route(library, task: str, *, method: str = "arrow", experts: str | Sequence[
   its `neighbours` nearest retrieval keys vote; `embedder` 'minilm', 't5' or 'bm25'),
   'phatgoose' (per token and module, the `top_k` experts whose trained gates best match the
   standardised token, softmax(score / `temperature`); the experts' gates: `train_gates`),
-  'uniform' (weight 1/E) or 'forced' (every example to `expert`). Returns a RoutedResult
-  (`.accuracy` %, `.scores` [N, C], `.predictions` [N], `.computed_from`).
+  'uniform' (weight 1/E) or 'forced' (every example to `expert`). A task without answer
+  choices is decoded (`max_target_length` tokens, `beam_size` beams). Returns a RoutedResult
+  (`.accuracy` %, `.metrics`, `.scores` [N, C] or None, `.predictions` [N] choice indices or
+  texts, `.computed_from`). `evaluate(..., routing=[...])` runs methods as resumable sweep columns.
 
       routed = api.route("/tmp/qs/lib", "builtin_nli_can_we_infer_score_eval", method="uniform")
       routed.accuracy                                   # % of the examples the mixture gets right
@@ -423,7 +425,7 @@ def route(library, task: str, *, method: str = "arrow", experts: str | Sequence[
       expert=expert, embedder=embedder, text_format=text_format, neighbours=neighbours, split=split,
       max_examples=max_examples, checkpoint=checkpoint, batch_size=batch_size,
       max_input_length=max_input_length, max_target_length=max_target_length, mesh_config=_mesh(mesh),
-      check_integrity=check_integrity, model_config=config, setup=setup)
+      check_integrity=check_integrity, model_config=config, setup=setup, beam_size=beam_size)
 
 
 def train_gates(library, model_dir: str, experts: str | Sequence[str] = "all", *, steps: int = 100,
@@ -519,16 +521,21 @@ def evaluate(library, task: str, *, experts: str | Sequence[str] = "all", output
              expert_chunk: Optional[int] = None, mesh=None, unit_experts: Optional[int] = None,
              overwrite: bool = False, progress: bool = True, softmax_vocab_size: Optional[int] = None,
              checkpoint: Optional[str] = None, config: Optional[T5Config] = None, setup: Optional[str] = None,
-             check_integrity: bool = True) -> Evaluation:
+             check_integrity: bool = True, routing: Optional[Sequence[str]] = None,
+             routing_options: Optional[Mapping[str, Any]] = None) -> Evaluation:
   """`elm-jax eval`: every selected expert on every prompt of a task or mixture (rank
   classification where there are answer choices, else decoding and ROUGE/BLEU), as the
   resumable sweep: with `output_dir`, its units and reports (results.json, .csv, .md,
   predictions/) go there and a rerun skips the finished units (`unit_experts` experts a unit);
   without, a temporary directory is used and removed. `max_examples`: per task, None for all.
   Returns an Evaluation: `.rows` (list of dicts), `.per_dataset()`, `.mean()`, `.markdown()`.
+  `routing` (method names of `route`): the selected experts routed together by each method, one
+  column each ('routed:arrow'), instead of each expert alone; `routing_options`: `route`'s
+  top_k, temperature, expert, embedder, text_format, neighbours.
 
       table = api.evaluate("/tmp/qs/lib", "builtin_held_out", max_examples=32)
       table.mean()                                      # {expert: mean accuracy %}
+      api.evaluate("/tmp/qs/lib", "builtin_held_out", routing=["arrow"], routing_options={"top_k": 2})
   """
   _start()
   options = dict(library_dir=_library_dir(library), task=task, experts=experts, split=split,
@@ -536,7 +543,8 @@ def evaluate(library, task: str, *, experts: str | Sequence[str] = "all", output
                  expert_chunk=expert_chunk, mesh_config=_mesh(mesh), unit_experts=unit_experts,
                  overwrite=overwrite, progress=progress, max_input_length=max_input_length,
                  max_target_length=max_target_length, beam_size=beam_size, checkpoint=checkpoint, setup=setup,
-                 check_integrity=check_integrity, model_config=config)
+                 check_integrity=check_integrity, model_config=config, routing=routing,
+                 routing_options=routing_options)
   if output_dir is None:
     with tempfile.TemporaryDirectory() as tmp:
       names, _, results = eval_command.run_sweep(os.path.join(tmp, "eval"), **options)

@@ -9,19 +9,28 @@ from the sweep's units in units/ (a rerun skips finished units), with log.jsonl 
 scalars beside them. `--shard=i/N` computes one job's share of the units; `--assemble` writes
 the reports once every shard is done. The mesh is `--mesh`, gin's `partitioning.MeshConfig`, or
 every device (the command prints the layout it chose; `evaluation/placement.py`).
+
+`--routing=arrow,uniform` evaluates the selected experts routed together by each method
+(`library/routing_methods.py`, options as `elm-jax route`'s: --top_k, --temperature, --expert,
+--embedder, --text_format, --neighbours) instead of each expert alone: one column a method,
+`routed:METHOD`, rank-classified or decoded like an expert's, in the same resumable sweep (a
+routed column is recomputed when its method, options, experts, gates or keys change).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import sys
 import time
-from typing import Optional
+from typing import Any, Optional, Sequence
 
 from elm_jax import defaults, files, partitioning
-from elm_jax.commands import flags, gin_utils, run_files
+from elm_jax.commands import flags, gin_utils, route_command, run_files
 from elm_jax.errors import UserInputError
 from elm_jax.evaluation import expert_eval, sweep
+from elm_jax.library import routing_methods
 from elm_jax.library.loaded import load_experts
 from tasks import instances
 
@@ -65,7 +74,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--checkpoint", default=None, help="backbone (default: the one the library records)")
   parser.add_argument("--force", action="store_true", help="load experts trained on another backbone")
   parser.add_argument("--setup", default=None, help="tasks to register: builtin, elm, module:function")
+  parser.add_argument("--routing", type=_methods, default=None,
+                      help="METHOD[,METHOD]: the experts routed together by each method ("
+                           + ", ".join(routing_methods.METHODS) + "), one column each, instead of each alone")
+  route_command.add_routing_options(parser)
   flags.add_integrity_flag(parser)
+
+
+def _methods(text: str) -> tuple[str, ...]:
+  """--routing's value: known method names, comma-separated."""
+  methods = tuple(m.strip() for m in text.split(",") if m.strip())
+  unknown = [m for m in methods if m not in routing_methods.METHODS]
+  if unknown or not methods:
+    raise argparse.ArgumentTypeError(f"expected method names among {', '.join(routing_methods.METHODS)}, "
+                                     f"comma-separated; got {text!r}")
+  return methods
 
 
 def main(args: argparse.Namespace) -> int:
@@ -78,6 +101,13 @@ def main(args: argparse.Namespace) -> int:
   start = time.perf_counter()
   options = {name: getattr(args, name) for name in RECORDED_FLAGS + (
       "experts", "expert_chunk", "unit_experts", "assemble", "overwrite", "force")}
+  routing = args.routing
+  if isinstance(routing, str):  # the ROUTING macro of a run file: 'arrow,uniform'
+    try:
+      routing = _methods(routing)
+    except argparse.ArgumentTypeError as e:
+      raise UserInputError(f"--gin.ROUTING={routing!r}: {e}") from None
+  options.update(routing=routing, routing_options={k: getattr(args, k) for k in route_command.ROUTING_OPTIONS})
   options.update(library_dir=options.pop("library"), shard=sweep.parse_shard(args.shard),
                  mesh_config=run_files.mesh_config(args.mesh), progress=not args.no_progress,
                  check_integrity=not args.skip_integrity_check, model_config=gin_utils.model_config_or_none())
@@ -104,12 +134,15 @@ def run_sweep(output_dir: str, *, library_dir: str, task: str, experts="all", sp
               progress: bool = True, max_input_length: int = defaults.MAX_INPUT_LENGTH,
               max_target_length: int = defaults.MAX_TARGET_LENGTH, beam_size: int = 1,
               checkpoint: Optional[str] = None, force: bool = False, setup: Optional[str] = None,
-              check_integrity: bool = True, model_config=None):
+              check_integrity: bool = True, model_config=None, routing: Optional[Sequence[str]] = None,
+              routing_options: Optional[dict[str, Any]] = None):
   """Every selected expert of the library on every task of `task` (a task or mixture), as the
   resumable sweep of `evaluation/sweep.py` into `output_dir`, whose reports (results.json, .csv,
   .md, predictions/) process 0 writes once the sweep is whole. Returns (the experts' names, the
-  member tasks, each task's TaskResult; None for a shard). What `eval` and
-  `elm_jax.api.evaluate(..., output_dir=...)` run; the arguments are `eval`'s flags."""
+  member tasks, each task's TaskResult; None for a shard). With `routing` (method names), the
+  columns are those methods routing the selected experts together (`routing_options`: `route`'s
+  options by name), not the experts alone. What `eval` and `elm_jax.api.evaluate(...,
+  output_dir=...)` run; the arguments are `eval`'s flags."""
   files.check_output_dir(output_dir, "--output_dir", within=files.directories_read(library_dir, checkpoint))
   expert_eval.check_output_dir(output_dir)
   instances.register_setup(setup)
@@ -126,16 +159,48 @@ def run_sweep(output_dir: str, *, library_dir: str, task: str, experts="all", sp
                                max_input_length=max_input_length, max_target_length=max_target_length,
                                beam_size=beam_size, softmax_vocab_size=loaded.config.softmax_vocab_size)
   digests = {name: sweep.expert_digest(loaded.library.entry(name)["files"]) for name in loaded.names}
-  results = sweep.run_sweep(loaded, tasks, output_dir, options=options, expert_digests=digests,
+  routed = routed_columns(loaded, routing or (), routing_options or {}, partitioner=chosen.partitioner,
+                          batch_size=batch_size, max_input_length=max_input_length,
+                          max_target_length=max_target_length, beam_size=beam_size)
+  results = sweep.run_sweep(loaded, tasks, output_dir, options=options, expert_digests={} if routed else digests,
                             backbone_fingerprint=loaded.fingerprint, partitioner=chosen.partitioner,
                             expert_chunk=chosen.expert_chunk, unit_experts=unit_experts, shard=shard,
-                            assemble=assemble, recompute=overwrite, progress=progress)
+                            assemble=assemble, recompute=overwrite, progress=progress, routed=routed)
+  columns = [c.name for c in routed] if routed else list(loaded.names)
   if results is not None:
     run = {"library": library_dir, "task": task, "split": split, "max_examples": max_examples,
            "softmax_vocab_size": softmax_vocab_size, "batch_size": batch_size,
            "max_input_length": max_input_length, "max_target_length": max_target_length,
            "beam_size": beam_size, "checkpoint": checkpoint, "setup": setup, "experts": list(loaded.names)}
+    if routed:
+      run["routing"] = {"methods": list(routing), **routing_methods.OPTION_DEFAULTS, **(routing_options or {})}
     if partitioning.is_primary():  # every process holds every result; one writes them
-      expert_eval.write_reports(output_dir, results, loaded.names, run)
+      expert_eval.write_reports(output_dir, results, columns, run)
     partitioning.barrier("elm_jax.eval.reports")
-  return list(loaded.names), tasks, results
+  return columns, tasks, results
+
+
+def routed_columns(loaded, methods: Sequence[str], options: dict[str, Any], *, partitioner, batch_size: int,
+                   max_input_length: int, max_target_length: int, beam_size: int) -> list[sweep.RoutedColumn]:
+  """The sweep's column for each routing method: the loaded experts routed together with
+  `options` (`route`'s, by name). Its digest covers the method, the options and, per expert,
+  its files, gates and retrieval keys as the manifest records them."""
+  unknown = set(options) - set(routing_methods.OPTION_DEFAULTS)
+  if unknown:
+    raise UserInputError(f"routing options: unknown {sorted(unknown)}; expected some of "
+                         f"{list(routing_methods.OPTION_DEFAULTS)}")
+  options = {**routing_methods.OPTION_DEFAULTS, **options}
+  records = {name: {key: loaded.library.entry(name).get(key) for key in ("files", "gates_file", "keys_file")}
+             for name in loaded.names}
+  columns = []
+  for method in methods:
+    routing_methods.routing_method(method)  # an unknown name is refused before any work
+    depends = {"method": method, "options": options, "experts": records}
+    digest = hashlib.sha256(json.dumps(depends, sort_keys=True, default=str).encode()).hexdigest()
+
+    def evaluate(experts, task, rows, method=method):
+      return routing_methods.routed_task_result(
+          experts, task, rows, method, partitioner=partitioner, batch_size=batch_size,
+          max_input_length=max_input_length, max_target_length=max_target_length, beam_size=beam_size, **options)
+    columns.append(sweep.RoutedColumn(routing_methods.column_name(method), digest, evaluate))
+  return columns

@@ -1,5 +1,6 @@
 """`elm-jax route`: a library's experts routed on a task's examples, mixed per token or per
-example in one pass, and the accuracy of the mixture.
+example in one pass, and the accuracy of the mixture (or, on a task without answer choices, its
+decoded texts and their ROUGE/BLEU).
 
     elm-jax route --library=LIB --task=builtin_nli_can_we_infer_score_eval --method=arrow --top_k=2
 
@@ -7,8 +8,9 @@ Methods (`library/routing_methods.py`): `uniform` (every expert's output, weight
 (per token and module, top-k experts by their prototypes), `phatgoose` (per token and module,
 top-k experts by their trained gates; `elm-jax train-gates` first), `retrieval` (per example: its
 nearest retrieval keys vote; --embedder, --neighbours), `forced` (every example to --expert).
-Prints the accuracy (or, without labels, the number of examples routed); --output writes the
-result, with every example's prediction, as JSON.
+Prints the accuracy or the generation metrics (or, without labels, the number of examples
+routed); --output writes the result, with every example's prediction, as JSON. `elm-jax eval
+--routing=METHOD` runs the same methods as columns of the resumable sweep.
 """
 
 from __future__ import annotations
@@ -34,25 +36,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--task", default=None, help="task whose examples are routed (registered SeqIO task)")
   parser.add_argument("--method", choices=tuple(routing_methods.METHODS), default="arrow",
                       help="; ".join(f"{m.name}: {m.description}" for m in routing_methods.METHODS.values()))
-  parser.add_argument("--top_k", type=flags.positive_int, default=1,
-                      help="experts kept per token (arrow, phatgoose) or per example (retrieval)")
-  parser.add_argument("--temperature", type=float, default=1.0, help="arrow, phatgoose: softmax temperature over the top k")
-  parser.add_argument("--expert", default=None, help="forced: the expert every example is routed to")
+  add_routing_options(parser)
   parser.add_argument("--experts", default="all", help="experts routed: all or NAME,NAME,...")
-  parser.add_argument("--embedder", choices=retrieval.EMBEDDERS, default="minilm", help="retrieval: key embedder")
-  parser.add_argument("--text_format", choices=instances.TEXT_FORMATS, default=instances.DEFAULT_TEXT_FORMAT)
-  parser.add_argument("--neighbours", type=flags.positive_int, default=routing_methods.NEIGHBOURS,
-                      help="retrieval: nearest keys that vote for each example")
   parser.add_argument("--split", default="validation")
   parser.add_argument("--max_examples", type=flags.positive_int, default=defaults.MAX_EXAMPLES)
   parser.add_argument("--checkpoint", default=None, help="backbone (default: the one the library records)")
   parser.add_argument("--batch_size", type=flags.positive_int, default=defaults.BATCH_SIZE)
   parser.add_argument("--max_input_length", type=flags.positive_int, default=defaults.MAX_INPUT_LENGTH)
-  parser.add_argument("--max_target_length", type=flags.positive_int, default=defaults.MAX_TARGET_LENGTH)
+  parser.add_argument("--max_target_length", type=flags.positive_int, default=defaults.MAX_TARGET_LENGTH,
+                      help="choice length for rank classification; decode length for generation")
+  parser.add_argument("--beam_size", type=flags.positive_int, default=1, help="generation: 1 = greedy decoding")
   parser.add_argument("--mesh", default=None, help="data:D,expert:E,model:M (default: every device)")
   parser.add_argument("--setup", default=None, help="tasks to register: builtin, elm, module:function")
   parser.add_argument("--output", default=None, help="JSON file for the result and every prediction")
   flags.add_integrity_flag(parser)
+
+
+ROUTING_OPTIONS = tuple(routing_methods.OPTION_DEFAULTS)
+
+
+def add_routing_options(parser: argparse.ArgumentParser) -> None:
+  """The flags each routing method reads (`ROUTING_OPTIONS`; `route` and `eval --routing`)."""
+  parser.add_argument("--top_k", type=flags.positive_int, default=1,
+                      help="experts kept per token (arrow, phatgoose) or per example (retrieval)")
+  parser.add_argument("--temperature", type=float, default=1.0, help="arrow, phatgoose: softmax temperature over the top k")
+  parser.add_argument("--expert", default=None, help="forced: the expert every example is routed to")
+  parser.add_argument("--embedder", choices=retrieval.EMBEDDERS, default="minilm", help="retrieval: key embedder")
+  parser.add_argument("--text_format", choices=instances.TEXT_FORMATS, default=instances.DEFAULT_TEXT_FORMAT)
+  parser.add_argument("--neighbours", type=flags.positive_int, default=routing_methods.NEIGHBOURS,
+                      help="retrieval: nearest keys that vote for each example")
 
 
 def route_task(library_dir: str, task: str, *, method: str = "arrow", experts: str | Sequence[str] = "all",
@@ -63,10 +75,11 @@ def route_task(library_dir: str, task: str, *, method: str = "arrow", experts: s
                max_input_length: int = defaults.MAX_INPUT_LENGTH,
                max_target_length: int = defaults.MAX_TARGET_LENGTH,
                mesh_config: Optional[partitioning.MeshConfig] = None, check_integrity: bool = True,
-               model_config=None, setup: Optional[str] = None) -> routing_methods.RoutedResult:
+               model_config=None, setup: Optional[str] = None, beam_size: int = 1) -> routing_methods.RoutedResult:
   """The library's `experts` routed by `method` on up to `max_examples` examples of `task`'s
-  `split` (rank classification), on the mesh `run_files.choose_placement` picks (experts on
-  its `expert` axis): `routing_methods.route`. What `route` and `elm_jax.api.route` run."""
+  `split` (rank classification, or decoding where there are no answer choices), on the mesh
+  `run_files.choose_placement` picks (experts on its `expert` axis): `routing_methods.route`.
+  What `route` and `elm_jax.api.route` run."""
   instances.register_setup(setup)
   instances.ensure_registered([task])
   rows = expert_eval.read_task_rows(task, split, max_examples)
@@ -79,13 +92,15 @@ def route_task(library_dir: str, task: str, *, method: str = "arrow", experts: s
                                embedder=embedder, text_format=text_format, neighbours=neighbours,
                                batch_size=batch_size, partitioner=placed.partitioner,
                                max_input_length=max_input_length, max_target_length=max_target_length,
-                               source=f"task {task}")
+                               beam_size=beam_size, source=f"task {task}")
 
 
 def result_record(task: str, result: routing_methods.RoutedResult) -> dict:
-  """The JSON `--output` holds: the method, what it read, the accuracy and each prediction."""
+  """The JSON `--output` holds: the method, what it read, the accuracy, the metrics and each
+  prediction (a choice index, or a decoded text)."""
+  predictions = [int(p) for p in result.predictions] if result.ranked else list(result.predictions)
   return {"task": task, "method": result.method, "experts": list(result.experts), "accuracy": result.accuracy,
-          "computed_from": result.computed_from, "predictions": [int(p) for p in result.predictions]}
+          "metrics": result.metrics, "computed_from": result.computed_from, "predictions": predictions}
 
 
 def main(args: argparse.Namespace) -> int:
@@ -100,8 +115,9 @@ def main(args: argparse.Namespace) -> int:
                       max_examples=args.max_examples, checkpoint=args.checkpoint, batch_size=args.batch_size,
                       max_input_length=args.max_input_length, max_target_length=args.max_target_length,
                       mesh_config=run_files.mesh_config(args.mesh), check_integrity=not args.skip_integrity_check,
-                      model_config=gin_utils.model_config_or_none(), setup=args.setup)
-  what = (f"accuracy {result.accuracy:.2f}%" if result.accuracy is not None else "no labels")
+                      model_config=gin_utils.model_config_or_none(), setup=args.setup, beam_size=args.beam_size)
+  what = (", ".join(f"{k} {v:.2f}" + ("%" if k == "accuracy" else "") for k, v in result.metrics.items())
+          or "no labels")
   print(f"{args.task}\t{args.method}\t{len(result.predictions)} examples\t{what}")
   if args.output:
     if partitioning.is_primary():

@@ -3,7 +3,9 @@ score answer choices in one compiled program per batch shape.
 
 `score_routed` is `rank_scoring.score_all_experts` for a routed mixture: the same batches (length
 buckets, choices split over rows of at most MAX_CHOICES_PER_ROW, results in the examples' order),
-one program for all E experts (never chunked: the router sees every expert at every token), and
+one program for all E experts (never chunked: the router sees every expert at every token; with
+per-example weights on a library larger than a batch's examples x their experts, each
+example's experts are gathered and only theirs computed, `RoutingInputs.gather_size`), and
 on a mesh the experts split over the `expert` axis (padded to a multiple of it with experts of
 weight 0), batch rows over `data`, the backbone by the model rules. It returns [N, C] scores:
 one mixture, not one row per expert. Inputs are not packed two to a row (each encoder row must
@@ -13,20 +15,31 @@ be one example, whose weights its rows take). `score_routed_instances` takes ins
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any, Optional, Sequence
 
 import jax
 import numpy as np
 
-from elm_jax import defaults, expert_stack, partitioning
+from elm_jax import batching, defaults, expert_stack, partitioning
 from elm_jax.errors import UserInputError
-from elm_jax.evaluation import rank_scoring
+from elm_jax.evaluation import expert_decoding, rank_scoring
 from elm_jax.expert_stack import ExpertsOnBackbone
 from elm_jax.models.model import EncoderDecoderModel
 from elm_jax.models.routing import RoutedExperts, RoutingError, RoutingInputs, routed_backbone
 
 Array = jax.Array
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_decode_length", "beam_size"))
+def routed_predictions(model: EncoderDecoderModel, backbone, experts, routing, encoder_tokens: Array, *,
+                       max_decode_length: int, beam_size: int = 1) -> tuple[Array, Array]:
+  """`EncoderDecoderModel.routed_predictions`, compiled: experts' leaves [E, ...], the
+  `routing` collection of the batch, encoder_tokens [N, Li] -> (tokens [N, max_decode_length],
+  scores [N])."""
+  return model.routed_predictions(backbone, experts, routing, encoder_tokens, max_decode_length=max_decode_length,
+                                  beam_size=beam_size)
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
@@ -49,14 +62,16 @@ class RoutedScorer(rank_scoring.RankScorer):
   def __init__(self, model: EncoderDecoderModel, backbone, experts, routing: RoutingInputs, *,
                top_k: int = 1, temperature: float = 1.0, partitioner=None,
                batch_size: int = defaults.BATCH_SIZE, max_input_length: int = defaults.MAX_INPUT_LENGTH,
-               max_target_length: int = defaults.MAX_TARGET_LENGTH):
+               max_target_length: int = defaults.MAX_TARGET_LENGTH, gather: bool = True):
     if model.expert is None:
       raise RoutingError("routing needs experts: the model was built without expert configurations")
     num = expert_stack.num_experts(experts)
     if routing.num_experts != num:
       raise RoutingError(f"routing weights are for {routing.num_experts} experts, the stack holds {num}")
     self.plain_model, self.routing = model, routing
-    routed = EncoderDecoderModel.build(model.config, RoutedExperts.over(model.expert, top_k, temperature))
+    self.gathered = routing.gather_size(batch_size) if gather else 0
+    routed = EncoderDecoderModel.build(model.config, RoutedExperts.over(model.expert, top_k, temperature,
+                                                                        gathered=self.gathered))
     super().__init__(routed, routed_backbone(routed, backbone, experts), experts=experts, expert_chunk=num,
                      partitioner=partitioner, batch_size=batch_size, max_input_length=max_input_length,
                      max_target_length=max_target_length, pack=False)
@@ -75,7 +90,7 @@ class RoutedScorer(rank_scoring.RankScorer):
     experts = expert_stack.place(experts, self.partitioner, self._expert_specs)
     results = []
     for a in arrays:
-      variables = self.routing.variables(a.examples, total)
+      variables = self.routing.variables(a.examples, total, self.gathered)
       if self.partitioner is None:
         out = routed_choice_log_likelihoods(self.model, self.params, experts, variables, *a.arguments)
       else:
@@ -89,17 +104,19 @@ def score_routed(model: EncoderDecoderModel, backbone, experts, examples: Sequen
                  routing: RoutingInputs, *, top_k: int = 1, temperature: float = 1.0,
                  batch_size: int = defaults.BATCH_SIZE, partitioner=None,
                  max_input_length: int = defaults.MAX_INPUT_LENGTH,
-                 max_target_length: int = defaults.MAX_TARGET_LENGTH) -> tuple[np.ndarray, np.ndarray, RoutedScorer]:
+                 max_target_length: int = defaults.MAX_TARGET_LENGTH, gather: bool = True
+                 ) -> tuple[np.ndarray, np.ndarray, RoutedScorer]:
   """The experts (leaves [E, ...] over `backbone`, of `model`'s configurations) routed as
   `routing` says (its example weights [N, E] in the order of `examples`) on every example:
-  (scores [N, C] float32, -inf on padded choices; token counts [N, C] int32; the scorer)."""
+  (scores [N, C] float32, -inf on padded choices; token counts [N, C] int32; the scorer).
+  `gather=False` computes every expert's change even where gathering would cost less."""
   if len(routing.example_weights) != len(examples):
     raise RoutingError(f"routing weights are for {len(routing.example_weights)} examples, got {len(examples)}")
   if jax.process_count() > 1 and partitioner is None:
     raise RoutingError("routed scoring over several processes needs a mesh (--mesh) spanning them")
   scorer = RoutedScorer(model, backbone, experts, routing, top_k=top_k, temperature=temperature,
                         partitioner=partitioner, batch_size=batch_size, max_input_length=max_input_length,
-                        max_target_length=max_target_length)
+                        max_target_length=max_target_length, gather=gather)
   num_choices = max((len(ex.choices) for ex in examples), default=0)
   scores = np.full((len(examples), num_choices), -np.inf, np.float32)
   counts = np.zeros((len(examples), num_choices), np.int32)
@@ -137,3 +154,61 @@ def score_routed_instances(loaded: ExpertsOnBackbone, rows: Sequence[dict[str, A
                                         max_input_length=max_input_length, max_target_length=max_target_length)
   scorer.truncated.report(max_input_length, max_target_length)
   return scores, counts
+
+
+def decode_routed(model: EncoderDecoderModel, backbone, experts, inputs: Sequence[Sequence[int]],
+                  routing: RoutingInputs, *, top_k: int = 1, temperature: float = 1.0,
+                  batch_size: int = defaults.BATCH_SIZE, partitioner=None,
+                  max_decode_length: int = defaults.MAX_TARGET_LENGTH, beam_size: int = 1,
+                  input_bucket: int = expert_decoding.GENERATION_MIN_INPUT_BUCKET,
+                  gather: bool = True) -> list[list[int]]:
+  """The experts (leaves [E, ...] over `backbone`, of `model`'s configurations) routed as
+  `routing` says (example weights [N, E] in the order of `inputs`) decoding every input (token
+  ids, EOS included, already cut): each input's tokens up to EOS (excluded), in input order.
+  One compiled decoding program per input-length bucket, all E experts inside; on a mesh the
+  experts split over the `expert` axis (padded to a multiple of it with experts of weight 0),
+  batch rows over `data`. `gather` as `score_routed`'s."""
+  num = expert_stack.num_experts(experts)
+  if routing.num_experts != num:
+    raise RoutingError(f"routing weights are for {routing.num_experts} experts, the stack holds {num}")
+  if len(routing.example_weights) != len(inputs):
+    raise RoutingError(f"routing weights are for {len(routing.example_weights)} examples, got {len(inputs)}")
+  gathered = routing.gather_size(batch_size) if gather else 0
+  routed = EncoderDecoderModel.build(model.config, RoutedExperts.over(model.expert, top_k, temperature,
+                                                                      gathered=gathered))
+  params, total = routed_backbone(routed, backbone, experts), num
+  if partitioner is not None:
+    ways = partitioner.mesh.shape["expert"]
+    total = -(-num // ways) * ways
+    params = partitioner.place(params, routed.param_specs())
+  stacked = expert_stack.take(experts, np.minimum(np.arange(total), num - 1))
+  if partitioner is not None:
+    stacked = expert_stack.place(stacked, partitioner, model.expert_specs()[1])
+  eos, pad = model.config.eos_id, model.config.pad_id
+  out: list[list[int]] = [[] for _ in inputs]
+  for rows, tokens in batching.padded_batches(list(inputs), batch_size, input_bucket):
+    variables = routing.variables(list(rows) + [None] * (len(tokens) - len(rows)), total, gathered)
+    with partitioner.context() if partitioner is not None else contextlib.nullcontext():
+      decoded, _ = routed_predictions(routed, params, stacked, variables, tokens,
+                                      max_decode_length=max_decode_length, beam_size=beam_size)
+    decoded = partitioning.to_host(decoded)
+    for r, i in enumerate(rows):
+      seq = decoded[r].tolist()
+      seq = seq[:seq.index(eos)] if eos in seq else seq
+      out[i] = [t for t in seq if t != pad]
+  return out
+
+
+def decode_routed_instances(loaded: ExpertsOnBackbone, rows: Sequence[dict[str, Any]], routing: RoutingInputs, *,
+                            top_k: int = 1, temperature: float = 1.0, batch_size: int = defaults.BATCH_SIZE,
+                            partitioner=None, max_input_length: int = defaults.MAX_INPUT_LENGTH,
+                            max_decode_length: int = defaults.MAX_TARGET_LENGTH, beam_size: int = 1) -> list[str]:
+  """`decode_routed` of the loaded experts on instance dicts (their `inputs`, cut at
+  `max_input_length` with EOS kept, as `expert_decoding.decode_texts` cuts them): one text each."""
+  vocabulary = loaded.vocabulary()
+  eos = loaded.config.eos_id
+  ids = [vocabulary.encode(r["inputs"])[:max_input_length - 1] + [eos] for r in rows]
+  decoded = decode_routed(loaded.model, loaded.backbone, loaded.stack.params, ids, routing, top_k=top_k,
+                          temperature=temperature, batch_size=batch_size, partitioner=partitioner,
+                          max_decode_length=max_decode_length, beam_size=beam_size)
+  return [vocabulary.decode(tokens) for tokens in decoded]

@@ -1,6 +1,8 @@
 """Evaluation sweeps that resume after a kill and split over jobs.
 
-A sweep evaluates the selected experts on every task of a task or mixture. Its work is cut into
+A sweep evaluates the selected experts on every task of a task or mixture (each expert alone,
+or the experts routed together by a method: a `RoutedColumn`, one column like an expert's, whose
+digest stands for its method, options and experts). Its work is cut into
 *units*, in a fixed order: for each task (as the mixture lists them), the selected experts in
 chunks of `unit_experts` (default: all of them, one unit per task). Each finished unit is
 written atomically to `OUTPUT_DIR/units/TASK/UNIT.json` with the record of what it depends on:
@@ -32,7 +34,7 @@ import os
 import re
 import sys
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from tqdm import tqdm
 
@@ -74,6 +76,18 @@ class SweepOptions:
   max_target_length: int = 128
   beam_size: int = 1
   softmax_vocab_size: Optional[int] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutedColumn:
+  """A column of the sweep computed by routing the loaded experts together
+  (`library/routing_methods.py`) instead of by one expert: its `name` ('routed:arrow'), a
+  sha256 `digest` of what its results depend on besides the task (the method, its options, the
+  routed experts' files and the gates or keys it reads), and `evaluate` (loaded experts, task,
+  the task's rows) -> TaskResult with the one column `name`."""
+  name: str
+  digest: str
+  evaluate: Callable[[ExpertsOnBackbone, str, list], TaskResult]
 
 
 def plan_units(tasks: Sequence[str], experts: Sequence[str], unit_experts: Optional[int] = None) -> list[Unit]:
@@ -215,7 +229,9 @@ def _task_facts(result: TaskResult) -> dict[str, Any]:
 
 
 def _expert_results(result: TaskResult) -> dict[str, Any]:
-  return {expert: {"metrics": result.metrics[expert],
+  """Each column's metrics (by name, as a unit file stores them: a report assembled from
+  results just computed and one assembled from unit files list them alike) and predictions."""
+  return {expert: {"metrics": dict(sorted(result.metrics[expert].items())),
                    "predictions": [p["predictions"][expert] for p in result.predictions]}
           for expert in result.metrics}
 
@@ -279,11 +295,16 @@ def run_sweep(loaded: ExpertsOnBackbone, tasks: Sequence[str], output_dir: str, 
               expert_digests: dict[str, str], backbone_fingerprint: Optional[str], partitioner=None,
               expert_chunk: Optional[int] = None, unit_experts: Optional[int] = None,
               shard: Optional[tuple[int, int]] = None, assemble: bool = False, recompute: bool = False,
-              progress: bool = True, stream=None) -> Optional[list[TaskResult]]:
-  """Evaluates every expert of `loaded` on every task, unit by unit, as the module docstring
-  says; returns each task's result (None for a shard, which writes no report)."""
+              progress: bool = True, stream=None, routed: Sequence[RoutedColumn] = ()
+              ) -> Optional[list[TaskResult]]:
+  """Evaluates every task, unit by unit, as the module docstring says, in the columns named by
+  `expert_digests` (loaded experts, each alone) and then `routed` (the loaded experts routed
+  together by a method, each column one unit member like an expert); returns each task's result
+  (None for a shard, which writes no report)."""
   stream = stream or sys.stderr
-  names = list(loaded.names)
+  routed_by_name = {column.name: column for column in routed}
+  expert_digests = {**expert_digests, **{column.name: column.digest for column in routed}}
+  names = list(expert_digests)
   units = plan_units(tasks, names, unit_experts)
   mine = shard_units(units, shard)
   store = UnitStore(output_dir)
@@ -311,13 +332,17 @@ def run_sweep(loaded: ExpertsOnBackbone, tasks: Sequence[str], output_dir: str, 
   try:
     for unit, pending in todo:
       start = time.perf_counter()
-      # A unit of every expert scores the stack as it is (no host copy of it per unit).
-      subset = loaded if tuple(pending) == loaded.names else loaded.with_stack(loaded.stack.select(pending))
-      result = expert_eval.evaluate_tasks(
-          subset, [unit.task], split=options.split, max_examples=options.max_examples,
-          batch_size=options.batch_size, expert_chunk=expert_chunk, max_input_length=options.max_input_length,
-          max_target_length=options.max_target_length, beam_size=options.beam_size,
-          partitioner=partitioner, rows={unit.task: rows[unit.task]})[0]
+      alone = [e for e in pending if e not in routed_by_name]
+      parts = [routed_by_name[e].evaluate(loaded, unit.task, rows[unit.task]) for e in pending if e in routed_by_name]
+      if alone:
+        # A unit of every expert scores the stack as it is (no host copy of it per unit).
+        subset = loaded if tuple(alone) == loaded.names else loaded.with_stack(loaded.stack.select(alone))
+        parts.insert(0, expert_eval.evaluate_tasks(
+            subset, [unit.task], split=options.split, max_examples=options.max_examples,
+            batch_size=options.batch_size, expert_chunk=expert_chunk, max_input_length=options.max_input_length,
+            max_target_length=options.max_target_length, beam_size=options.beam_size,
+            partitioner=partitioner, rows={unit.task: rows[unit.task]})[0])
+      result = _joined(parts)
       path = store.write(unit, records[unit.task], expert_digests, result) if primary else ""
       partitioning.barrier(f"elm_jax.eval.unit.{unit.index}")
       log.unit(unit, result, time.perf_counter() - start, path)
@@ -332,6 +357,16 @@ def run_sweep(loaded: ExpertsOnBackbone, tasks: Sequence[str], output_dir: str, 
   if shard is not None:
     return None
   return [assemble_task(t, found[t], names) for t in tasks]
+
+
+def _joined(parts: Sequence[TaskResult]) -> TaskResult:
+  """One task's results in several columns (experts alone, routed methods) as one TaskResult."""
+  first = parts[0]
+  metrics = {column: m for part in parts for column, m in part.metrics.items()}
+  predictions = [{**record, "predictions": {column: p for part in parts
+                                            for column, p in part.predictions[n]["predictions"].items()}}
+                 for n, record in enumerate(first.predictions)]
+  return dataclasses.replace(first, metrics=metrics, predictions=predictions)
 
 
 def _check_complete(units: Sequence[Unit], found: dict[str, Found], output_dir: str) -> None:

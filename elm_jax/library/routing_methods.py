@@ -33,7 +33,8 @@ import numpy as np
 
 from elm_jax import defaults
 from elm_jax.errors import UserInputError
-from elm_jax.evaluation import routed_scoring
+from elm_jax.evaluation import expert_eval, generation_metrics, routed_scoring
+from elm_jax.evaluation.expert_eval import TaskResult
 from elm_jax.expert_stack import ExpertsOnBackbone
 from elm_jax.library import gates, retrieval, selection
 from elm_jax.models import routing
@@ -41,6 +42,9 @@ from elm_jax.models.routing import RoutingInputs
 from tasks import instances
 
 NEIGHBOURS = 8  # retrieval keys each input's vote takes ('retrieval')
+# The options of `route` that methods read, with their defaults (`elm-jax route`'s flags).
+OPTION_DEFAULTS = {"top_k": 1, "temperature": 1.0, "expert": None, "embedder": "minilm",
+                   "text_format": instances.DEFAULT_TEXT_FORMAT, "neighbours": NEIGHBOURS}
 
 
 class RoutingMethodError(UserInputError):
@@ -171,15 +175,23 @@ METHODS: dict[str, RoutingMethod] = {m.name: m for m in (
 
 @dataclasses.dataclass(frozen=True)
 class RoutedResult:
-  """A method's routed scores on N instances: `scores` [N, C] (-inf on padded choices),
-  `predictions` [N] (argmax), `accuracy` (%; None without labels), and what it was computed
-  from (experts, top_k, temperature and the method's options)."""
+  """A method's routed outputs on N instances, and what they were computed from (experts,
+  top_k, temperature and the method's options). Rank classification (every instance has answer
+  choices): `scores` [N, C] (-inf on padded choices), `predictions` [N] (argmax), `accuracy`
+  (%; None without labels). Generation (instances without answer choices): `scores` None,
+  `predictions` the decoded texts, `accuracy` None. `metrics`: the task's metrics (%) where
+  every instance has its reference ({'accuracy'}; ROUGE-1/2/L, BLEU, exact match), else {}."""
   method: str
   experts: tuple[str, ...]
-  scores: np.ndarray
-  predictions: np.ndarray
+  scores: Optional[np.ndarray]
+  predictions: Any
   accuracy: Optional[float]
   computed_from: dict[str, Any]
+  metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+
+  @property
+  def ranked(self) -> bool:
+    return self.scores is not None
 
 
 def routing_method(name: str) -> RoutingMethod:
@@ -194,12 +206,14 @@ def route(experts: ExpertsOnBackbone, rows: Sequence[dict[str, Any]], method: st
           text_format: str = instances.DEFAULT_TEXT_FORMAT, neighbours: int = NEIGHBOURS,
           batch_size: int = defaults.BATCH_SIZE, partitioner=None,
           max_input_length: int = defaults.MAX_INPUT_LENGTH, max_target_length: int = defaults.MAX_TARGET_LENGTH,
-          source: str = "instances") -> RoutedResult:
-  """The loaded experts routed by `method` (a name in METHODS) on `rows` (instance dicts with
-  answer choices; a label each for the accuracy) in one pass per batch shape. Options, each read
-  by its method: `top_k` (experts kept per token, or per example for 'retrieval'),
-  `temperature` (per-token softmax), `expert` ('forced'), `embedder`, `text_format`,
-  `neighbours` ('retrieval'). Labels are never read by a method, only by the accuracy."""
+          beam_size: int = 1, source: str = "instances") -> RoutedResult:
+  """The loaded experts routed by `method` (a name in METHODS) on `rows` (instance dicts) in one
+  compiled pass per batch shape: rank classification when every row has answer choices (a label
+  each for the accuracy), else decoding (`max_target_length` tokens, greedy or `beam_size`
+  beams; a `targets` text each for ROUGE/BLEU). Options, each read by its method: `top_k`
+  (experts kept per token, or per example for 'retrieval'), `temperature` (per-token softmax),
+  `expert` ('forced'), `embedder`, `text_format`, `neighbours` ('retrieval'). Labels and
+  targets are never read by a method, only by the metrics."""
   chosen = routing_method(method)
   try:
     routing.RoutedExperts.over(experts.stack.expert_config, top_k, temperature)  # the kinds, top_k, temperature
@@ -211,13 +225,47 @@ def route(experts: ExpertsOnBackbone, rows: Sequence[dict[str, Any]], method: st
   unlabelled = [{**r, "label": None, "targets": None} for r in rows]
   request = RoutingRequest(experts, unlabelled, top_k, expert, embedder, text_format, neighbours)
   inputs, options = chosen.build(request)
-  scores, _ = routed_scoring.score_routed_instances(
-      experts, rows, inputs, top_k=top_k, temperature=temperature, batch_size=batch_size,
-      partitioner=partitioner, max_input_length=max_input_length, max_target_length=max_target_length,
-      source=source)
+  computed_from = {"experts": len(experts.names), "instances": len(rows), "top_k": top_k,
+                   "temperature": temperature, "source": source, **options}
+  scoring = dict(top_k=top_k, temperature=temperature, batch_size=batch_size, partitioner=partitioner,
+                 max_input_length=max_input_length)
+  if not all(r.get("answer_choices") for r in rows):
+    texts = routed_scoring.decode_routed_instances(experts, rows, inputs, max_decode_length=max_target_length,
+                                                   beam_size=beam_size, **scoring)
+    references = [r.get("targets") for r in rows]
+    metrics = ({} if any(t is None for t in references)
+               else generation_metrics.generation_metrics(texts, references))
+    return RoutedResult(method, tuple(experts.names), None, texts, None, {**computed_from, "beam_size": beam_size},
+                        metrics)
+  scores, _ = routed_scoring.score_routed_instances(experts, rows, inputs, max_target_length=max_target_length,
+                                                    source=source, **scoring)
   predictions = np.argmax(scores, axis=-1)
   labels = [r.get("label") for r in rows]
-  accuracy = None if any(label is None for label in labels) else float(100.0 * np.mean(predictions == np.asarray(labels)))
-  return RoutedResult(method, tuple(experts.names), scores, predictions, accuracy,
-                      {"experts": len(experts.names), "instances": len(rows), "top_k": top_k,
-                       "temperature": temperature, "source": source, **options})
+  accuracy = (None if any(label is None for label in labels)
+              else float(100.0 * np.mean(predictions == np.asarray(labels))))
+  return RoutedResult(method, tuple(experts.names), scores, predictions, accuracy, computed_from,
+                      {} if accuracy is None else {"accuracy": accuracy})
+
+
+def column_name(method: str) -> str:
+  """The name a routed method's results take beside the experts' own in `eval`'s reports."""
+  return f"routed:{method}"
+
+
+def routed_task_result(experts: ExpertsOnBackbone, task: str, rows: Sequence[dict[str, Any]], method: str,
+                       **options) -> TaskResult:
+  """`eval`'s result for `method` routing the experts on a task's rows (labelled or with
+  targets, `expert_eval.read_task_rows`): one column, `column_name(method)`, as every expert
+  has in `expert_eval.evaluate_tasks`'s results. `options`: `route`'s."""
+  result = route(experts, rows, method, source=f"task {task}", **options)
+  dataset, prompt = expert_eval.dataset_and_prompt(task)
+  column = column_name(method)
+  if result.ranked:
+    predictions = [{"index": n, "label": int(r["label"]), "predictions": {column: int(result.predictions[n])}}
+                   for n, r in enumerate(rows)]
+    evaluation = "rank"
+  else:
+    predictions = [{"index": n, "target": r["targets"], "predictions": {column: result.predictions[n]}}
+                   for n, r in enumerate(rows)]
+    evaluation = "generation"
+  return TaskResult(task, dataset, prompt, evaluation, len(rows), {column: result.metrics}, predictions)

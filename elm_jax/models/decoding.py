@@ -7,7 +7,7 @@ Both take an encoded batch once and run the decoder one token at a time inside a
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -18,35 +18,40 @@ Array = jax.Array
 _NEG = -1.0e9
 
 
-def _init_cache(model: Transformer, params, encoded: Array, encoder_mask: Array, length: int):
+def _init_cache(model: Transformer, params, encoded: Array, encoder_mask: Array, length: int,
+                collections: Optional[dict] = None):
   """Zeroed KV cache for a batch of `encoded.shape[0]` sequences of `length` decoder steps."""
   def make():
     _, variables = model.apply(
-        {"params": params}, encoded, encoder_mask, jnp.zeros((encoded.shape[0], length), jnp.int32),
+        {"params": params, **(collections or {})}, encoded, encoder_mask,
+        jnp.zeros((encoded.shape[0], length), jnp.int32),
         decode=True, max_decode_length=length, method=Transformer.decode, mutable=["cache"])
     return variables["cache"]
   shapes = jax.eval_shape(make)
   return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
-def _step(model: Transformer, params, cache, encoded, encoder_mask, tokens: Array, length: int):
+def _step(model: Transformer, params, cache, encoded, encoder_mask, tokens: Array, length: int,
+          collections: Optional[dict] = None):
   """One decoder step: tokens [batch] -> (log-probs [batch, vocab] float32, new cache)."""
   logits, variables = model.apply(
-      {"params": params, "cache": cache}, encoded, encoder_mask, tokens[:, None],
+      {"params": params, "cache": cache, **(collections or {})}, encoded, encoder_mask, tokens[:, None],
       decode=True, max_decode_length=length, method=Transformer.decode, mutable=["cache"])
   return jax.nn.log_softmax(logits[:, 0].astype(jnp.float32), axis=-1), variables["cache"]
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_decode_length"))
 def greedy_decode(model: Transformer, params, encoder_input_tokens: Array, *,
-                  max_decode_length: int) -> tuple[Array, Array]:
+                  max_decode_length: int, collections: Optional[dict] = None) -> tuple[Array, Array]:
   """Greedy decoding. Returns tokens [batch, max_decode_length] (pad after EOS) and the sum of
-  the chosen tokens' log-probabilities [batch]."""
+  the chosen tokens' log-probabilities [batch]. `collections`: variables beside `params` (a
+  routed model's `experts` and `routing`, `models/routing.py`)."""
   cfg = model.config
   mask = encoder_input_tokens != cfg.pad_id
-  encoded = model.apply({"params": params}, encoder_input_tokens, mask, method=Transformer.encode)
+  encoded = model.apply({"params": params, **(collections or {})}, encoder_input_tokens, mask,
+                        method=Transformer.encode)
   batch = encoder_input_tokens.shape[0]
-  cache = _init_cache(model, params, encoded, mask, max_decode_length)
+  cache = _init_cache(model, params, encoded, mask, max_decode_length, collections)
 
   def cond(state):
     i, _, _, _, finished, _ = state
@@ -54,7 +59,7 @@ def greedy_decode(model: Transformer, params, encoder_input_tokens: Array, *,
 
   def body(state):
     i, out, cache, previous, finished, total = state
-    logp, cache = _step(model, params, cache, encoded, mask, previous, max_decode_length)
+    logp, cache = _step(model, params, cache, encoded, mask, previous, max_decode_length, collections)
     token = jnp.argmax(logp, axis=-1).astype(jnp.int32)
     total = total + jnp.where(finished, 0.0, jnp.take_along_axis(logp, token[:, None], -1)[:, 0])
     token = jnp.where(finished, cfg.pad_id, token)
@@ -91,18 +96,22 @@ def _gather_beams(tree, indices: Array, batch: int, beams: int):
 
 @functools.partial(jax.jit, static_argnames=("model", "max_decode_length", "beam_size"))
 def beam_search(model: Transformer, params, encoder_input_tokens: Array, *, beam_size: int,
-                max_decode_length: int, length_penalty: float = 1.0) -> tuple[Array, Array]:
+                max_decode_length: int, length_penalty: float = 1.0,
+                collections: Optional[dict] = None) -> tuple[Array, Array]:
   """Beam search. A finished hypothesis of n tokens (EOS included) with log-probability s scores
   s / n**length_penalty; hypotheses still alive at the maximum length are scored the same way.
   Returns the best tokens [batch, max_decode_length] (pad after EOS) and their scores [batch].
+  `collections` as `greedy_decode`'s (an example's beams are its consecutive decoder rows, so
+  a routed example's weights reach each of them).
   """
   cfg = model.config
   batch, k, length = encoder_input_tokens.shape[0], beam_size, max_decode_length
   mask = encoder_input_tokens != cfg.pad_id
-  encoded = model.apply({"params": params}, encoder_input_tokens, mask, method=Transformer.encode)
+  encoded = model.apply({"params": params, **(collections or {})}, encoder_input_tokens, mask,
+                        method=Transformer.encode)
   encoded = jnp.repeat(encoded, k, axis=0)
   mask = jnp.repeat(mask, k, axis=0)
-  cache = _init_cache(model, params, encoded, mask, length)
+  cache = _init_cache(model, params, encoded, mask, length, collections)
   lengths = jnp.arange(1, length + 1, dtype=jnp.float32) ** length_penalty
 
   def cond(state: _BeamState):
@@ -115,7 +124,7 @@ def beam_search(model: Transformer, params, encoder_input_tokens: Array, *, beam
     i = state.step
     previous = jnp.where(i == 0, cfg.decoder_start_id,
                          jax.lax.dynamic_index_in_dim(state.live_seqs, i - 1, axis=2, keepdims=False))
-    logp, cache = _step(model, params, state.cache, encoded, mask, previous.reshape(-1), length)
+    logp, cache = _step(model, params, state.cache, encoded, mask, previous.reshape(-1), length, collections)
     vocab = logp.shape[-1]
     candidates = (state.live_logp[:, :, None] + logp.reshape(batch, k, vocab)).reshape(batch, k * vocab)
     top_logp, top_index = jax.lax.top_k(candidates, 2 * k)

@@ -15,9 +15,10 @@ frozen backbone, the one form training, evaluation and planning hold them in: th
 initialisation (`init_experts`), their parameter list (`expert_shapes`), their logical axes
 (`expert_specs`: `expert` first), and `expert_losses`, `expert_choice_log_likelihoods` and
 `expert_predictions`, each of every expert at once (vmapped over the leading axis of [E, ...]
-leaves), and `routed_choice_log_likelihoods`, the experts routed (mixed per token or per example,
-`models/routing.py`) in one pass. Every method is a pure function of its arrays, so callers jit it with the model as a
-static argument (it is hashable). The model knows nothing of meshes or optimizers.
+leaves), and `routed_choice_log_likelihoods` and `routed_predictions`, the experts routed (mixed
+per token or per example, `models/routing.py`) in one pass. Every method is a pure function of
+its arrays, so callers jit it with the model as a static argument (it is hashable). The model
+knows nothing of meshes or optimizers.
 """
 
 from __future__ import annotations
@@ -289,13 +290,15 @@ class EncoderDecoderModel:
     return jax.ops.segment_sum(per_token, scored_positions // lt, num_segments=n * c).reshape(n, c)
 
   def predict(self, params, encoder_tokens: Array, *, max_decode_length: int,
-              beam_size: int = 1) -> tuple[Array, Array]:
+              beam_size: int = 1, collections: Optional[dict] = None) -> tuple[Array, Array]:
     """Greedy (beam_size 1) or beam decoding of encoder_tokens [N, Li] -> (tokens [N,
-    max_decode_length], pad after EOS; scores [N])."""
+    max_decode_length], pad after EOS; scores [N]). `collections`: variables beside `params`
+    (a routed model's `experts` and `routing`)."""
     if beam_size == 1:
-      return decoding.greedy_decode(self.module, params, encoder_tokens, max_decode_length=max_decode_length)
+      return decoding.greedy_decode(self.module, params, encoder_tokens, max_decode_length=max_decode_length,
+                                    collections=collections)
     return decoding.beam_search(self.module, params, encoder_tokens, beam_size=beam_size,
-                                max_decode_length=max_decode_length)
+                                max_decode_length=max_decode_length, collections=collections)
 
   # ------------------------------------------------------------------ stacked experts
   def expert_losses(self, backbone, experts, batch: Batch, dropout_rngs: Optional[Array] = None
@@ -326,6 +329,14 @@ class EncoderDecoderModel:
     encoder_tokens [N, Li] (one input a row), choice_targets [N, C, Lt] -> [N, C] float32."""
     return self.choice_log_likelihoods(backbone, encoder_tokens, choice_targets, encoder_segments,
                                        scored_positions, collections={"experts": experts, "routing": routing})
+
+  def routed_predictions(self, backbone, experts, routing, encoder_tokens: Array, *, max_decode_length: int,
+                         beam_size: int = 1) -> tuple[Array, Array]:
+    """`predict` by the experts routed (a model built with `routing.RoutedExperts`; arguments as
+    `routed_choice_log_likelihoods`'): every decoding step mixes the experts per token or per
+    example -> (tokens [N, max_decode_length], scores [N])."""
+    return self.predict(backbone, encoder_tokens, max_decode_length=max_decode_length, beam_size=beam_size,
+                        collections={"experts": experts, "routing": routing})
 
   def expert_predictions(self, backbone, experts, encoder_tokens: Array, *, max_decode_length: int,
                          beam_size: int = 1) -> tuple[Array, Array]:

@@ -30,8 +30,22 @@ the experts' parameters per token would save work only when E is much larger tha
 changes are large; for LoRA and adapter experts the change of one expert costs about 2 x rank
 (or 2 x bottleneck) multiply-adds per input feature, small against the backbone's projection,
 so computing all E costs E such changes per token). One forced expert (weights one-hot) gives
-that expert's scores: the same arithmetic as the expert alone for adapters and layer norms
-(w = 1 and 0 are exact), x W + s (x a) b against x (W + s a b) for LoRA.
+that expert's outputs: w = 1 and 0 are exact, but the routed pass runs the backbone once and
+the E changes as one batched product where the expert alone runs its merged model (LoRA:
+x W + s (x a) b against x (W + s a b)), so scores agree to float32 rounding (a few ulps), and
+decoded tokens agree exactly unless a top-2 margin falls within it.
+
+The routed model serves scoring (`EncoderDecoderModel.routed_choice_log_likelihoods`) and
+decoding (`routed_predictions`: at every step of the decoder; an example's beams are its
+consecutive decoder rows and take its weights).
+
+Gathering (`RoutedExperts.gathered` = k): where the weights are per example only (no per-token
+router: 'forced', 'retrieval' with top_k, any [N, E] weights with at most k experts an example),
+each example's k heaviest experts are gathered from the stack ([N, k, ...] parameters a routed
+module) and only their changes computed, weighted by the example's shares; the scorer and the
+decoder choose it when k x (examples a batch) < E, i.e. when the gathered copies are fewer
+than the E experts computing every change would read (`RoutingInputs.gather_size`). It gives
+the all-E mixture's outputs (the dropped experts weigh exactly 0) to float32 rounding.
 
 Gate training (`RoutedExperts.gate_training`, PHATGOOSE's second stage, `training/gates.py`):
 each expert runs alone (a stack of one) and its change at every routed module is scaled by its
@@ -73,12 +87,17 @@ class RoutedExperts(ExpertSet):
   temperature: float = 1.0
   # PHATGOOSE's gate training: sites with `gates` weigh an expert's change by sigmoid(<x, g>).
   gate_training: bool = False
+  # > 0: per-example weights only, each example's `gathered` heaviest experts gathered from the
+  # stack and only theirs computed (module docstring, "Gathering").
+  gathered: int = 0
 
   @classmethod
-  def over(cls, experts, top_k: int = 1, temperature: float = 1.0, gate_training: bool = False) -> "RoutedExperts":
+  def over(cls, experts, top_k: int = 1, temperature: float = 1.0, gate_training: bool = False,
+           gathered: int = 0) -> "RoutedExperts":
     """`experts` (configs or an `ExpertSet`) routed; refuses kinds that cannot be routed and
     a top_k or temperature that is not positive. `gate_training`: the model gate training
-    runs (module docstring)."""
+    runs (module docstring); `gathered`: experts gathered per example (0: every expert
+    computed)."""
     plain = ExpertSet.of(experts)
     for config in plain.configs:
       refusal = config.expert_kind.routing_refusal
@@ -88,7 +107,7 @@ class RoutedExperts(ExpertSet):
       raise RoutingError(f"top_k: expected a positive integer, got {top_k!r}")
     if not temperature > 0:
       raise RoutingError(f"temperature: expected a positive number, got {temperature!r}")
-    return cls(plain.configs, top_k, float(temperature), bool(gate_training))
+    return cls(plain.configs, top_k, float(temperature), bool(gate_training), int(gathered))
 
   @property
   def plain(self) -> ExpertSet:
@@ -105,6 +124,9 @@ class RoutedExperts(ExpertSet):
     params = _tree_at(module, EXPERTS)
     if not params:
       return y
+    if self.gathered:
+      return _gathered_output(module, params, (x, y), y, [
+          lambda p, xy, c=c: c.expert_kind.kernel_delta(c, module, p, kernel, *xy) for c in self.configs])
     deltas = [jax.vmap(lambda p, c=c: c.expert_kind.kernel_delta(c, module, p, kernel, x, y))(params)
               for c in self.configs]
     deltas = [d for d in deltas if d is not None]
@@ -115,6 +137,9 @@ class RoutedExperts(ExpertSet):
     params = _tree_at(module, EXPERTS)
     if not params:
       return h
+    if self.gathered:
+      return _gathered_output(module, params, h, h, [
+          lambda p, hh, c=c: c.expert_kind.sublayer_delta(c, module, site, p, hh) for c in self.configs])
     deltas = [jax.vmap(lambda p, c=c: c.expert_kind.sublayer_delta(c, module, site, p, h))(params)
               for c in self.configs]
     deltas = [d for d in deltas if d is not None]
@@ -125,6 +150,11 @@ class RoutedExperts(ExpertSet):
     stacked = (_tree_at(module, EXPERTS) or {}).get("scale")
     if stacked is None:
       return scale
+    if self.gathered:
+      routing = _tree_at(module, ROUTING, ())
+      picked = stacked.astype(jnp.float32)[routing["example_experts"]]  # [N, k, d]
+      mixed = jnp.einsum("nk,nkd->nd", routing["example_shares"].astype(jnp.float32), picked)
+      return jnp.repeat(mixed, x.shape[0] // mixed.shape[0], axis=0)[:, None, :]
     weights = _example_weights(module, x.shape[0])                     # [rows, 1, E]
     return jnp.einsum("rle,ed->rld", weights, stacked.astype(jnp.float32))
 
@@ -231,6 +261,29 @@ def _mix(base: Array, deltas: Sequence[Array], weights: Array) -> Array:
   return base + (w * total).sum(0)
 
 
+def _gathered_output(module, params: Any, inputs: Any, base: Array, deltas: Sequence[Any]) -> Array:
+  """base [rows, length, out] plus, for each example, its k gathered experts' changes weighted
+  by its shares (`example_experts` [N, k], `example_shares` [N, k] in the `routing`
+  collection): each change function (p, inputs) -> [G, length, out] or None (per kind) runs on
+  one expert's parameters p and one example's G rows of `inputs` (leaves [rows, ...])."""
+  routing = _tree_at(module, ROUTING, ())
+  chosen, shares = routing["example_experts"], routing["example_shares"]  # [N, k]
+  n = chosen.shape[0]
+  if base.shape[0] % n:
+    raise ValueError(f"routing: {base.shape[0]} rows cannot be the rows of {n} examples")
+  picked = jax.tree_util.tree_map(lambda v: v[chosen], params)           # leaves [N, k, ...]
+  grouped = jax.tree_util.tree_map(lambda v: v.reshape((n, v.shape[0] // n) + v.shape[1:]), inputs)
+  total = None
+  for delta in deltas:
+    per_example = jax.vmap(lambda p, rows, d=delta: jax.vmap(lambda q: d(q, rows))(p))(picked, grouped)
+    if per_example is not None:                                          # [N, k, G, length, out]
+      total = per_example if total is None else total + per_example
+  if total is None:
+    return base
+  mixed = jnp.einsum("nk,nk...->n...", shares.astype(total.dtype), total)
+  return base + mixed.reshape(base.shape)
+
+
 def _tree_at(module, collection: str, path: Optional[tuple[str, ...]] = None) -> Any:
   """The subtree of `collection` at `path` (default: `module.path`), from the root of the
   model's variables; None when there is none."""
@@ -271,10 +324,26 @@ class RoutingInputs:
   def num_experts(self) -> int:
     return self.example_weights.shape[1]
 
-  def variables(self, examples: Sequence[Optional[int]], padded_experts: Optional[int] = None) -> dict:
+  def experts_per_example(self) -> int:
+    """The most experts one example gives weight to (E for per-token methods)."""
+    if self.routers:
+      return self.num_experts
+    return int(max((self.example_weights > 0).sum(1).max(initial=0), 1))
+
+  def gather_size(self, examples_per_batch: int) -> int:
+    """The experts to gather per example (`RoutedExperts.gathered`) for batches of
+    `examples_per_batch` examples: k, the most experts an example weights, when gathering k
+    experts for each of the batch's examples touches fewer expert copies than computing all E
+    (k x examples < E, per-example weights only); else 0, every expert computed."""
+    k = self.experts_per_example()
+    return k if not self.routers and k * examples_per_batch < self.num_experts else 0
+
+  def variables(self, examples: Sequence[Optional[int]], padded_experts: Optional[int] = None,
+                gathered: int = 0) -> dict:
     """The `routing` collection for a batch whose rows hold `examples` (indices; None: a
     padding row, given uniform weights), over the E experts padded to `padded_experts` (the
-    padding experts get weight 0 and no token's vote)."""
+    padding experts get weight 0 and no token's vote); with `gathered` = k, each example's k
+    heaviest experts `example_experts` [N, k] int32 and their weights `example_shares` [N, k]."""
     num = self.num_experts
     total = padded_experts or num
     rows = np.stack([self.example_weights[n] if n is not None else np.full(num, 1 / num, np.float32)
@@ -284,6 +353,9 @@ class RoutingInputs:
     out = tree_paths.unflatten({p: _pad_rows(np.asarray(v, np.float32), total)
                                 for p, v in tree_paths.flatten(self.routers).items()})
     out.update(example_weights=weights, valid=np.arange(total) < num)
+    if gathered:
+      order = np.argsort(-weights, axis=1, kind="stable")[:, :gathered].astype(np.int32)
+      out.update(example_experts=order, example_shares=np.take_along_axis(weights, order, axis=1))
     return out
 
 

@@ -4,8 +4,8 @@ multitask baseline, over a frozen backbone, with preemption-safe checkpoints.
 Each expert draws its batches from its own SeqIO task or mixture (`inputs`); one compiled step
 updates all of them (`train_step.train_step`). Orbax keeps the last `keep` checkpoints
 (`checkpointing`); the input position follows from the step (`tasks.row_order`), so a run
-killed at any moment and restarted ends with the same parameters as one never interrupted. A non-finite loss stops the run, naming the expert and the step, after saving the
-last good state. Each expert is exported to `<model_dir>/experts/<name>/`.
+killed at any moment and restarted ends with the same parameters as one never interrupted. A
+non-finite loss stops the run, naming the expert and the step, after saving the last good state. Each expert is exported to `<model_dir>/experts/<name>/`.
 """
 
 from __future__ import annotations
