@@ -186,11 +186,13 @@ def decode_routed(model: EncoderDecoderModel, backbone, experts, inputs: Sequenc
     stacked = expert_stack.place(stacked, partitioner, model.expert_specs()[1])
   eos, pad = model.config.eos_id, model.config.pad_id
   out: list[list[int]] = [[] for _ in inputs]
-  for rows, tokens in batching.padded_batches(list(inputs), batch_size, input_bucket):
+  batches, pending = list(batching.padded_batches(list(inputs), batch_size, input_bucket)), []
+  for rows, tokens in batches:  # every batch is dispatched before any is read back
     variables = routing.variables(list(rows) + [None] * (len(tokens) - len(rows)), total, gathered)
     with partitioner.context() if partitioner is not None else contextlib.nullcontext():
-      decoded, _ = routed_predictions(routed, params, stacked, variables, tokens,
-                                      max_decode_length=max_decode_length, beam_size=beam_size)
+      pending.append(routed_predictions(routed, params, stacked, variables, tokens,
+                                        max_decode_length=max_decode_length, beam_size=beam_size)[0])
+  for (rows, _), decoded in zip(batches, pending):
     decoded = partitioning.to_host(decoded)
     for r, i in enumerate(rows):
       seq = decoded[r].tolist()

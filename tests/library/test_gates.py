@@ -7,26 +7,17 @@ import json
 import os
 import shutil
 
-import flax.linen as nn
 import gin
-import jax
 import numpy as np
 import pytest
 
 from elm_jax import api
 from elm_jax.commands import cli
-from elm_jax.expert_stack import ExpertStack
 from elm_jax.library import gates as library_gates
 from elm_jax.library import routing_methods
-from elm_jax.library.loaded import LoadedExperts
 from elm_jax.library.paths import LibraryError
 from elm_jax.library.store import ExpertLibrary
-from elm_jax.models.adapters import ExpertConfig, split_params
-from elm_jax.models.model import EncoderDecoderModel
-from elm_jax.models.t5 import init_params
-from elm_jax.models.t5_config import T5Config
-from tasks import builtin_registry
-from tests.helpers.library import make_expert, snapshot
+from tests.helpers.library import fake_loaded, snapshot
 from tests.hostile.harness import TASKS, train_args
 
 TASK = "builtin_nli_can_we_infer_score_eval"
@@ -106,21 +97,7 @@ FAKE_SCORING = dict(batch_size=4, max_input_length=32, max_target_length=8)
 def fake(tmp_path_factory):
   """Three adapter experts that differ (no layer norms of their own: a per-token method mixes
   those uniformly), over a library holding an entry of each name."""
-  root = tmp_path_factory.mktemp("phatgoose")
-  library = ExpertLibrary(root / "lib", create=True)
-  for i, name in enumerate(NAMES):
-    library.add(make_expert(root / "src", name, i), keys=None)
-  config = T5Config(vocab_size=builtin_registry.VOCAB_SIZE, emb_dim=32, num_heads=4, head_dim=8,
-                    mlp_dim=64, num_encoder_layers=1, num_decoder_layers=1)
-  expert_config = ExpertConfig(kind="adapter", reduction_factor=4, train_layer_norms=False)
-  trees = []
-  for seed in range(len(NAMES)):
-    backbone, expert = split_params(nn.unbox(init_params(config, jax.random.PRNGKey(seed), expert=expert_config)),
-                                    expert_config)
-    trees.append(jax.tree_util.tree_map(lambda x, s=seed: np.asarray(x) + 0.3 * s, expert))
-  return LoadedExperts(EncoderDecoderModel.build(config, expert_config), backbone,
-                       ExpertStack.from_trees(NAMES, trees, expert_config), builtin_registry.builtin_vocabulary(),
-                       library=library)
+  return fake_loaded(tmp_path_factory.mktemp("phatgoose"), NAMES, train_layer_norms=False)
 
 
 def test_gates_that_tie_everywhere_route_every_token_to_the_first_expert(fake):

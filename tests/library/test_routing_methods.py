@@ -2,22 +2,12 @@
 retrieval's votes, each example routed to its top-1 expert scoring as that expert, forced and
 Arrow through `route`, and each refusal."""
 
-import flax.linen as nn
-import jax
 import numpy as np
 import pytest
 
 from elm_jax.evaluation import expert_eval
-from elm_jax.expert_stack import ExpertStack
 from elm_jax.library import routing_methods
-from elm_jax.library.loaded import LoadedExperts
-from elm_jax.library.store import ExpertLibrary
-from elm_jax.models.adapters import ExpertConfig, split_params
-from elm_jax.models.model import EncoderDecoderModel
-from elm_jax.models.t5 import init_params
-from elm_jax.models.t5_config import T5Config
-from tasks import builtin_registry
-from tests.helpers.library import make_expert
+from tests.helpers.library import fake_loaded
 
 NAMES = ["astronomy", "cooking", "law"]
 KEYS = {"astronomy": ["The telescope observed a distant galaxy and two bright planets.",
@@ -35,21 +25,7 @@ SCORING = dict(batch_size=4, max_input_length=32, max_target_length=8)
 
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory):
-  root = tmp_path_factory.mktemp("routing")
-  library = ExpertLibrary(root / "lib", create=True)
-  for i, name in enumerate(NAMES):
-    library.add(make_expert(root / "src", name, i), keys=[{"inputs": t} for t in KEYS[name]])
-  config = T5Config(vocab_size=builtin_registry.VOCAB_SIZE, emb_dim=32, num_heads=4, head_dim=8,
-                    mlp_dim=64, num_encoder_layers=1, num_decoder_layers=1)
-  expert_config = ExpertConfig(kind="adapter", reduction_factor=4)
-  trees = []
-  for seed in range(len(NAMES)):
-    backbone, expert = split_params(nn.unbox(init_params(config, jax.random.PRNGKey(seed), expert=expert_config)),
-                                    expert_config)
-    trees.append(jax.tree_util.tree_map(lambda x, s=seed: np.asarray(x) + 0.3 * s, expert))
-  return LoadedExperts(EncoderDecoderModel.build(config, expert_config), backbone,
-                       ExpertStack.from_trees(NAMES, trees, expert_config), builtin_registry.builtin_vocabulary(),
-                       library=library)
+  return fake_loaded(tmp_path_factory.mktemp("routing"), NAMES, keys=KEYS)
 
 
 @pytest.fixture(scope="module")

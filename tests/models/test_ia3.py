@@ -2,13 +2,11 @@
 rescale the keys, values and feed-forward activations; trained next to an adapter and a LoRA
 expert, scored with them in one pass from one library, and merged by task arithmetic from 1."""
 
-import pathlib
 
 import gin
 import jax
 import numpy as np
 import pytest
-import seqio
 
 from elm_jax import tree_paths
 from elm_jax.checkpoints import hf
@@ -21,14 +19,12 @@ from elm_jax.models.experts import ExpertConfig, merge_params
 from elm_jax.models.model import EncoderDecoderModel
 from elm_jax.training import train_step as ts
 from elm_jax.training import trainer
-from tasks import prompted
+from tests.helpers import word_tasks
 
 IA3 = ExpertConfig(kind="ia3", train_layer_norms=False)
 ATTENTIONS = {"encoder": ("attention",), "decoder": ("self_attention", "encoder_decoder_attention")}
 ENC = np.array([[5, 9, 13, 2, 7, 1, 0, 0], [4, 4, 8, 1, 0, 0, 0, 0]], np.int32)
 TARGETS = np.array([[[3, 6, 1], [7, 1, 0]], [[9, 1, 0], [2, 5, 1]]], np.int32)
-SPM = str(pathlib.Path(__file__).parents[1] / "golden" / "t5_v1_1" / "spiece.model")
-WORDS = "the cat dog sat ran on a mat big small red blue".split()
 
 
 def _expected_layout(config):
@@ -90,26 +86,12 @@ def test_the_gin_file_makes_ia3_experts():
 
 
 # ------------------------------------------------------------------ next to other kinds
-def _rows(kind):
-  def rows_fn(split):
-    rng = np.random.default_rng(0 if split == "train" else 1)
-    rows = []
-    for _ in range(32):
-      words = list(rng.choice(WORDS, 5))
-      rows.append({"inputs": f"{kind}: " + " ".join(words),
-                   "targets": " ".join(reversed(words)) if kind == "reverse" else words[0]})
-    return rows
-  return rows_fn
-
-
 @pytest.fixture(scope="module")
 def library(tiny_config, tmp_path_factory):
   """(library root, backbone checkpoint): an adapter, a LoRA and two IA3 experts trained a few
   steps over one random backbone (a Hugging Face checkpoint), added to one library."""
   root = tmp_path_factory.mktemp("ia3")
-  vocab = seqio.SentencePieceVocabulary(SPM)
-  for kind in ("reverse", "first"):
-    prompted.register_prompted_task(f"test_ia3_{kind}", _rows(kind), vocab, score_eval=False)
+  word_tasks.register("test_ia3", count=32)
   pretrained = EncoderDecoderModel.build(tiny_config).init_params(jax.random.PRNGKey(0))
   checkpoint = str(root / "backbone")
   hf.save_hf_checkpoint(pretrained, tiny_config, checkpoint)

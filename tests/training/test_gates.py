@@ -3,13 +3,11 @@ defines, the loss falls, one compiled program for the vmapped step, kill and res
 uninterrupted run (bitwise on CPU), and a MODEL_DIR of another gate run is refused."""
 
 import json
-import pathlib
 
 import flax.linen as nn
 import jax
 import numpy as np
 import pytest
-import seqio
 
 from elm_jax import tree_paths
 from elm_jax.models import routing
@@ -18,31 +16,15 @@ from elm_jax.models.model import EncoderDecoderModel
 from elm_jax.models.t5 import init_params
 from elm_jax.training import gates, trainer
 from elm_jax.training.errors import TrainingError
-from tasks import prompted
+from tests.helpers import word_tasks
 
-SPM = str(pathlib.Path(__file__).parents[1] / "golden" / "t5_v1_1" / "spiece.model")
-WORDS = "the cat dog sat ran on a mat big small red blue".split()
 TASKS = ("test_gates_reverse", "test_gates_first")
 ADAPTER = ExpertConfig(kind="adapter", reduction_factor=4)
 
 
-def _rows(kind):
-  def rows_fn(split):
-    rng = np.random.default_rng(0 if split == "train" else 1)
-    rows = []
-    for _ in range(64):
-      words = list(rng.choice(WORDS, 5))
-      target = " ".join(reversed(words)) if kind == "reverse" else words[0]
-      rows.append({"inputs": f"{kind}: " + " ".join(words), "targets": target})
-    return rows
-  return rows_fn
-
-
 @pytest.fixture(scope="module")
 def setup(tiny_config):
-  vocab = seqio.SentencePieceVocabulary(SPM)
-  for kind in ("reverse", "first"):
-    prompted.register_prompted_task(f"test_gates_{kind}", _rows(kind), vocab, score_eval=False)
+  word_tasks.register("test_gates")
   model = EncoderDecoderModel.build(tiny_config, ADAPTER)
   pretrained = nn.unbox(init_params(tiny_config, jax.random.PRNGKey(0)))
   backbone, stacked = model.init_experts(pretrained, len(TASKS), seed=1, shared_init=False)

@@ -4,7 +4,6 @@ uninterrupted run (bitwise on CPU), a damaged latest checkpoint falls back, NaN 
 import glob
 import json
 import os
-import pathlib
 
 import flax.linen as nn
 import jax
@@ -16,29 +15,13 @@ from tests.helpers.trees import assert_trained_params_close, assert_trees_equal
 from elm_jax.checkpoints import expert_files
 from elm_jax.models.t5 import init_params
 from elm_jax.training import inputs, trainer
-from tasks import prompted
+from tests.helpers import word_tasks
 
-SPM = str(pathlib.Path(__file__).parents[1] / "golden" / "t5_v1_1" / "spiece.model")
-WORDS = "the cat dog sat ran on a mat big small red blue".split()
-
-
-def _rows(kind):
-  def rows_fn(split):
-    rng = np.random.default_rng(0 if split == "train" else 1)
-    rows = []
-    for _ in range(64):
-      words = list(rng.choice(WORDS, 5))
-      target = " ".join(reversed(words)) if kind == "reverse" else words[0]
-      rows.append({"inputs": f"{kind}: " + " ".join(words), "targets": target})
-    return rows
-  return rows_fn
 
 
 @pytest.fixture(scope="module")
 def setup(tiny_config):
-  vocab = seqio.SentencePieceVocabulary(SPM)
-  for kind in ("reverse", "first"):
-    prompted.register_prompted_task(f"test_trainer_{kind}", _rows(kind), vocab, score_eval=False)
+  word_tasks.register("test_trainer")
   backbone = nn.unbox(init_params(tiny_config, jax.random.PRNGKey(0)))
   return tiny_config, backbone
 
